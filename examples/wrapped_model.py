@@ -1,0 +1,22 @@
+"""An example of the seed case: a MoE language model that a runner only sees through wrappers.
+
+``build()`` returns ``torch.compile(TinyVLMForConditionalGeneration(...))``:
+the served object is a compiled module (``._orig_mod``) around a
+vision-language wrapper (``get_language_model()``) around the MoE language
+model. Nothing on the outside implements ``MixtureOfExperts``; ``MoEView``
+finds the model inside::
+
+    moe-protocols inspect examples/wrapped_model.py:build
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_protocols.models import tiny_vlm
+
+
+def build() -> torch.nn.Module:
+    """Build the wrapped model (compilation is lazy: nothing is compiled until a forward)."""
+    compiled: torch.nn.Module = torch.compile(tiny_vlm())  # type: ignore[assignment]  # torch.compile is typed as returning a callable
+    return compiled

@@ -1,0 +1,100 @@
+"""moe-protocols: expert-parallel load balancing for any MoE model, native or wrapped.
+
+The contract (``MixtureOfExperts``, ``MoELayer``), the guards and conformance
+reports that check it, ``MoEView`` (finds the MoE model behind any chain of
+wrappers and implements the contract by delegation), and an engine-agnostic
+EPLB (``EplbState``, rebalancing policies, expert-weight transfer) that
+consumes it. Reference models live in ``moe_protocols.models``.
+"""
+
+from __future__ import annotations
+
+from moe_protocols.adapters import (
+    DEFAULT_UNWRAP_STEPS,
+    MoEView,
+    ResolutionTrace,
+    TraceEntry,
+    TraceOutcome,
+    UnwrapStep,
+)
+from moe_protocols.conformance import (
+    ConformanceReport,
+    Problem,
+    ProblemKind,
+    check_conformance,
+    check_layer_conformance,
+)
+from moe_protocols.eplb import (
+    DEFAULT_POLICIES,
+    BalancednessStats,
+    DeepSeekPolicy,
+    EplbConfig,
+    EplbState,
+    Placement,
+    PolicyRegistry,
+    RearrangementResult,
+    RebalancePolicy,
+    load_placement,
+    save_placement,
+)
+from moe_protocols.errors import (
+    EplbConfigError,
+    EplbStateError,
+    MappingError,
+    ModelConfigError,
+    ModelInputError,
+    MoEProtocolsError,
+    NotMixtureOfExpertsError,
+    PolicyError,
+    TransferError,
+)
+from moe_protocols.guards import is_mixture_of_experts, is_moe_layer, supports_language_model
+from moe_protocols.parallel import ExpertParallelContext
+from moe_protocols.protocols import MixtureOfExperts, MoELayer, SupportsLanguageModel
+from moe_protocols.runner import ReferenceRunner, RunnerConfig
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DEFAULT_POLICIES",
+    "DEFAULT_UNWRAP_STEPS",
+    "BalancednessStats",
+    "ConformanceReport",
+    "DeepSeekPolicy",
+    "EplbConfig",
+    "EplbConfigError",
+    "EplbState",
+    "EplbStateError",
+    "ExpertParallelContext",
+    "MappingError",
+    "MixtureOfExperts",
+    "MoELayer",
+    "MoEProtocolsError",
+    "MoEView",
+    "ModelConfigError",
+    "ModelInputError",
+    "NotMixtureOfExpertsError",
+    "Placement",
+    "PolicyError",
+    "PolicyRegistry",
+    "Problem",
+    "ProblemKind",
+    "RearrangementResult",
+    "RebalancePolicy",
+    "ReferenceRunner",
+    "ResolutionTrace",
+    "RunnerConfig",
+    "SupportsLanguageModel",
+    "TraceEntry",
+    "TraceOutcome",
+    "TransferError",
+    "UnwrapStep",
+    "__version__",
+    "check_conformance",
+    "check_layer_conformance",
+    "is_mixture_of_experts",
+    "is_moe_layer",
+    "load_placement",
+    "save_placement",
+    "supports_language_model",
+]

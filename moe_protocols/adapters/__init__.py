@@ -1,0 +1,22 @@
+"""Adapters: find the MoE model inside any served object and present it as ``MixtureOfExperts``.
+
+``MoEView.resolve(model)`` walks from the served object through unwrapping
+steps (``DEFAULT_UNWRAP_STEPS``, or your own ``UnwrapStep``\\ s) and returns a
+view that delegates every protocol member to the MoE model it found, with the
+``ResolutionTrace`` of how it got there.
+"""
+
+from __future__ import annotations
+
+from moe_protocols.adapters._trace import ResolutionTrace, TraceEntry, TraceOutcome
+from moe_protocols.adapters._unwrap import DEFAULT_UNWRAP_STEPS, UnwrapStep
+from moe_protocols.adapters._view import MoEView
+
+__all__ = [
+    "DEFAULT_UNWRAP_STEPS",
+    "MoEView",
+    "ResolutionTrace",
+    "TraceEntry",
+    "TraceOutcome",
+    "UnwrapStep",
+]

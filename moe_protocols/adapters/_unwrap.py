@@ -1,0 +1,259 @@
+"""Unwrapping steps and the walk that finds the MoE model inside a served object.
+
+A step is a small named probe: given an object, it returns the object one
+wrapper level down, or None when it does not apply. Probes are structural
+(an attribute or method is present), never an ``isinstance`` against a
+wrapper class, so a new wrapper that follows a known convention works without
+changes here, and one that does not can be taught with a step of its own,
+passed explicitly where it is needed (there is no global registry to mutate).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+import attrs
+from typing_extensions import TypeIs
+
+from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace, TraceEntry, TraceOutcome
+from moe_protocols.conformance import ConformanceReport, check_conformance
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from moe_protocols.protocols import MixtureOfExperts
+
+__all__ = ["DEFAULT_UNWRAP_STEPS", "UnwrapStep", "walk"]
+
+
+def _non_empty(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value.strip():
+        raise ValueError(f"UnwrapStep.{attribute.name} must not be empty")
+
+
+@attrs.frozen
+class UnwrapStep:
+    """One named way to go one wrapper level down.
+
+    ``probe(obj)`` returns the inner object, or None when the step does not
+    apply to ``obj``. It may raise: the walk records the exception in the
+    trace and goes on with the other steps. ``name`` is how the step shows in
+    trace paths: a name starting with ``.`` or ``[`` is appended as is
+    (``model._orig_mod``), an attribute-like name after a dot
+    (``model.get_language_model()``), anything else after an arrow.
+    """
+
+    name: str = attrs.field(validator=[attrs.validators.instance_of(str), _non_empty])
+    probe: Callable[[object], object | None] = attrs.field(validator=attrs.validators.is_callable())
+    description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+
+
+def _call_method(name: str) -> Callable[[object], object | None]:
+    """A probe calling ``obj.name()`` when it is callable; its exceptions propagate."""
+
+    def probe(obj: object) -> object | None:
+        method = getattr(obj, name, None)
+        if not callable(method):
+            return None
+        result: object | None = method()
+        return result
+
+    probe.__name__ = probe.__qualname__ = f"call_{name}"
+    return probe
+
+
+def _attribute(*names: str) -> Callable[[object], object | None]:
+    """A probe following ``obj.a.b...``; None as soon as one attribute is absent."""
+
+    def probe(obj: object) -> object | None:
+        current: object | None = obj
+        for name in names:
+            current = getattr(current, name, None)
+            if current is None:
+                return None
+        return current
+
+    probe.__name__ = probe.__qualname__ = "attribute_" + "_".join(names)
+    return probe
+
+
+DEFAULT_UNWRAP_STEPS: Final[tuple[UnwrapStep, ...]] = (
+    UnwrapStep(
+        "get_language_model()",
+        _call_method("get_language_model"),
+        "the multimodal convention (vLLM SupportsMultiModal): the wrapped language model; "
+        "NotImplementedError is recorded and the walk goes on",
+    ),
+    UnwrapStep("._orig_mod", _attribute("_orig_mod"), "torch.compile's OptimizedModule"),
+    UnwrapStep(".module", _attribute("module"), "DistributedDataParallel, DataParallel, FSDP1"),
+    UnwrapStep("get_base_model()", _call_method("get_base_model"), "PEFT's PeftModel"),
+    UnwrapStep(".language_model", _attribute("language_model"), "VLM wrappers' attribute"),
+    UnwrapStep(
+        ".model.language_model",
+        _attribute("model", "language_model"),
+        "wrappers that keep the VLM core under .model (transformers-style)",
+    ),
+    UnwrapStep(".thinker", _attribute("thinker"), "omni-style models (thinker/talker)"),
+)
+"""The built-in steps, in the order they are tried at each level.
+
+To add one, pass ``steps=(*DEFAULT_UNWRAP_STEPS, UnwrapStep(".decoder", ...))``
+to ``MoEView.resolve`` / ``require``: the extension is local to that call.
+"""
+
+
+def _join(parent: str, step_name: str) -> str:
+    if step_name.startswith((".", "[")):
+        return parent + step_name
+    if step_name.removesuffix("()").isidentifier():
+        return f"{parent}.{step_name}"
+    return f"{parent} -> {step_name}"
+
+
+def _describe_exception(exc: BaseException) -> str:
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<unprintable message>"
+    if len(message) > 200:
+        message = message[:197] + "..."
+    name = type(exc).__qualname__
+    return f"{name}: {message}" if message else name
+
+
+def _is_moe(candidate: object, report: ConformanceReport) -> TypeIs[MixtureOfExperts]:
+    """Narrow ``candidate`` by its own conformance report (checked just before)."""
+    return report.is_moe
+
+
+def _check_limit(name: str, value: object, *, minimum: int) -> None:
+    if type(value) is bool or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__qualname__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _checked_steps(steps: Sequence[UnwrapStep]) -> tuple[UnwrapStep, ...]:
+    """The steps as a tuple; a bad entry is reported before the walk starts, not midway."""
+    checked = tuple(steps)
+    for index, step in enumerate(checked):
+        name, probe = getattr(step, "name", None), getattr(step, "probe", None)
+        if not isinstance(name, str) or not callable(probe):
+            raise TypeError(
+                f"steps[{index}] must be an UnwrapStep (a name and a probe), "
+                f"got {type(step).__qualname__} {step!r}"
+            )
+    return checked
+
+
+@attrs.frozen
+class _Candidate:
+    obj: object
+    path: str
+    depth: int
+    step: str
+
+
+def walk(
+    root: object,
+    steps: Sequence[UnwrapStep],
+    *,
+    max_depth: int,
+    max_candidates: int,
+) -> tuple[MixtureOfExperts | None, ResolutionTrace]:
+    """Find the shallowest object reachable from ``root`` that is a MoE model.
+
+    Breadth-first from ``root`` itself (depth 0): a wrapper that implements
+    the protocol by forwarding resolves to itself, and otherwise the
+    shallowest MoE model wins. That is what makes the result agree with
+    vLLM's one-level rule (the object itself, then ``get_language_model()``)
+    whenever that rule finds a model; among objects at the same depth, step
+    order breaks the tie, so the result is deterministic.
+
+    Bounded by ``max_depth`` (objects deeper than that are not reached) and
+    ``max_candidates`` (objects checked, the root included): a mock answers
+    every probe with a new object, so the tree can be infinite. Cycle-safe:
+    an object already seen (by identity) is recorded, not revisited. Nothing
+    is written to any object; probes only read attributes and call the
+    unwrapping methods.
+    """
+    steps = _checked_steps(steps)
+    _check_limit("max_depth", max_depth, minimum=0)
+    _check_limit("max_candidates", max_candidates, minimum=1)
+    entries: list[TraceEntry] = []
+    seen: dict[int, str] = {id(root): ROOT_PATH}
+    # Holding every seen object keeps its id from being reused by a new
+    # temporary a later probe returns, which would fake an "already visited".
+    alive: list[object] = [root]
+    queue = deque([_Candidate(root, ROOT_PATH, 0, "")])
+    budget_spent = False
+    step_names = tuple(step.name for step in steps)
+
+    def record(depth: int, path: str, step: str, outcome: TraceOutcome, detail: str) -> None:
+        entries.append(TraceEntry(depth, path, step, outcome, detail))
+
+    while queue:
+        candidate = queue.popleft()
+        report = check_conformance(candidate.obj, path=candidate.path)
+        if _is_moe(candidate.obj, report):
+            entries.append(
+                TraceEntry(
+                    candidate.depth,
+                    candidate.path,
+                    candidate.step,
+                    TraceOutcome.RESOLVED,
+                    report.summary(),
+                    report,
+                )
+            )
+            return candidate.obj, ResolutionTrace(tuple(entries), step_names)
+        entries.append(
+            TraceEntry(
+                candidate.depth,
+                candidate.path,
+                candidate.step,
+                TraceOutcome.CANDIDATE_REJECTED,
+                report.summary(),
+                report,
+            )
+        )
+        if budget_spent or issubclass(type(candidate.obj), type):
+            continue  # a class is not a served model: its attributes are not unwrapped
+        depth = candidate.depth + 1
+        if depth > max_depth:
+            record(
+                depth,
+                candidate.path,
+                "",
+                TraceOutcome.DEPTH_LIMIT,
+                f"{candidate.path} not unwrapped further (max_depth={max_depth})",
+            )
+            continue
+        for step in steps:
+            path = _join(candidate.path, step.name)
+            try:
+                inner = step.probe(candidate.obj)
+            except Exception as exc:
+                record(depth, path, step.name, TraceOutcome.RAISED, _describe_exception(exc))
+                continue
+            if inner is None:
+                record(depth, path, step.name, TraceOutcome.NOT_APPLICABLE, "")
+            elif inner is candidate.obj:
+                record(depth, path, step.name, TraceOutcome.ALREADY_VISITED, "the object itself")
+            elif id(inner) in seen:
+                detail = f"same object as {seen[id(inner)]}"
+                record(depth, path, step.name, TraceOutcome.ALREADY_VISITED, detail)
+            elif len(seen) >= max_candidates:
+                budget_spent = True
+                detail = (
+                    f"{step.name} from {candidate.path} and any later steps not probed: "
+                    f"max_candidates={max_candidates} objects already found"
+                )
+                record(depth, path, step.name, TraceOutcome.BUDGET_EXHAUSTED, detail)
+                break
+            else:
+                seen[id(inner)] = path
+                alive.append(inner)
+                queue.append(_Candidate(inner, path, depth, step.name))
+    return None, ResolutionTrace(tuple(entries), step_names)

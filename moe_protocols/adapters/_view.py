@@ -1,0 +1,294 @@
+"""``MoEView``: the one object a runner needs to treat any served model as ``MixtureOfExperts``.
+
+The runner resolves once, at load time (``MoEView.resolve(model)``), and from
+then on talks to the view: registration with EPLB, the per-step guard,
+restoring a saved placement and elastic-EP updates all reach the MoE model,
+wherever it is wrapped. The view delegates explicitly, one property or method
+per protocol member, so a type checker verifies it against the protocol (ours
+and vLLM's) and there is no ``__getattr__`` to hide a typo.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final, final
+
+import attrs
+
+from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace
+from moe_protocols.adapters._unwrap import DEFAULT_UNWRAP_STEPS, UnwrapStep, walk
+from moe_protocols.errors import NotMixtureOfExpertsError
+
+if TYPE_CHECKING:
+    from collections.abc import MutableSequence, Sequence
+
+    from torch import Tensor
+
+    from moe_protocols.protocols import MixtureOfExperts, MoELayer
+
+__all__ = ["MoEView"]
+
+DEFAULT_MAX_DEPTH: Final = 6
+DEFAULT_MAX_CANDIDATES: Final = 256
+_MAX_REPORTS_IN_MESSAGE: Final = 10
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line if line else line for line in text.splitlines())
+
+
+def _has_resolved_path(
+    instance: object, attribute: attrs.Attribute[ResolutionTrace], value: ResolutionTrace
+) -> None:
+    if value.resolved_path is None:
+        raise ValueError(
+            "MoEView needs the trace of a successful resolution; use MoEView.resolve() "
+            "or MoEView.require() to build one"
+        )
+
+
+@final
+@attrs.define(slots=True, eq=False, repr=False)
+class MoEView:
+    """The MoE model found inside a served object, presented as a ``MixtureOfExperts``.
+
+    Every protocol member reads from and writes to the resolved model
+    (``view.model``): ``view.expert_weights`` is the model's own list,
+    ``view.num_physical_experts = 16`` sets the model's count, and
+    ``set_eplb_state`` / ``update_physical_experts_metadata`` are forwarded
+    with the same keyword arguments. ``root``, ``model`` and ``trace`` are
+    read-only. Build one with ``resolve`` or ``require``.
+    """
+
+    _root: object = attrs.field(on_setattr=attrs.setters.frozen)
+    _model: MixtureOfExperts = attrs.field(on_setattr=attrs.setters.frozen)
+    _trace: ResolutionTrace = attrs.field(
+        on_setattr=attrs.setters.frozen, validator=_has_resolved_path
+    )
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def resolve(
+        cls,
+        model: object,
+        *,
+        steps: Sequence[UnwrapStep] = DEFAULT_UNWRAP_STEPS,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    ) -> MoEView | None:
+        """Find the MoE model in ``model`` (itself or behind wrappers); None when there is none.
+
+        Walks breadth-first from ``model`` through ``steps`` (see
+        ``DEFAULT_UNWRAP_STEPS``), at most ``max_depth`` levels and
+        ``max_candidates`` objects, and returns a view of the shallowest object
+        that conforms to ``MixtureOfExperts`` with at least one MoE layer. A
+        failing step is recorded in the trace, never raised. Nothing in the
+        model is modified.
+        """
+        found, trace = walk(model, steps, max_depth=max_depth, max_candidates=max_candidates)
+        return None if found is None else cls(model, found, trace)
+
+    @classmethod
+    def require(
+        cls,
+        model: object,
+        *,
+        steps: Sequence[UnwrapStep] = DEFAULT_UNWRAP_STEPS,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    ) -> MoEView:
+        """Like ``resolve``, but raise when no MoE model is found.
+
+        Raises:
+            NotMixtureOfExpertsError: nothing reachable from ``model`` is a MoE
+                model; the message names the served class, prints the trace
+                (every step tried at every level) and every candidate's
+                conformance report, and the exception carries both.
+        """
+        found, trace = walk(model, steps, max_depth=max_depth, max_candidates=max_candidates)
+        if found is not None:
+            return cls(model, found, trace)
+        raise NotMixtureOfExpertsError(
+            _not_found_message(model, trace, max_depth=max_depth),
+            trace=trace,
+            reports=trace.reports,
+        )
+
+    # ----------------------------------------------------------- the view itself
+
+    @property
+    def root(self) -> object:
+        """The served object the view was resolved from."""
+        return self._root
+
+    @property
+    def model(self) -> MixtureOfExperts:
+        """The resolved MoE model (the object every member is delegated to)."""
+        return self._model
+
+    @property
+    def trace(self) -> ResolutionTrace:
+        """How the model was found: every candidate checked and step tried."""
+        return self._trace
+
+    def __repr__(self) -> str:
+        path = self._trace.resolved_path or ROOT_PATH
+        where = "root" + path.removeprefix(ROOT_PATH)
+        if path != ROOT_PATH:
+            where += f" -> {type(self._model).__qualname__}"
+        try:
+            model = self._model
+            counts = (
+                f"{model.num_moe_layers} MoE layers, {model.num_logical_experts} logical / "
+                f"{model.num_physical_experts} physical experts"
+            )
+        except Exception as exc:  # a repr must not fail because the model broke later
+            counts = f"counts unreadable: {type(exc).__qualname__}"
+        return f"MoEView(root={type(self._root).__qualname__}, model={where}, {counts})"
+
+    # ------------------------------------------------ MixtureOfExperts: data members
+
+    @property
+    def expert_weights(self) -> MutableSequence[Sequence[Tensor]]:
+        """The model's ``expert_weights`` (the same list), ``[local_physical, ...]`` tensors."""
+        return self._model.expert_weights
+
+    @expert_weights.setter
+    def expert_weights(self, value: MutableSequence[Sequence[Tensor]]) -> None:
+        self._model.expert_weights = value
+
+    @property
+    def num_moe_layers(self) -> int:
+        """The model's ``num_moe_layers``."""
+        return self._model.num_moe_layers
+
+    @num_moe_layers.setter
+    def num_moe_layers(self, value: int) -> None:
+        self._model.num_moe_layers = value
+
+    @property
+    def num_expert_groups(self) -> int:
+        """The model's ``num_expert_groups``."""
+        return self._model.num_expert_groups
+
+    @num_expert_groups.setter
+    def num_expert_groups(self, value: int) -> None:
+        self._model.num_expert_groups = value
+
+    @property
+    def num_logical_experts(self) -> int:
+        """The model's ``num_logical_experts``."""
+        return self._model.num_logical_experts
+
+    @num_logical_experts.setter
+    def num_logical_experts(self, value: int) -> None:
+        self._model.num_logical_experts = value
+
+    @property
+    def num_physical_experts(self) -> int:
+        """The model's ``num_physical_experts``."""
+        return self._model.num_physical_experts
+
+    @num_physical_experts.setter
+    def num_physical_experts(self, value: int) -> None:
+        self._model.num_physical_experts = value
+
+    @property
+    def num_local_physical_experts(self) -> int:
+        """The model's ``num_local_physical_experts``."""
+        return self._model.num_local_physical_experts
+
+    @num_local_physical_experts.setter
+    def num_local_physical_experts(self, value: int) -> None:
+        self._model.num_local_physical_experts = value
+
+    @property
+    def num_routed_experts(self) -> int:
+        """The model's ``num_routed_experts``."""
+        return self._model.num_routed_experts
+
+    @num_routed_experts.setter
+    def num_routed_experts(self, value: int) -> None:
+        self._model.num_routed_experts = value
+
+    @property
+    def num_shared_experts(self) -> int:
+        """The model's ``num_shared_experts``."""
+        return self._model.num_shared_experts
+
+    @num_shared_experts.setter
+    def num_shared_experts(self, value: int) -> None:
+        self._model.num_shared_experts = value
+
+    @property
+    def num_redundant_experts(self) -> int:
+        """The model's ``num_redundant_experts``."""
+        return self._model.num_redundant_experts
+
+    @num_redundant_experts.setter
+    def num_redundant_experts(self, value: int) -> None:
+        self._model.num_redundant_experts = value
+
+    @property
+    def moe_layers(self) -> Sequence[MoELayer]:
+        """The model's ``moe_layers`` (the same sequence object)."""
+        return self._model.moe_layers
+
+    @moe_layers.setter
+    def moe_layers(self, value: Sequence[MoELayer]) -> None:
+        self._model.moe_layers = value
+
+    # ------------------------------------------------------ MixtureOfExperts: methods
+
+    def set_eplb_state(
+        self,
+        expert_load_view: Tensor,
+        logical_to_physical_map: Tensor,
+        logical_replica_count: Tensor,
+    ) -> None:
+        """Forward to the model's ``set_eplb_state`` (by keyword, the same tensors)."""
+        self._model.set_eplb_state(
+            expert_load_view=expert_load_view,
+            logical_to_physical_map=logical_to_physical_map,
+            logical_replica_count=logical_replica_count,
+        )
+
+    def update_physical_experts_metadata(
+        self,
+        num_physical_experts: int,
+        num_local_physical_experts: int,
+    ) -> None:
+        """Forward to the model's ``update_physical_experts_metadata`` (by keyword)."""
+        self._model.update_physical_experts_metadata(
+            num_physical_experts=num_physical_experts,
+            num_local_physical_experts=num_local_physical_experts,
+        )
+
+
+def _not_found_message(model: object, trace: ResolutionTrace, *, max_depth: int) -> str:
+    served = type(model).__qualname__
+    reports = trace.reports
+    lines = [
+        f"{served} (the served model) is not a MixtureOfExperts with MoE layers, and none was "
+        f"found inside it after checking {len(reports)} object(s) up to depth {max_depth}.",
+        f"Unwrapping steps tried at each level: {', '.join(trace.steps) or '(none)'}.",
+        "Resolution trace:",
+        _indent(str(trace)),
+        "Why each candidate was rejected:",
+    ]
+    for report in reports[:_MAX_REPORTS_IN_MESSAGE]:
+        if report.lacks_every_member:
+            # A plain wrapper: twelve "missing" lines would bury the candidates that matter.
+            lines.append(
+                f"  {report.path} ({report.subject}) has none of the {report.protocol} members"
+            )
+        else:
+            lines.append(_indent(str(report)))
+    hidden = len(reports) - _MAX_REPORTS_IN_MESSAGE
+    if hidden > 0:
+        lines.append(f"  ... and {hidden} more candidates (see the error's .reports)")
+    lines.append(
+        "A wrapper that hides the model some other way can be taught with "
+        "steps=(*DEFAULT_UNWRAP_STEPS, UnwrapStep(...))."
+    )
+    return "\n".join(lines)

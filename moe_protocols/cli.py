@@ -1,0 +1,140 @@
+"""The ``moe-protocols`` command: inspect how a model resolves, run the EPLB demo.
+
+Exit codes: 0 success; 1 the model is not (and wraps no) MixtureOfExperts;
+2 bad usage (argparse); 3 the model factory could not be loaded or built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final, TextIO
+
+from moe_protocols.adapters import MoEView
+from moe_protocols.conformance import check_conformance
+
+__all__ = ["main"]
+
+EXIT_OK: Final = 0
+EXIT_NOT_MOE: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_LOAD_ERROR: Final = 3
+
+
+class _LoadError(Exception):
+    """The MODULE:ATTR target could not be imported or built."""
+
+
+def load_target(spec: str) -> object:
+    """Import ``MODULE:ATTR`` (or ``path/to/file.py:ATTR``) and build the model.
+
+    A function or class is called with no arguments (a model factory); any
+    other object is the model itself.
+    """
+    module_part, sep, attr_path = spec.partition(":")
+    if not sep or not module_part or not attr_path:
+        raise _LoadError(
+            f"expected MODULE:ATTR (e.g. examples/wrapped_model.py:build), got {spec!r}"
+        )
+    try:
+        if module_part.endswith(".py") or "/" in module_part:
+            path = Path(module_part)
+            if not path.is_file():
+                raise _LoadError(f"no such file: {path}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            if module_spec is None or module_spec.loader is None:
+                raise _LoadError(f"cannot import {path}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_part)
+    except _LoadError:
+        raise
+    except Exception as exc:
+        raise _LoadError(f"importing {module_part!r} failed: {type(exc).__name__}: {exc}") from exc
+    target: object = module
+    for name in attr_path.split("."):
+        try:
+            target = getattr(target, name)
+        except AttributeError:
+            raise _LoadError(f"{module_part!r} has no attribute {attr_path!r}") from None
+    if inspect.isfunction(target) or inspect.isclass(target):
+        factory: Callable[[], object] = target
+        try:
+            return factory()
+        except Exception as exc:
+            raise _LoadError(
+                f"building the model with {spec}() failed: {type(exc).__name__}: {exc}"
+            ) from exc
+    return target
+
+
+def _inspect(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        model = load_target(args.target)
+    except _LoadError as exc:
+        print(f"moe-protocols inspect: {exc}", file=sys.stderr)
+        return EXIT_LOAD_ERROR
+    view = MoEView.resolve(model, max_depth=args.max_depth)
+    if view is None:
+        # require() builds the full explanation: the trace and every candidate's report.
+        try:
+            MoEView.require(model, max_depth=args.max_depth)
+        except Exception as exc:
+            print(str(exc), file=out)
+        return EXIT_NOT_MOE
+    print("Resolution trace:", file=out)
+    print(_indent(str(view.trace)), file=out)
+    print("", file=out)
+    print("Conformance report:", file=out)
+    path = view.trace.resolved_path or "model"
+    print(_indent(str(check_conformance(view.model, path=path))), file=out)
+    print("", file=out)
+    print(repr(view), file=out)
+    return EXIT_OK
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line if line else line for line in text.splitlines())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``moe-protocols`` command."""
+    parser = argparse.ArgumentParser(
+        prog="moe-protocols",
+        description="Find the Mixture-of-Experts model inside any wrapper and balance its experts.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_inspect = sub.add_parser(
+        "inspect",
+        help="print how a model resolves to a MixtureOfExperts, and its conformance report",
+        description=(
+            "Build the model named by MODULE:ATTR (a factory is called with no arguments), "
+            "walk its wrappers and print the resolution trace and conformance report. "
+            "Exit 0 if a MixtureOfExperts was found, 1 if not, 3 if the model could not be built."
+        ),
+    )
+    p_inspect.add_argument(
+        "target", metavar="MODULE:ATTR", help="e.g. examples/wrapped_model.py:build or pkg.mod:fn"
+    )
+    p_inspect.add_argument(
+        "--max-depth", type=int, default=6, help="unwrapping depth limit (default 6)"
+    )
+    p_inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace, TextIO], int] = args.handler
+    return handler(args, out if out is not None else sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Engine-agnostic expert-parallel load balancing (EPLB).
+
+The consumer of the ``MixtureOfExperts`` contract: :class:`EplbState` records
+expert load, plans placements with a pluggable :class:`RebalancePolicy`, moves
+expert weights (:func:`plan_transfer` / :func:`apply_transfer`) and keeps the
+maps the MoE layers route with up to date, in place. Placements persist as
+JSON or safetensors (:func:`save_placement` / :func:`load_placement`).
+Semantics follow vLLM 0.33's EPLB.
+"""
+
+from __future__ import annotations
+
+from ._config import EplbConfig
+from ._deepseek import DeepSeekPolicy
+from ._mapping_io import (
+    PLACEMENT_FORMAT,
+    PLACEMENT_VERSION,
+    Placement,
+    load_placement,
+    save_placement,
+)
+from ._maps import (
+    compute_logical_maps,
+    initial_physical_to_logical_map,
+    initial_placement,
+    max_replicas,
+    validate_placement,
+)
+from ._metrics import (
+    balancedness,
+    expected_rank_loads,
+    overall_balancedness,
+    rank_loads_from_physical,
+    slots_changed,
+    slots_refetched,
+    token_weighted_balancedness,
+)
+from ._policy import (
+    DEFAULT_POLICIES,
+    PolicyRegistry,
+    RebalancePolicy,
+    check_policy_inputs,
+    check_policy_output,
+)
+from ._state import (
+    BalancednessStats,
+    EplbState,
+    ModelEplbState,
+    ModelRearrangement,
+    RearrangementResult,
+)
+from ._transfer import (
+    ExpertCopy,
+    ExpertSend,
+    LayerTransferPlan,
+    StagedTransfer,
+    TransferPlan,
+    TransferStats,
+    apply_transfer,
+    plan_transfer,
+    stage_transfer,
+)
+
+__all__ = [
+    "DEFAULT_POLICIES",
+    "PLACEMENT_FORMAT",
+    "PLACEMENT_VERSION",
+    "BalancednessStats",
+    "DeepSeekPolicy",
+    "EplbConfig",
+    "EplbState",
+    "ExpertCopy",
+    "ExpertSend",
+    "LayerTransferPlan",
+    "ModelEplbState",
+    "ModelRearrangement",
+    "Placement",
+    "PolicyRegistry",
+    "RearrangementResult",
+    "RebalancePolicy",
+    "StagedTransfer",
+    "TransferPlan",
+    "TransferStats",
+    "apply_transfer",
+    "balancedness",
+    "check_policy_inputs",
+    "check_policy_output",
+    "compute_logical_maps",
+    "expected_rank_loads",
+    "initial_physical_to_logical_map",
+    "initial_placement",
+    "load_placement",
+    "max_replicas",
+    "overall_balancedness",
+    "plan_transfer",
+    "rank_loads_from_physical",
+    "save_placement",
+    "slots_changed",
+    "slots_refetched",
+    "stage_transfer",
+    "token_weighted_balancedness",
+    "validate_placement",
+]

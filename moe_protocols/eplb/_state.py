@@ -1,0 +1,840 @@
+"""The EPLB state: records expert load, rebalances, moves weights and keeps the maps current.
+
+Semantics follow vLLM 0.33's ``EplbState`` (see ``stubs/vllm``): the runner
+registers each MoE model once (``add_model``), calls ``step()`` after every
+engine step on every EP rank in lockstep, and every ``step_interval`` steps the
+state plans a new placement from the recorded load, moves the expert weights
+and updates the maps. All EPLB tensors are allocated once and updated in place
+(``copy_``), because the MoE layers hold views of them.
+
+Shapes: ``L`` MoE layers, ``E`` logical experts, ``P`` physical slots, ``R`` EP
+ranks, ``W`` window steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final, final
+
+import attrs
+import torch
+from torch import Tensor
+
+from moe_protocols.conformance import check_conformance
+from moe_protocols.errors import (
+    EplbConfigError,
+    EplbStateError,
+    MappingError,
+    MoEProtocolsError,
+    NotMixtureOfExpertsError,
+    PolicyError,
+)
+from moe_protocols.parallel import ExpertParallelContext
+
+from ._mapping_io import Placement, save_placement
+from ._maps import compute_logical_maps, initial_placement, max_replicas, validate_placement
+from ._metrics import balancedness as layer_balancedness
+from ._metrics import (
+    expected_rank_loads,
+    overall_balancedness,
+    rank_loads_from_physical,
+    slots_changed,
+    token_weighted_balancedness,
+)
+from ._policy import DEFAULT_POLICIES, PolicyRegistry, RebalancePolicy, check_policy_output
+from ._transfer import StagedTransfer, plan_transfer, stage_transfer
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Mapping
+
+    from moe_protocols.protocols import MixtureOfExperts
+
+    from ._config import EplbConfig
+
+__all__ = [
+    "BalancednessStats",
+    "EplbState",
+    "ModelEplbState",
+    "ModelRearrangement",
+    "RearrangementResult",
+]
+
+logger: Final = logging.getLogger("moe_protocols.eplb")
+
+_SINGLE_PROCESS: Final = ExpertParallelContext()
+
+
+@attrs.frozen(eq=False)
+class ModelEplbState:
+    """The live EPLB tensors of one registered model.
+
+    The model's MoE layers hold views of these tensors, so they are never
+    rebound, only written in place by :class:`EplbState`. Treat them as
+    read-only: writing into them changes what the layers route to without
+    moving any weight.
+    """
+
+    model_name: str
+    """Name the model was registered under."""
+    model: MixtureOfExperts
+    """The registered model (for example a ``MoEView``); its expert weights are moved in place."""
+    physical_to_logical_map: Tensor
+    """``[L, P]`` int64: logical expert held by each physical slot."""
+    logical_to_physical_map: Tensor
+    """``[L, E, max_replicas]`` int64: physical slots of each expert, ascending, ``-1`` padded."""
+    logical_replica_count: Tensor
+    """``[L, E]`` int64: replicas of each expert."""
+    expert_load_pass: Tensor
+    """``[L, P]`` int32: load the layers recorded since the last ``step()``."""
+    expert_load_window: Tensor
+    """``[W, L, P]`` int32: the load of the last ``W`` recorded steps (circular)."""
+    num_local_physical_experts: int
+    """Physical slots per EP rank."""
+
+    @property
+    def num_layers(self) -> int:
+        """MoE layers ``L``."""
+        return int(self.physical_to_logical_map.shape[0])
+
+    @property
+    def num_physical_experts(self) -> int:
+        """Physical slots ``P``."""
+        return int(self.physical_to_logical_map.shape[1])
+
+    @property
+    def num_logical_experts(self) -> int:
+        """Logical experts ``E``."""
+        return int(self.logical_replica_count.shape[1])
+
+    @property
+    def max_replicas(self) -> int:
+        """Last dimension of ``logical_to_physical_map`` (``P - E + 1``)."""
+        return int(self.logical_to_physical_map.shape[2])
+
+
+@attrs.frozen(eq=False)
+class BalancednessStats:
+    """How evenly the load recorded in the current window spreads over the EP ranks."""
+
+    model_name: str
+    """Model the figures are for."""
+    rank_load: Tensor
+    """``[L, R]`` int64: tokens-expert assignments each rank served in the window (all ranks)."""
+    per_layer: Tensor
+    """``[L]`` float64: mean rank load / max rank load per layer (1.0 = perfect)."""
+    overall: float
+    """Mean of ``per_layer`` (every layer counts the same)."""
+    token_weighted: float
+    """``sum(mean) / sum(max)`` over layers: vLLM's logged figure."""
+    total_load: int
+    """Token-expert assignments in the window (0 = nothing recorded yet)."""
+
+
+@attrs.frozen(eq=False)
+class ModelRearrangement:
+    """What one rearrangement did to one model."""
+
+    model_name: str
+    """Model the figures are for."""
+    balancedness_before: Tensor
+    """``[L]`` float64: balancedness of the window's load under the old placement."""
+    balancedness_after: Tensor
+    """``[L]`` float64: balancedness the same load would have under the new placement (planned)."""
+    overall_balancedness_before: float
+    """Mean of ``balancedness_before``."""
+    overall_balancedness_after: float
+    """Mean of ``balancedness_after``."""
+    slots_changed: int
+    """``(layer, slot)`` positions, over all ranks, that hold a different expert now."""
+    bytes_moved: int
+    """Bytes written into this rank's expert weights."""
+    layers_changed: int
+    """MoE layers with at least one slot changed on this rank."""
+    policy_seconds: float
+    """Wall time of the policy call."""
+    transfer_seconds: float
+    """Wall time of planning, staging and committing the weight move on this rank."""
+    old_physical_to_logical_map: Tensor
+    """``[L, P]`` int64 CPU copy of the placement before."""
+    new_physical_to_logical_map: Tensor
+    """``[L, P]`` int64 CPU copy of the placement after."""
+
+
+def _read_only(models: Mapping[str, ModelRearrangement]) -> Mapping[str, ModelRearrangement]:
+    return MappingProxyType(dict(models))
+
+
+@attrs.frozen(eq=False)
+class RearrangementResult:
+    """The outcome of one :meth:`EplbState.rearrange`, per registered model."""
+
+    models: Mapping[str, ModelRearrangement] = attrs.field(converter=_read_only)
+    """Per-model figures, keyed by model name, in registration order."""
+    policy: str
+    """Name of the policy that planned the placements."""
+
+    def __getitem__(self, model_name: str) -> ModelRearrangement:
+        return self.models[model_name]
+
+    @property
+    def slots_changed(self) -> int:
+        """Slots changed over all models."""
+        return sum(m.slots_changed for m in self.models.values())
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes written on this rank over all models."""
+        return sum(m.bytes_moved for m in self.models.values())
+
+
+@attrs.frozen(eq=False)
+class _ModelPlan:
+    """One model's planned rearrangement, checked and ready to stage."""
+
+    state: ModelEplbState
+    old_map: Tensor
+    new_map: Tensor
+    logical_maps: tuple[Tensor, Tensor]
+    summary: ModelRearrangement  # transfer figures are filled in after the commit
+
+
+def _ep_problem(
+    model: MixtureOfExperts, config: EplbConfig, ep: ExpertParallelContext
+) -> str | None:
+    if model.num_redundant_experts != config.num_redundant_experts:
+        return (
+            f"has num_redundant_experts={model.num_redundant_experts} but the EPLB config "
+            f"asks for num_redundant_experts={config.num_redundant_experts}"
+        )
+    if model.num_physical_experts != ep.world_size * model.num_local_physical_experts:
+        return (
+            f"has num_physical_experts={model.num_physical_experts}, which is not "
+            f"world_size={ep.world_size} x num_local_physical_experts="
+            f"{model.num_local_physical_experts}"
+        )
+    return None
+
+
+_SHARED_COUNTS: Final = (
+    "num_routed_experts",
+    "num_redundant_experts",
+    "num_physical_experts",
+    "num_logical_experts",
+    "num_local_physical_experts",
+    "num_expert_groups",
+)
+
+
+def _counts(model: MixtureOfExperts) -> dict[str, int]:
+    return {name: int(getattr(model, name)) for name in _SHARED_COUNTS}
+
+
+@final
+class EplbState:
+    """Expert-parallel load balancing for one or more MoE models on this EP rank.
+
+    Lifecycle (vLLM's): ``add_model`` at load time, ``step()`` after every
+    engine step on every EP rank in lockstep, ``rearrange()`` every
+    ``config.step_interval`` steps (called by ``step``), ``update_mapping`` /
+    ``from_mapping`` to restore a saved placement.
+
+    Differences from vLLM 0.33, on purpose: every non-dummy step is recorded
+    into the window (vLLM records only the last ``window_size`` steps of each
+    interval, an optimisation omitted here); the first rearrangement happens
+    after ``step_interval`` steps (vLLM: after a quarter of it); the window is
+    cleared after a placement changes, so it only ever holds load recorded
+    under the current placement; rearrangement is synchronous.
+
+    Introspection: the map and window accessors (``physical_to_logical_map()``
+    and friends) return copies; :meth:`model_state` returns the live tensors,
+    which callers must treat as read-only.
+    """
+
+    def __init__(
+        self,
+        config: EplbConfig,
+        *,
+        ep: ExpertParallelContext = _SINGLE_PROCESS,
+        policies: PolicyRegistry = DEFAULT_POLICIES,
+        device: torch.device | str = "cpu",
+        num_ranks: int | None = None,
+        num_nodes: int | None = None,
+    ) -> None:
+        """Create an empty state; ``config.policy`` is looked up in ``policies`` now.
+
+        ``num_ranks``/``num_nodes`` are the *placement* topology the policy plans
+        for and balancedness is measured over; they default to the EP group's
+        (``ep.world_size``/``ep.num_nodes``). ``num_ranks`` may be a multiple of
+        ``ep.world_size``: each process then holds the slots of several
+        placement ranks, which is how one process simulates (and balances) a
+        larger expert-parallel deployment, e.g. the demo's 4 ranks on one CPU.
+
+        Raises:
+            EplbConfigError: the policy name is unknown (the message lists the
+                known ones), ``device`` is not a torch device, or the placement
+                topology does not fit the EP group.
+        """
+        ranks = ep.world_size if num_ranks is None else num_ranks
+        nodes = ep.num_nodes if num_nodes is None else num_nodes
+        for name, value in (("num_ranks", ranks), ("num_nodes", nodes)):
+            if type(value) is not int or value < 1:
+                raise EplbConfigError(f"EplbState: {name} must be an int >= 1, got {value!r}")
+        if ranks % ep.world_size != 0:
+            raise EplbConfigError(
+                f"EplbState: num_ranks={ranks} must be a multiple of the EP group's "
+                f"world_size={ep.world_size} (each process holds whole placement ranks)"
+            )
+        if ranks % nodes != 0:
+            raise EplbConfigError(
+                f"EplbState: num_nodes={nodes} must divide num_ranks={ranks} "
+                "(every node holds the same number of ranks)"
+            )
+        self._num_ranks, self._num_nodes = ranks, nodes
+        try:
+            self._policy: RebalancePolicy = policies.get(config.policy)
+        except PolicyError as exc:
+            raise EplbConfigError(
+                f"EplbConfig.policy={config.policy!r} is not a known EPLB policy; "
+                f"known policies: {', '.join(policies.names) or '(none)'}"
+            ) from exc
+        try:
+            self._device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise EplbConfigError(
+                f"EplbState: device {device!r} is not a torch device: {exc}"
+            ) from exc
+        self._config = config
+        self._ep = ep
+        self._models: dict[str, ModelEplbState] = {}
+        self._window_step = 0
+        self._step = 0
+        self._rearrangements = 0
+        self._last: RearrangementResult | None = None
+
+    # ------------------------------------------------------------ introspection
+
+    @property
+    def config(self) -> EplbConfig:
+        """The configuration this state was built with."""
+        return self._config
+
+    @property
+    def num_ranks(self) -> int:
+        """Placement ranks the policy plans for (a multiple of ``ep.world_size``)."""
+        return self._num_ranks
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes the placement ranks are spread over (hierarchical policies keep groups in one)."""
+        return self._num_nodes
+
+    @property
+    def ep(self) -> ExpertParallelContext:
+        """The EP group this state balances over."""
+        return self._ep
+
+    @property
+    def policy(self) -> RebalancePolicy:
+        """The rebalancing policy named by ``config.policy``."""
+        return self._policy
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the EPLB tensors."""
+        return self._device
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Registered model names, in registration order."""
+        return tuple(self._models)
+
+    @property
+    def step_counter(self) -> int:
+        """Steps since the last rearrangement (vLLM's ``expert_rearrangement_step``)."""
+        return self._step
+
+    @property
+    def steps_until_rearrangement(self) -> int:
+        """Calls to ``step()`` (dummy ones included) before the next rearrangement."""
+        return self._config.step_interval - self._step
+
+    @property
+    def window_step(self) -> int:
+        """Window row the next recorded step is written to."""
+        return self._window_step
+
+    @property
+    def num_rearrangements(self) -> int:
+        """Rearrangements performed so far."""
+        return self._rearrangements
+
+    @property
+    def last_rearrangement(self) -> RearrangementResult | None:
+        """The result of the latest ``rearrange()``, or ``None`` before the first."""
+        return self._last
+
+    def model_state(self, model_name: str = "model") -> ModelEplbState:
+        """The live EPLB tensors of a model (read-only: the model's layers hold views of them)."""
+        try:
+            return self._models[model_name]
+        except KeyError:
+            raise EplbStateError(
+                f"no model named {model_name!r} is registered with this EPLB state; "
+                f"registered: {list(self._models) or '(none)'}"
+            ) from None
+
+    def physical_to_logical_map(self, model_name: str = "model") -> Tensor:
+        """A copy of the model's ``[L, P]`` placement (the live one is in :meth:`model_state`)."""
+        return self.model_state(model_name).physical_to_logical_map.clone()
+
+    def logical_to_physical_map(self, model_name: str = "model") -> Tensor:
+        """A copy of the model's ``[L, E, max_replicas]`` map (``-1`` padded)."""
+        return self.model_state(model_name).logical_to_physical_map.clone()
+
+    def logical_replica_count(self, model_name: str = "model") -> Tensor:
+        """A copy of the model's ``[L, E]`` replica counts."""
+        return self.model_state(model_name).logical_replica_count.clone()
+
+    def expert_load_window(self, model_name: str = "model") -> Tensor:
+        """A copy of the model's ``[W, L, P]`` load window."""
+        return self.model_state(model_name).expert_load_window.clone()
+
+    def placement(self, model_name: str = "model") -> Placement:
+        """The model's current placement as a value that can be saved and restored."""
+        state = self.model_state(model_name)
+        return Placement(
+            physical_to_logical_map=state.physical_to_logical_map,
+            num_logical_experts=state.num_logical_experts,
+            num_ranks=self._num_ranks,
+            num_nodes=self._num_nodes,
+            metadata={"model_name": model_name, "policy": self._policy.name},
+        )
+
+    def save_placement(self, path: str | os.PathLike[str], model_name: str = "model") -> None:
+        """Write the model's current placement to ``path`` (``.json`` or ``.safetensors``)."""
+        save_placement(self.placement(model_name), path)
+
+    # ------------------------------------------------------------ registration
+
+    def add_model(self, model: MixtureOfExperts, model_name: str = "model") -> None:
+        """Register a MoE model: allocate its EPLB tensors and hand them to ``set_eplb_state``.
+
+        The initial placement is the same on every layer: slot ``p < E`` holds
+        expert ``p``, redundant slot ``E + i`` holds expert ``i % E``; the
+        model's weights must be laid out that way.
+
+        Raises:
+            NotMixtureOfExpertsError: the model does not conform to
+                ``MixtureOfExperts`` or has no MoE layers (carries the report).
+            EplbConfigError: its redundant or physical counts disagree with the
+                config or the EP group.
+            EplbStateError: the name is taken, its counts disagree with an
+                already registered model, ``set_eplb_state`` failed, or the
+                expert weights it exposes do not match its counts.
+        Nothing is registered when any of these is raised.
+        """
+        report = check_conformance(model, path=model_name)
+        if not report.ok or not report.is_moe:
+            raise NotMixtureOfExpertsError(
+                f"cannot register model {model_name!r} with EPLB: it is not a Mixture-of-Experts "
+                f"model with MoE layers:\n{report}",
+                reports=[report],
+            )
+        if model_name in self._models:
+            raise EplbStateError(f"a model named {model_name!r} is already registered")
+        problem = _ep_problem(model, self._config, self._ep)
+        if problem is not None:
+            raise EplbConfigError(f"model {model_name!r} {problem}")
+        if model.num_physical_experts % self._num_ranks != 0:
+            raise EplbConfigError(
+                f"model {model_name!r} has {model.num_physical_experts} physical expert slots, "
+                f"which do not split evenly over the {self._num_ranks} placement ranks"
+            )
+        counts = _counts(model)
+        for other in self._models.values():
+            other_counts = _counts(other.model)
+            if counts != other_counts:
+                diff = {
+                    k: (counts[k], other_counts[k]) for k in counts if counts[k] != other_counts[k]
+                }
+                raise EplbStateError(
+                    f"model {model_name!r} disagrees with registered model {other.model_name!r} "
+                    f"on {', '.join(f'{k} ({a} vs {b})' for k, (a, b) in diff.items())}; all "
+                    "models in one EPLB state must share their expert counts"
+                )
+        state = self._allocate(model, model_name)
+        try:
+            model.set_eplb_state(
+                expert_load_view=state.expert_load_pass,
+                logical_to_physical_map=state.logical_to_physical_map,
+                logical_replica_count=state.logical_replica_count,
+            )
+        except Exception as exc:
+            raise EplbStateError(
+                f"model {model_name!r}: set_eplb_state rejected its EPLB tensors: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self._check_expert_weights(state)
+        self._models[model_name] = state
+
+    def _allocate(self, model: MixtureOfExperts, model_name: str) -> ModelEplbState:
+        num_layers = model.num_moe_layers
+        num_logical = model.num_logical_experts
+        num_physical = model.num_physical_experts
+        p2l = initial_placement(num_layers, num_logical, num_physical)
+        l2p, count = compute_logical_maps(p2l, num_logical, max_replicas(num_logical, num_physical))
+        device = self._device
+        return ModelEplbState(
+            model_name=model_name,
+            model=model,
+            physical_to_logical_map=p2l.to(device),
+            logical_to_physical_map=l2p.to(device),
+            logical_replica_count=count.to(device),
+            expert_load_pass=torch.zeros(
+                num_layers, num_physical, dtype=torch.int32, device=device
+            ),
+            expert_load_window=torch.zeros(
+                self._config.window_size, num_layers, num_physical, dtype=torch.int32, device=device
+            ),
+            num_local_physical_experts=model.num_local_physical_experts,
+        )
+
+    @staticmethod
+    def _check_expert_weights(state: ModelEplbState) -> None:
+        weights = state.model.expert_weights
+        name, local = state.model_name, state.num_local_physical_experts
+        if len(weights) != state.num_layers:
+            raise EplbStateError(
+                f"model {name!r}: after set_eplb_state, expert_weights has {len(weights)} "
+                f"layers, expected num_moe_layers={state.num_layers}"
+            )
+        for layer, tensors in enumerate(weights):
+            if len(tensors) == 0:
+                raise EplbStateError(
+                    f"model {name!r}: expert_weights[{layer}] holds no weight tensors"
+                )
+            for k, tensor in enumerate(tensors):
+                if tensor.dim() < 1 or tensor.shape[0] != local:
+                    raise EplbStateError(
+                        f"model {name!r}: expert_weights[{layer}][{k}] has shape "
+                        f"{tuple(tensor.shape)}; dim 0 must be the {local} local expert slots"
+                    )
+
+    # ------------------------------------------------------------ per step
+
+    def step(
+        self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False
+    ) -> None:
+        """Account for one engine step; rearrange every ``config.step_interval`` steps.
+
+        Call on every EP rank in lockstep (the same calls in the same order),
+        since logging and rearranging use collectives.
+
+        - ``is_profile``: a profiling run; returns without touching any state.
+        - ``is_dummy``: an idle rank's padding step; the load pass is zeroed and
+          nothing is recorded, but the step counter advances, so all ranks
+          rearrange together.
+        - otherwise the load pass of every model is copied into the window at
+          :attr:`window_step` (circular), then zeroed. Every step is recorded
+          (vLLM records only the last ``window_size`` steps of each interval;
+          that optimisation is omitted).
+        - ``log_stats`` (a runner passes ``config.log_balancedness``): every
+          ``config.log_balancedness_interval`` steps, the balancedness of this
+          pass (summed over ranks) is logged on rank 0 to the
+          ``moe_protocols.eplb`` logger at INFO, as vLLM does.
+
+        The first rearrangement happens after ``step_interval`` steps.
+
+        Raises:
+            EplbStateError: no model is registered.
+        """
+        if is_profile:
+            return
+        if not self._models:
+            raise EplbStateError("EplbState.step() called before any model was registered")
+        if is_dummy:
+            for state in self._models.values():
+                state.expert_load_pass.zero_()
+        if log_stats and self._step % self._config.log_balancedness_interval == 0:
+            self._log_pass_balancedness()
+        if not is_dummy:
+            for state in self._models.values():
+                state.expert_load_window[self._window_step].copy_(state.expert_load_pass)
+                state.expert_load_pass.zero_()
+            self._window_step = (self._window_step + 1) % self._config.window_size
+        self._step += 1
+        if self._step >= self._config.step_interval:
+            self._step = 0
+            self.rearrange()
+
+    def _log_pass_balancedness(self) -> None:
+        for state in self._models.values():
+            # A copy: the all-reduce must not add other ranks' load into our pass.
+            load = self._ep.all_reduce_(state.expert_load_pass.to(torch.int64))
+            rank_load = rank_loads_from_physical(load, self._num_ranks)
+            if self._ep.rank != 0:
+                continue
+            avg_tokens = float(rank_load.double().mean(dim=1).sum())
+            max_tokens = int(rank_load.amax(dim=1).sum())
+            logger.info(
+                "EPLB step: %d for model %s: avg_tokens=%.2f, max_tokens=%d, "
+                "balancedness=%.4f, steps until the next rearrangement: %d",
+                self._step,
+                state.model_name,
+                avg_tokens,
+                max_tokens,
+                token_weighted_balancedness(rank_load),
+                self.steps_until_rearrangement,
+            )
+
+    def balancedness(self, model_name: str = "model") -> BalancednessStats:
+        """Balancedness of the load recorded in the current window, summed over EP ranks.
+
+        Uses the measured per-slot load, so replicas count where they really ran.
+        An all-reduce: call on every EP rank.
+        """
+        state = self.model_state(model_name)
+        physical = self._ep.all_reduce_(state.expert_load_window.sum(dim=0, dtype=torch.int64))
+        rank_load = rank_loads_from_physical(physical, self._num_ranks).cpu()
+        return BalancednessStats(
+            model_name=model_name,
+            rank_load=rank_load,
+            per_layer=layer_balancedness(rank_load),
+            overall=overall_balancedness(rank_load),
+            token_weighted=token_weighted_balancedness(rank_load),
+            total_load=int(physical.sum()),
+        )
+
+    # ------------------------------------------------------------ rearrangement
+
+    def _logical_load(self, state: ModelEplbState) -> Tensor:
+        """``[L, E]`` int64: the window's load scattered onto logical ids, summed over ranks."""
+        physical = state.expert_load_window.sum(dim=0, dtype=torch.int64)
+        p2l = state.physical_to_logical_map
+        valid = p2l >= 0  # empty slots (-1) carry no expert
+        load = torch.zeros(
+            state.num_layers, state.num_logical_experts, dtype=torch.int64, device=p2l.device
+        )
+        load.scatter_add_(1, p2l.clamp(min=0), torch.where(valid, physical, 0))
+        return self._ep.all_reduce_(load)
+
+    def rearrange(self) -> RearrangementResult:
+        """Plan a new placement for every model from the window's load, move weights, commit maps.
+
+        Per model: the window is summed and scattered onto logical experts,
+        all-reduced over the EP group, and handed to the policy with the current
+        placement; the result is validated, every changed slot is staged from
+        the old weights, and only when every model staged are the weights and
+        maps written (maps in place). The window and load pass are then cleared.
+        Call on every EP rank in lockstep (``step`` does).
+
+        Raises:
+            EplbStateError: no model is registered.
+            PolicyError: the policy failed or returned an invalid placement.
+            TransferError: staging the weights failed (``layer`` names the layer).
+        On any of these, weights, maps and window are unchanged.
+        """
+        if not self._models:
+            raise EplbStateError("EplbState.rearrange() called before any model was registered")
+        num_ranks, num_nodes = self._num_ranks, self._num_nodes
+        plans = [self._plan_model(state, num_ranks, num_nodes) for state in self._models.values()]
+        staged: list[tuple[_ModelPlan, StagedTransfer, float]] = []
+        for plan in plans:
+            started = time.perf_counter()
+            transfer = self._stage(plan.state, plan.old_map, plan.new_map)
+            staged.append((plan, transfer, time.perf_counter() - started))
+
+        # Commit: plain in-place copies of tensors whose shapes were fixed above.
+        results: dict[str, ModelRearrangement] = {}
+        for plan, transfer, stage_seconds in staged:
+            started = time.perf_counter()
+            stats = transfer.commit()
+            self._commit_maps(plan.state, plan.new_map, plan.logical_maps)
+            results[plan.state.model_name] = attrs.evolve(
+                plan.summary,
+                bytes_moved=stats.bytes_moved,
+                layers_changed=stats.layers_changed,
+                transfer_seconds=stage_seconds + time.perf_counter() - started,
+            )
+        for state in self._models.values():
+            self._clear_load(state)
+        self._window_step = 0
+        self._rearrangements += 1
+        result = RearrangementResult(models=results, policy=self._policy.name)
+        self._last = result
+        if self._ep.rank == 0:
+            logger.info(
+                "Rearranged experts in %.2f s (%d slots changed, %d bytes moved on rank 0).",
+                sum(m.policy_seconds + m.transfer_seconds for m in results.values()),
+                result.slots_changed,
+                result.bytes_moved,
+            )
+        return result
+
+    def _plan_model(self, state: ModelEplbState, num_ranks: int, num_nodes: int) -> _ModelPlan:
+        """Ask the policy for a new placement of one model; check it, derive maps and figures."""
+        load = self._logical_load(state).cpu()
+        old_map = state.physical_to_logical_map.to("cpu", copy=True)
+        started = time.perf_counter()
+        try:
+            proposed = self._policy.rebalance_experts(
+                load,
+                num_replicas=state.num_physical_experts,
+                num_groups=state.model.num_expert_groups,
+                num_nodes=num_nodes,
+                num_ranks=num_ranks,
+                old_physical_to_logical_map=old_map.clone(),
+            )
+        except MoEProtocolsError:
+            raise
+        except Exception as exc:
+            raise PolicyError(
+                f"policy {self._policy.name!r} failed for model {state.model_name!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        policy_seconds = time.perf_counter() - started
+        new_map = check_policy_output(
+            self._policy.name, proposed, load, state.num_physical_experts, num_ranks
+        )
+        before = expected_rank_loads(old_map, load, num_ranks)
+        after = expected_rank_loads(new_map, load, num_ranks)
+        summary = ModelRearrangement(
+            model_name=state.model_name,
+            balancedness_before=layer_balancedness(before),
+            balancedness_after=layer_balancedness(after),
+            overall_balancedness_before=overall_balancedness(before),
+            overall_balancedness_after=overall_balancedness(after),
+            slots_changed=slots_changed(old_map, new_map),
+            bytes_moved=0,
+            layers_changed=0,
+            policy_seconds=policy_seconds,
+            transfer_seconds=0.0,
+            old_physical_to_logical_map=old_map,
+            new_physical_to_logical_map=new_map,
+        )
+        return _ModelPlan(state, old_map, new_map, self._logical_maps(state, new_map), summary)
+
+    def _stage(self, state: ModelEplbState, old_map: Tensor, new_map: Tensor) -> StagedTransfer:
+        plan = plan_transfer(old_map, new_map, state.num_local_physical_experts, self._ep.rank)
+        return stage_transfer(plan, state.model.expert_weights)
+
+    @staticmethod
+    def _logical_maps(state: ModelEplbState, new_map: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logical_to_physical_map, logical_replica_count)`` of ``new_map`` on the device."""
+        l2p, count = compute_logical_maps(new_map, state.num_logical_experts, state.max_replicas)
+        device = state.logical_to_physical_map.device
+        return l2p.to(device), count.to(device)
+
+    @staticmethod
+    def _commit_maps(
+        state: ModelEplbState, new_map: Tensor, logical_maps: tuple[Tensor, Tensor]
+    ) -> None:
+        # copy_ into the existing tensors: layers (and CUDA graphs) hold their addresses.
+        state.physical_to_logical_map.copy_(new_map)
+        state.logical_to_physical_map.copy_(logical_maps[0])
+        state.logical_replica_count.copy_(logical_maps[1])
+
+    @staticmethod
+    def _clear_load(state: ModelEplbState) -> None:
+        # Load recorded under the old placement would be attributed to the wrong
+        # experts by the next rearrangement; the window starts afresh.
+        state.expert_load_pass.zero_()
+        state.expert_load_window.zero_()
+
+    # ------------------------------------------------------------ restoring a placement
+
+    def update_mapping(self, model_name: str, physical_to_logical_map: Tensor | Placement) -> None:
+        """Move a model to a given placement (e.g. one saved earlier) and commit it in place.
+
+        The map is ``[L, P]`` with ids in ``[0, E)``, every expert replicated at
+        least once per layer, and ``P`` a multiple of the EP ranks; a
+        :class:`Placement` must also be for ``E`` logical experts and the same
+        number of ranks. The weights are moved so the model computes the same
+        outputs; the load pass and window of the model are cleared.
+
+        Raises:
+            EplbStateError: no model of that name.
+            MappingError: the placement is malformed or does not fit the model.
+            TransferError: moving the weights failed.
+        On any error nothing changes.
+        """
+        state = self.model_state(model_name)
+        what = f"placement for model {model_name!r}"
+        if isinstance(physical_to_logical_map, Tensor):
+            table = physical_to_logical_map
+        else:
+            placement = physical_to_logical_map
+            # Placement is a concrete class; accept it by its fields, not its type.
+            if not hasattr(placement, "num_logical_experts"):
+                raise MappingError(
+                    f"{what}: expected a torch.Tensor [layers, physical] or a Placement, got "
+                    f"{type(placement).__name__}"
+                )
+            if placement.num_logical_experts != state.num_logical_experts:
+                raise MappingError(
+                    f"{what}: made for {placement.num_logical_experts} logical experts, the "
+                    f"model has {state.num_logical_experts}"
+                )
+            if placement.num_ranks != self._num_ranks:
+                raise MappingError(
+                    f"{what}: made for {placement.num_ranks} EP ranks, this EPLB state plans "
+                    f"for {self._num_ranks}"
+                )
+            table = placement.physical_to_logical_map
+        new_map = validate_placement(
+            table,
+            num_layers=state.num_layers,
+            num_logical=state.num_logical_experts,
+            num_physical=state.num_physical_experts,
+            num_ranks=self._num_ranks,
+            num_nodes=self._num_nodes,
+            what=what,
+        )
+        logical_maps = self._logical_maps(state, new_map)
+        old_map = state.physical_to_logical_map.to("cpu", copy=True)
+        self._stage(state, old_map, new_map).commit()
+        self._commit_maps(state, new_map, logical_maps)
+        self._clear_load(state)
+
+    @classmethod
+    def from_mapping(
+        cls,
+        model: MixtureOfExperts,
+        config: EplbConfig,
+        physical_to_logical_map: Tensor | Placement,
+        *,
+        ep: ExpertParallelContext = _SINGLE_PROCESS,
+        policies: PolicyRegistry = DEFAULT_POLICIES,
+        device: torch.device | str = "cpu",
+        model_name: str = "model",
+        num_ranks: int | None = None,
+        num_nodes: int | None = None,
+    ) -> EplbState:
+        """A new state with ``model`` registered and moved to the given placement.
+
+        Same as ``EplbState(config, ...)``, ``add_model(model, model_name)`` and
+        ``update_mapping(model_name, physical_to_logical_map)``; raises what they
+        raise. When the placement is rejected the model's weights are untouched,
+        but it keeps the EPLB views of the discarded state until registered again.
+        """
+        state = cls(
+            config,
+            ep=ep,
+            policies=policies,
+            device=device,
+            num_ranks=num_ranks,
+            num_nodes=num_nodes,
+        )
+        state.add_model(model, model_name)
+        state.update_mapping(model_name, physical_to_logical_map)
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"EplbState(models={list(self._models)}, policy={self._policy.name!r}, "
+            f"step={self._step}/{self._config.step_interval}, ep={self._ep.rank}/"
+            f"{self._ep.world_size}, ranks={self._num_ranks})"
+        )

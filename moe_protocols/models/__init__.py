@@ -1,0 +1,46 @@
+"""Tiny reference models: a native MoE LM, a VLM wrapper that hides it, and a forwarding proxy.
+
+Small enough to run in milliseconds on a CPU, real enough for EPLB to move
+their experts. Used by the demo, the tests and the benchmarks, and meant as
+templates for model authors.
+"""
+
+from __future__ import annotations
+
+from moe_protocols.models._config import (
+    ModelConfigError,
+    ModelInputError,
+    TinyMoEConfig,
+    TinyVLMConfig,
+)
+from moe_protocols.models._tiny_moe import (
+    TinyDenseMLP,
+    TinyMoEBlock,
+    TinyMoEForCausalLM,
+    grouped_topk,
+    tiny_moe,
+)
+from moe_protocols.models._tiny_vlm import (
+    TinyProxyVLMForConditionalGeneration,
+    TinyVisionTower,
+    TinyVLMForConditionalGeneration,
+    tiny_proxy_vlm,
+    tiny_vlm,
+)
+
+__all__ = [
+    "ModelConfigError",
+    "ModelInputError",
+    "TinyDenseMLP",
+    "TinyMoEBlock",
+    "TinyMoEConfig",
+    "TinyMoEForCausalLM",
+    "TinyProxyVLMForConditionalGeneration",
+    "TinyVLMConfig",
+    "TinyVLMForConditionalGeneration",
+    "TinyVisionTower",
+    "grouped_topk",
+    "tiny_moe",
+    "tiny_proxy_vlm",
+    "tiny_vlm",
+]

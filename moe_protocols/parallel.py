@@ -1,0 +1,80 @@
+"""Expert-parallel context: which EP rank this process is and how to talk to the others.
+
+Passed explicitly to the models and the EPLB state; there are no hidden globals.
+A single-process context (the default) needs no ``torch.distributed`` at all.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["ExpertParallelContext"]
+
+
+def _check_rank(
+    instance: ExpertParallelContext, attribute: attrs.Attribute[int], value: int
+) -> None:
+    if not 0 <= value < instance.world_size:
+        raise ValueError(f"rank must be in [0, world_size={instance.world_size}), got {value}")
+
+
+def _check_nodes(
+    instance: ExpertParallelContext, attribute: attrs.Attribute[int], value: int
+) -> None:
+    if instance.world_size % value != 0:
+        raise ValueError(
+            f"num_nodes={value} must divide world_size={instance.world_size} "
+            "(every node holds the same number of EP ranks)"
+        )
+
+
+@attrs.frozen
+class ExpertParallelContext:
+    """The EP group this process belongs to.
+
+    ``rank``/``world_size`` are positions in the EP group (not global ranks);
+    ``group`` is the ``torch.distributed`` process group carrying EPLB
+    collectives (``None`` = the default group); ``num_nodes`` lets
+    hierarchical policies keep expert groups within a node. Physical slot ``p``
+    lives on EP rank ``p // num_local_physical_experts`` (rank-major).
+    """
+
+    world_size: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    rank: int = attrs.field(default=0, validator=_check_rank)
+    num_nodes: int = attrs.field(default=1, validator=[attrs.validators.ge(1), _check_nodes])
+    group: ProcessGroup | None = attrs.field(default=None, eq=False)
+
+    @classmethod
+    def from_process_group(
+        cls, group: ProcessGroup | None = None, *, num_nodes: int = 1
+    ) -> ExpertParallelContext:
+        """Build the context of this process in an initialised ``torch.distributed`` group."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialised; call init_process_group first "
+                "or use ExpertParallelContext() for a single process"
+            )
+        return cls(
+            world_size=dist.get_world_size(group),
+            rank=dist.get_rank(group),
+            num_nodes=num_nodes,
+            group=group,
+        )
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether collectives are needed (more than one EP rank)."""
+        return self.world_size > 1
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the EP group in place (no-op on one rank); return it."""
+        if self.is_distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor

@@ -1,0 +1,128 @@
+"""The contract: structural protocols a serving runner and EPLB consume.
+
+Member for member call-compatible with vLLM 0.33's ``MixtureOfExperts`` (see
+``stubs/vllm``): the same names, types and parameter names, because runners
+call these methods by keyword. Shapes use L = MoE layers, E = logical
+experts, P = physical expert slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, MutableSequence, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = ["MixtureOfExperts", "MoELayer", "SupportsLanguageModel"]
+
+
+@runtime_checkable
+class MoELayer(Protocol):
+    """One MoE layer as EPLB sees it: its expert weights and its EPLB views."""
+
+    def get_expert_weights(self) -> Iterable[Tensor]:
+        """Return this layer's routed-expert weight tensors on this rank.
+
+        Each tensor has dim 0 = local physical expert slot (``[local_physical, ...]``)
+        and is a view of the live parameter, so writing into it moves the expert.
+        """
+        ...
+
+    def set_eplb_state(
+        self,
+        moe_layer_idx: int,
+        expert_load_view: Tensor,
+        logical_to_physical_map: Tensor,
+        logical_replica_count: Tensor,
+    ) -> None:
+        """Keep row ``moe_layer_idx`` of each model-wide EPLB tensor.
+
+        ``expert_load_view`` is ``[L, P]`` (the layer adds one per token-expert
+        assignment to its row), ``logical_to_physical_map`` is
+        ``[L, E, max_replicas]`` (-1 padded) and ``logical_replica_count`` is
+        ``[L, E]``. They are views of live EPLB state, updated in place.
+        """
+        ...
+
+
+@runtime_checkable
+class MixtureOfExperts(Protocol):
+    """A model with MoE layers whose experts EPLB may replicate and move."""
+
+    expert_weights: MutableSequence[Sequence[Tensor]]
+    """Expert weights on this rank: ``expert_weights[layer][k]`` is the k-th weight
+    tensor of MoE layer ``layer``, ``[local_physical, ...]``. Filled by ``set_eplb_state``."""
+
+    num_moe_layers: int
+    """Number of MoE layers in this model (on this pipeline stage)."""
+
+    num_expert_groups: int
+    """Number of expert groups for group-limited routing (1 for most models)."""
+
+    num_logical_experts: int
+    """Experts the router chooses among."""
+
+    num_physical_experts: int
+    """Expert slots over all EP ranks: logical plus redundant."""
+
+    num_local_physical_experts: int
+    """Expert slots held on this rank."""
+
+    num_routed_experts: int
+    """Routed experts (equal to the logical experts)."""
+
+    num_shared_experts: int
+    """Shared (always-on) experts; EPLB does not move them."""
+
+    num_redundant_experts: int
+    """Extra physical slots holding replicas of hot experts."""
+
+    moe_layers: Sequence[MoELayer]
+    """The MoE layer objects, one per MoE layer, in layer order."""
+
+    def set_eplb_state(
+        self,
+        expert_load_view: Tensor,
+        logical_to_physical_map: Tensor,
+        logical_replica_count: Tensor,
+    ) -> None:
+        """Register live EPLB state: views that EPLB updates in place later.
+
+        The default (for classes that subclass this protocol) collects
+        ``expert_weights`` afresh from ``moe_layers`` (weights are collected here,
+        not at load, because post-load processing may replace them) and hands
+        each layer its row. One-byte dtypes are re-viewed as ``uint8`` since
+        transfer backends move bytes and lack the exotic 8-bit types.
+        """
+        self.expert_weights = []
+        for layer_idx, layer in enumerate(self.moe_layers):
+            self.expert_weights.append(
+                [
+                    w.view(torch.uint8) if w.element_size() == 1 else w
+                    for w in layer.get_expert_weights()
+                ]
+            )
+            layer.set_eplb_state(
+                moe_layer_idx=layer_idx,
+                expert_load_view=expert_load_view,
+                logical_to_physical_map=logical_to_physical_map,
+                logical_replica_count=logical_replica_count,
+            )
+
+    def update_physical_experts_metadata(
+        self,
+        num_physical_experts: int,
+        num_local_physical_experts: int,
+    ) -> None:
+        """Adopt new physical slot counts after an elastic scale-up or -down."""
+        ...
+
+
+@runtime_checkable
+class SupportsLanguageModel(Protocol):
+    """A multimodal wrapper that can hand out its language model."""
+
+    def get_language_model(self) -> object:
+        """Return the wrapped language model; may raise ``NotImplementedError``."""
+        ...

@@ -1,0 +1,16 @@
+# The few vLLM 0.33 config types EplbState's signatures mention.
+class EPLBConfig:
+    window_size: int
+    step_interval: int
+    num_redundant_experts: int
+    log_balancedness: bool
+    log_balancedness_interval: int
+    use_async: bool
+    policy: str
+
+class ParallelConfig:
+    enable_eplb: bool
+    eplb_config: EPLBConfig
+
+class ModelConfig:
+    def compute_hash(self) -> str: ...

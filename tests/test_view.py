@@ -1,0 +1,562 @@
+"""MoEView: resolution through any wrapper chain, the trace, and explicit delegation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from unittest.mock import MagicMock
+
+import attrs
+import pytest
+import torch
+from fakes import (
+    WRAPPERS,
+    CompiledLike,
+    DDPLike,
+    DecoderWrapper,
+    FakeMoELM,
+    Gemma4LikeVLM,
+    HFStyleVLM,
+    NotImplementedVLM,
+    OmniLike,
+    OneLevelVLM,
+    PeftLike,
+    ProxyWrapper,
+    SelfReferencing,
+    chain,
+    dense_lm,
+    faulty_lm,
+    two_cycle,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_protocols.adapters import (
+    DEFAULT_UNWRAP_STEPS,
+    MoEView,
+    ResolutionTrace,
+    TraceOutcome,
+    UnwrapStep,
+)
+from moe_protocols.conformance import check_conformance
+from moe_protocols.errors import NotMixtureOfExpertsError
+from moe_protocols.guards import is_mixture_of_experts
+from moe_protocols.models import tiny_proxy_vlm, tiny_vlm
+from moe_protocols.protocols import MixtureOfExperts
+
+COUNTS = (
+    "num_moe_layers",
+    "num_expert_groups",
+    "num_logical_experts",
+    "num_physical_experts",
+    "num_local_physical_experts",
+    "num_routed_experts",
+    "num_shared_experts",
+    "num_redundant_experts",
+)
+
+
+def outcomes(trace: ResolutionTrace) -> list[TraceOutcome]:
+    return [entry.outcome for entry in trace.entries]
+
+
+def snapshot(objects: list[object]) -> list[dict[str, object]]:
+    """Each object's attributes by identity (lists by their items' identities)."""
+    return [
+        {
+            name: tuple(map(id, value)) if isinstance(value, list) else id(value)
+            for name, value in vars(obj).items()
+        }
+        for obj in objects
+    ]
+
+
+# ------------------------------------------------------------------ resolution
+
+ResolutionCase = Callable[[FakeMoELM], tuple[object, str]]
+
+RESOLUTION_CASES: dict[str, ResolutionCase] = {
+    "native LM": lambda lm: (lm, "model"),
+    "one-level VLM": lambda lm: (OneLevelVLM(lm), "model.get_language_model()"),
+    "VLM whose get_language_model raises": lambda lm: (
+        NotImplementedVLM(lm),
+        "model.language_model",
+    ),
+    "compiled": lambda lm: (CompiledLike(lm), "model._orig_mod"),
+    "DDP": lambda lm: (DDPLike(lm), "model.module"),
+    "PEFT": lambda lm: (PeftLike(lm), "model.get_base_model()"),
+    "transformers-style VLM": lambda lm: (HFStyleVLM(lm), "model.model.language_model"),
+    "omni": lambda lm: (OmniLike(OneLevelVLM(lm)), "model.thinker.get_language_model()"),
+    "DDP > compiled > VLM": lambda lm: (
+        DDPLike(CompiledLike(OneLevelVLM(lm))),
+        "model.module._orig_mod.get_language_model()",
+    ),
+    "PEFT > DDP > compiled > raising VLM": lambda lm: (
+        PeftLike(DDPLike(CompiledLike(NotImplementedVLM(lm)))),
+        "model.get_base_model().module._orig_mod.language_model",
+    ),
+    "Gemma4-like (counts copied, no expert_weights)": lambda lm: (
+        Gemma4LikeVLM(lm),
+        "model.get_language_model()",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", RESOLUTION_CASES.values(), ids=RESOLUTION_CASES.keys())
+def test_resolves_to_the_language_model_with_its_path(
+    case: ResolutionCase, fake_lm: FakeMoELM
+) -> None:
+    root, path = case(fake_lm)
+    view = MoEView.resolve(root)
+    assert view is not None
+    assert view.model is fake_lm
+    assert view.root is root
+    assert view.trace.resolved_path == path
+
+
+def test_proxy_wrapper_resolves_to_itself(fake_lm: FakeMoELM) -> None:
+    proxy = ProxyWrapper(fake_lm)
+    view = MoEView.resolve(proxy)
+    assert view is not None
+    assert view.model is proxy
+    assert view.trace.resolved_path == "model"
+    assert outcomes(view.trace) == [TraceOutcome.RESOLVED]
+
+
+def vllm_one_level_rule(model: object) -> object | None:
+    """vLLM 0.33's get_mixture_of_experts_model, with our guard (research/vllm.md 1.3)."""
+    if is_mixture_of_experts(model):
+        return model
+    get_lm = getattr(model, "get_language_model", None)
+    if callable(get_lm):
+        try:
+            inner = get_lm()
+        except NotImplementedError:
+            return None
+        return inner if is_mixture_of_experts(inner) else None
+    return None
+
+
+@pytest.mark.parametrize("case", RESOLUTION_CASES.values(), ids=RESOLUTION_CASES.keys())
+def test_agrees_with_vllms_one_level_rule_whenever_that_rule_finds_a_model(
+    case: ResolutionCase, fake_lm: FakeMoELM
+) -> None:
+    root, _ = case(fake_lm)
+    expected = vllm_one_level_rule(root)
+    view = MoEView.resolve(root)
+    if expected is not None:
+        assert view is not None
+        assert view.model is expected
+
+
+def test_shallowest_model_wins_and_step_order_breaks_ties() -> None:
+    outer_lm, inner_lm = FakeMoELM(), FakeMoELM()
+    root = OneLevelVLM(DDPLike(inner_lm))  # inner LM at depth 2
+    root.module = outer_lm  # type: ignore[attr-defined]  # another LM at depth 1
+    view = MoEView.resolve(root)
+    assert view is not None
+    assert view.model is outer_lm
+    assert view.trace.resolved_path == "model.module"
+
+    tie = DDPLike(FakeMoELM())
+    tie._orig_mod = FakeMoELM()  # type: ignore[attr-defined]  # same depth; ._orig_mod is tried first
+    view = MoEView.resolve(tie)
+    assert view is not None
+    assert view.trace.resolved_path == "model._orig_mod"
+
+
+def test_reference_models_resolve() -> None:
+    vlm = tiny_vlm()
+    view = MoEView.resolve(vlm)
+    assert view is not None
+    assert view.model is vlm.language_model
+    assert view.trace.resolved_path == "model.get_language_model()"
+
+    proxy = tiny_proxy_vlm()
+    view = MoEView.resolve(proxy)
+    assert view is not None
+    assert view.model is proxy
+
+
+def test_torch_compiled_vlm_resolves_to_its_language_model() -> None:
+    vlm = tiny_vlm()
+    compiled = torch.compile(vlm)  # lazy: nothing is compiled until a forward
+    view = MoEView.resolve(compiled)
+    assert view is not None
+    assert view.model is vlm.language_model
+    # OptimizedModule forwards attribute reads, so get_language_model() is reached at depth 1.
+    assert view.trace.resolved_path == "model.get_language_model()"
+
+
+def test_vlm_that_raises_records_the_exception_and_goes_on(fake_lm: FakeMoELM) -> None:
+    view = MoEView.resolve(NotImplementedVLM(fake_lm))
+    assert view is not None
+    raised = [e for e in view.trace.entries if e.outcome is TraceOutcome.RAISED]
+    assert [(e.step, e.path) for e in raised] == [
+        ("get_language_model()", "model.get_language_model()")
+    ]
+    assert raised[0].detail.startswith("NotImplementedError: No language model found")
+    assert "get_language_model(): raised NotImplementedError" in str(view.trace)
+
+
+# ---------------------------------------------------------- nothing to resolve
+
+
+def test_dense_model_and_vlm_around_it_resolve_to_none(fake_dense_lm: FakeMoELM) -> None:
+    assert MoEView.resolve(fake_dense_lm) is None
+    assert MoEView.resolve(OneLevelVLM(fake_dense_lm)) is None
+
+
+def test_require_on_a_vlm_around_a_dense_model_explains_why() -> None:
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(OneLevelVLM(dense_lm()))
+    message = str(info.value)
+    assert message.startswith("OneLevelVLM (the served model) is not a MixtureOfExperts")
+    assert (
+        "-> model.get_language_model() (FakeMoELM): MixtureOfExperts but has "
+        "num_moe_layers == 0 (a dense model)" in message
+    )
+    # .language_model leads to the same dense LM: it is checked once.
+    assert [r.path for r in info.value.reports] == ["model", "model.get_language_model()"]
+    assert info.value.trace is not None
+    assert info.value.trace.resolved_path is None
+
+
+def test_require_error_names_the_root_every_step_and_what_each_candidate_lacks() -> None:
+    lm = faulty_lm()
+    del lm.num_redundant_experts
+    root = DDPLike(NotImplementedVLM(lm))
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(root)
+    message = str(info.value)
+    assert message.startswith("DDPLike (the served model)")
+    for step in DEFAULT_UNWRAP_STEPS:
+        assert step.name in message
+    # The walk: DDPLike -> .module -> NotImplementedVLM -> .language_model -> the LM.
+    assert "-> model.module (NotImplementedVLM): not MixtureOfExperts: missing expert_weights" in (
+        message
+    )
+    assert "get_language_model(): raised NotImplementedError" in message
+    assert "-> model.module.language_model (FakeMoELM): not MixtureOfExperts" in message
+    assert "model.module.language_model (FakeMoELM) does not satisfy MixtureOfExperts:" in message
+    assert "  - num_redundant_experts: missing" in message
+    # Plain wrappers get one line, not twelve "missing" ones.
+    assert "  model (DDPLike) has none of the MixtureOfExperts members\n" in message
+    reports = info.value.reports
+    assert [r.path for r in reports] == ["model", "model.module", "model.module.language_model"]
+    assert [r.subject for r in reports] == ["DDPLike", "NotImplementedVLM", "FakeMoELM"]
+
+
+def test_self_reference_and_two_cycle_terminate() -> None:
+    for root in (SelfReferencing(), two_cycle()):
+        view = MoEView.resolve(root)
+        assert view is None
+        with pytest.raises(NotMixtureOfExpertsError) as info:
+            MoEView.require(root)
+        trace = info.value.trace
+        assert trace is not None
+        assert TraceOutcome.ALREADY_VISITED in outcomes(trace)
+        assert "already visited" in str(trace)
+
+
+def test_self_reference_is_reported_as_the_object_itself() -> None:
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(SelfReferencing())
+    assert ".module: already visited (the object itself)" in str(info.value)
+
+
+def test_chain_deeper_than_max_depth_is_cut_and_says_so(fake_lm: FakeMoELM) -> None:
+    root, path = chain(["ddp"] * 8, fake_lm)  # the LM is at depth 8
+    assert MoEView.resolve(root) is None
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(root)
+    trace = info.value.trace
+    assert trace is not None
+    limits = [e for e in trace.entries if e.outcome is TraceOutcome.DEPTH_LIMIT]
+    assert len(limits) == 1
+    assert "max_depth=6" in limits[0].detail
+    assert "depth limit:" in str(trace)
+
+    view = MoEView.resolve(root, max_depth=8)
+    assert view is not None
+    assert view.model is fake_lm
+    assert view.trace.resolved_path == path
+
+
+def test_max_depth_zero_checks_only_the_root(fake_lm: FakeMoELM) -> None:
+    assert MoEView.resolve(OneLevelVLM(fake_lm), max_depth=0) is None
+    view = MoEView.resolve(fake_lm, max_depth=0)
+    assert view is not None
+
+
+def test_mock_walk_is_bounded_by_the_candidate_budget() -> None:
+    mock = MagicMock()
+    assert MoEView.resolve(mock, max_candidates=20) is None
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(mock, max_candidates=20)
+    trace = info.value.trace
+    assert trace is not None
+    assert len(trace.candidates) == 20
+    assert outcomes(trace).count(TraceOutcome.BUDGET_EXHAUSTED) == 1
+    assert "max_candidates=20" in str(info.value)
+
+
+def test_default_budget_bounds_a_mock() -> None:
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(MagicMock())
+    assert info.value.trace is not None
+    assert len(info.value.trace.candidates) == 256
+
+
+def test_a_class_given_instead_of_an_instance_is_rejected_not_walked() -> None:
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(OneLevelVLM)
+    assert info.value.trace is not None
+    assert len(info.value.trace.entries) == 1
+    assert "is the class OneLevelVLM itself" in str(info.value)
+
+
+def test_walk_limits_and_steps_are_validated_up_front(fake_lm: FakeMoELM) -> None:
+    with pytest.raises(ValueError, match="max_depth must be >= 0"):
+        MoEView.resolve(fake_lm, max_depth=-1)
+    with pytest.raises(ValueError, match="max_candidates must be >= 1"):
+        MoEView.resolve(fake_lm, max_candidates=0)
+    with pytest.raises(TypeError, match="max_depth must be an int"):
+        MoEView.resolve(fake_lm, max_depth=2.5)  # type: ignore[arg-type]  # deliberately wrong
+    with pytest.raises(TypeError, match=r"steps\[1\] must be an UnwrapStep"):
+        MoEView.resolve(fake_lm, steps=(DEFAULT_UNWRAP_STEPS[0], ".decoder"))  # type: ignore[arg-type]  # deliberately wrong
+
+
+# ----------------------------------------------------------------- user steps
+
+
+def decoder_step() -> UnwrapStep:
+    return UnwrapStep(
+        ".decoder", lambda obj: getattr(obj, "decoder", None), "Nemotron-Parse-like decoders"
+    )
+
+
+def test_user_step_finds_a_model_the_defaults_cannot(fake_lm: FakeMoELM) -> None:
+    root = DDPLike(DecoderWrapper(fake_lm))
+    assert MoEView.resolve(root) is None
+    view = MoEView.resolve(root, steps=(*DEFAULT_UNWRAP_STEPS, decoder_step()))
+    assert view is not None
+    assert view.model is fake_lm
+    assert view.trace.resolved_path == "model.module.decoder"
+
+
+def test_user_step_is_local_to_the_call(fake_lm: FakeMoELM) -> None:
+    defaults_before = DEFAULT_UNWRAP_STEPS
+    MoEView.resolve(DecoderWrapper(fake_lm), steps=(*DEFAULT_UNWRAP_STEPS, decoder_step()))
+    assert DEFAULT_UNWRAP_STEPS is defaults_before
+    assert ".decoder" not in [step.name for step in DEFAULT_UNWRAP_STEPS]
+    assert MoEView.resolve(DecoderWrapper(fake_lm)) is None
+
+
+def test_user_step_that_raises_is_recorded_not_propagated(fake_lm: FakeMoELM) -> None:
+    def explode(obj: object) -> object | None:
+        raise RuntimeError("probe failed")
+
+    steps = (UnwrapStep("explode()", explode), *DEFAULT_UNWRAP_STEPS)
+    view = MoEView.resolve(OneLevelVLM(fake_lm), steps=steps)
+    assert view is not None
+    assert view.model is fake_lm
+    assert "explode(): raised RuntimeError: probe failed" in str(view.trace)
+
+
+def test_non_attribute_step_names_show_as_arrows(fake_lm: FakeMoELM) -> None:
+    adapter_step = UnwrapStep("my adapter", lambda obj: fake_lm if obj is not fake_lm else None)
+    view = MoEView.resolve(object(), steps=(adapter_step,))
+    assert view is not None
+    assert view.trace.resolved_path == "model -> my adapter"
+
+
+# -------------------------------------------------------------------- the trace
+
+
+def test_trace_prints_the_walk_one_candidate_per_line(fake_lm: FakeMoELM) -> None:
+    view = MoEView.resolve(OneLevelVLM(fake_lm))
+    assert view is not None
+    assert str(view.trace).splitlines() == [
+        "model (OneLevelVLM): not MixtureOfExperts: missing expert_weights; "
+        "missing num_moe_layers; missing num_expert_groups (+9 more)",
+        "   .language_model: already visited (same object as model.get_language_model())",
+        "   not applicable: ._orig_mod, .module, get_base_model(), .model.language_model, .thinker",
+        "  -> model.get_language_model() (FakeMoELM): MixtureOfExperts (3 MoE layers)",
+    ]
+    assert [r.path for r in view.trace.reports] == ["model", "model.get_language_model()"]
+    assert view.trace.steps == tuple(step.name for step in DEFAULT_UNWRAP_STEPS)
+
+
+def test_resolution_is_deterministic(fake_lm: FakeMoELM) -> None:
+    root = OmniLike(PeftLike(HFStyleVLM(fake_lm)))
+    first, second = MoEView.resolve(root), MoEView.resolve(root)
+    assert first is not None
+    assert second is not None
+    assert str(first.trace) == str(second.trace)
+    assert first.trace == second.trace
+
+
+def test_resolution_does_not_mutate_any_object_on_the_way(fake_lm: FakeMoELM) -> None:
+    vlm = NotImplementedVLM(fake_lm)
+    compiled = CompiledLike(vlm)
+    root = PeftLike(DDPLike(compiled))
+    objects: list[object] = [root, root._base_model, compiled, vlm, fake_lm, *fake_lm.moe_layers]
+    before = snapshot(objects)
+    MoEView.resolve(root)
+    MoEView.resolve(root, max_depth=1)
+    with pytest.raises(NotMixtureOfExpertsError):
+        MoEView.require(root, max_depth=2)
+    assert snapshot(objects) == before
+    assert fake_lm.set_eplb_state_calls == []
+    assert fake_lm.metadata_calls == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(kinds=st.lists(st.sampled_from(sorted(WRAPPERS)), max_size=6))
+def test_any_chain_of_wrappers_resolves_to_the_lm_with_the_right_path(kinds: list[str]) -> None:
+    lm = FakeMoELM()
+    root, path = chain(kinds, lm)
+    view = MoEView.resolve(root)
+    assert view is not None
+    assert view.model is lm
+    assert view.trace.resolved_path == path
+    assert len(view.trace.candidates) >= len(kinds) + 1
+
+
+@settings(max_examples=20, deadline=None)
+@given(kinds=st.lists(st.sampled_from(sorted(WRAPPERS)), min_size=1, max_size=4))
+def test_any_chain_around_a_dense_model_resolves_to_none(kinds: list[str]) -> None:
+    root, _ = chain(kinds, dense_lm())
+    assert MoEView.resolve(root) is None
+
+
+# ------------------------------------------------------------------ delegation
+
+
+@pytest.fixture
+def view(fake_vlm: OneLevelVLM) -> MoEView:
+    resolved = MoEView.resolve(fake_vlm)
+    assert resolved is not None
+    return resolved
+
+
+@pytest.mark.parametrize("name", COUNTS)
+def test_reading_and_writing_a_count_goes_to_the_model(
+    name: str, view: MoEView, fake_lm: FakeMoELM
+) -> None:
+    setattr(fake_lm, name, 41)
+    assert getattr(view, name) == 41
+    setattr(view, name, 42)
+    assert getattr(fake_lm, name) == 42
+    assert name not in vars(view.root)  # the wrapper itself was not written
+
+
+def test_expert_weights_is_the_models_own_list(view: MoEView, fake_lm: FakeMoELM) -> None:
+    assert view.expert_weights is fake_lm.expert_weights
+    replacement: list[Sequence[torch.Tensor]] = [[torch.zeros(8, 1)] for _ in range(3)]
+    view.expert_weights = replacement
+    assert fake_lm.expert_weights is replacement
+    view.expert_weights.append([torch.zeros(8, 1)])
+    assert len(fake_lm.expert_weights) == 4
+
+
+def test_moe_layers_is_the_models_own_sequence(view: MoEView, fake_lm: FakeMoELM) -> None:
+    assert view.moe_layers is fake_lm.moe_layers
+    layers = list(fake_lm.moe_layers)[:2]
+    view.moe_layers = layers
+    assert fake_lm.moe_layers is layers
+
+
+def test_set_eplb_state_reaches_the_model_with_the_same_tensors(
+    view: MoEView, fake_lm: FakeMoELM
+) -> None:
+    load = torch.zeros(3, 8, dtype=torch.int32)
+    l2p = torch.zeros(3, 8, 1, dtype=torch.int64)
+    count = torch.ones(3, 8, dtype=torch.int64)
+    view.set_eplb_state(load, l2p, count)
+    (call,) = fake_lm.set_eplb_state_calls
+    assert call["expert_load_view"] is load
+    assert call["logical_to_physical_map"] is l2p
+    assert call["logical_replica_count"] is count
+    # The model refilled its expert_weights; the view shows the new list.
+    assert view.expert_weights is fake_lm.expert_weights
+    assert len(view.expert_weights) == 3
+    assert check_conformance(view).ok
+
+
+def test_update_physical_experts_metadata_reaches_the_model(
+    view: MoEView, fake_lm: FakeMoELM
+) -> None:
+    view.update_physical_experts_metadata(num_physical_experts=16, num_local_physical_experts=8)
+    assert fake_lm.metadata_calls == [{"num_physical_experts": 16, "num_local_physical_experts": 8}]
+    assert view.num_physical_experts == 16
+    assert view.num_redundant_experts == 8
+
+
+def test_view_is_itself_a_conforming_mixture_of_experts(view: MoEView) -> None:
+    assert is_mixture_of_experts(view)
+    assert isinstance(view, MixtureOfExperts)
+    assert check_conformance(view).ok
+
+
+def test_view_has_no_dynamic_forwarding_and_no_instance_dict(view: MoEView) -> None:
+    assert not hasattr(MoEView, "__getattr__")
+    assert not hasattr(view, "__dict__")
+    with pytest.raises(AttributeError):
+        view.vision_tower  # type: ignore[attr-defined]  # not a protocol member: not forwarded  # noqa: B018
+
+
+def test_root_model_and_trace_are_read_only(view: MoEView, fake_lm: FakeMoELM) -> None:
+    for name in ("root", "model", "trace"):
+        with pytest.raises(AttributeError):
+            setattr(view, name, fake_lm)
+    with pytest.raises(attrs.exceptions.FrozenAttributeError):
+        view._model = FakeMoELM()  # the private field is frozen too
+
+
+def test_view_cannot_be_built_from_a_failed_trace(fake_lm: FakeMoELM) -> None:
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(dense_lm())
+    assert info.value.trace is not None
+    with pytest.raises(ValueError, match="successful resolution"):
+        MoEView(fake_lm, fake_lm, info.value.trace)
+
+
+def test_repr_names_root_path_model_and_counts(view: MoEView) -> None:
+    assert repr(view) == (
+        "MoEView(root=OneLevelVLM, model=root.get_language_model() -> FakeMoELM, "
+        "3 MoE layers, 8 logical / 8 physical experts)"
+    )
+
+
+def test_repr_of_a_view_resolved_at_the_root(fake_lm: FakeMoELM) -> None:
+    resolved = MoEView.resolve(fake_lm)
+    assert repr(resolved) == (
+        "MoEView(root=FakeMoELM, model=root, 3 MoE layers, 8 logical / 8 physical experts)"
+    )
+
+
+class BreaksLater(FakeMoELM):
+    """Healthy while it is resolved; its counts raise once ``broken`` is set."""
+
+    broken = False
+
+    @property
+    def num_logical_experts(self) -> int:
+        if self.broken:
+            raise RuntimeError("weights were unloaded")
+        return self._logical
+
+    @num_logical_experts.setter
+    def num_logical_experts(self, value: int) -> None:
+        self._logical = value
+
+
+def test_repr_survives_a_model_whose_counts_break_later() -> None:
+    model = BreaksLater()
+    resolved = MoEView.resolve(DDPLike(model))
+    assert resolved is not None
+    model.broken = True
+    assert repr(resolved) == (
+        "MoEView(root=DDPLike, model=root.module -> BreaksLater, counts unreadable: RuntimeError)"
+    )
