@@ -89,8 +89,7 @@ def test_rule_accepts_protocols_builtins_and_abcs() -> None:
     from moe_protocols.protocols import MixtureOfExperts
 
     source = (
-        "def f(m):\n"
-        "    return isinstance(m, (MixtureOfExperts, int, Sequence, torch.Tensor))\n"
+        "def f(m):\n    return isinstance(m, (MixtureOfExperts, int, Sequence, torch.Tensor))\n"
     )
     namespace = {
         "MixtureOfExperts": MixtureOfExperts,
