@@ -1,7 +1,9 @@
 """The ``moe-protocols`` command: inspect how a model resolves, run the EPLB demo.
 
-Exit codes: 0 success; 1 the model is not (and wraps no) MixtureOfExperts;
-2 bad usage (argparse); 3 the model factory could not be loaded or built.
+Exit codes: 0 success; 1 the model is not (and wraps no) MixtureOfExperts, or
+the demo saw outputs change; 2 bad usage (argparse, invalid option values);
+3 the model factory could not be loaded or built, or an optional dependency
+(matplotlib for ``--plot``) is missing.
 """
 
 from __future__ import annotations
@@ -99,6 +101,42 @@ def _inspect(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _demo(args: argparse.Namespace, out: TextIO) -> int:
+    from moe_protocols._demo import DemoOptions, plot_rank_load, run_demo
+    from moe_protocols.errors import MoEProtocolsError
+
+    plot_path: Path | None = args.plot
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401  (checked before the run, not after it)
+        except ImportError:
+            print(
+                "moe-protocols demo: --plot needs matplotlib: pip install 'moe-protocols[plot]'",
+                file=sys.stderr,
+            )
+            return EXIT_LOAD_ERROR
+    try:
+        options = DemoOptions(
+            steps=args.steps,
+            num_experts=args.experts,
+            num_redundant_experts=args.redundant,
+            num_ranks=args.ranks,
+            window_size=args.window,
+            step_interval=args.interval,
+            zipf_exponent=args.zipf,
+            policy=args.policy,
+            seed=args.seed,
+        )
+        report = run_demo(options, out)
+    except (ValueError, MoEProtocolsError) as exc:
+        print(f"moe-protocols demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if plot_path is not None:
+        plot_rank_load(report, plot_path)
+        print(f"Wrote {plot_path}", file=out)
+    return EXIT_OK if report.outputs_unchanged else EXIT_NOT_MOE
+
+
 def _indent(text: str) -> str:
     return "\n".join("  " + line if line else line for line in text.splitlines())
 
@@ -126,6 +164,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-depth", type=int, default=6, help="unwrapping depth limit (default 6)"
     )
     p_inspect.set_defaults(handler=_inspect)
+
+    p_demo = sub.add_parser(
+        "demo",
+        help="serve the tiny VLM-wrapped MoE model with EPLB on a skewed token stream",
+        description=(
+            "Load the built-in tiny vision-language model (its MoE language model sits behind "
+            "get_language_model()) into the reference runner with EPLB enabled, feed it a "
+            "Zipf-skewed token stream, and print the resolution trace, a progress bar, "
+            "balancedness before/after every rearrangement and the slots moved. Exit 0 when the "
+            "model's outputs stayed bit-identical, 1 if they changed, 2 on invalid options."
+        ),
+    )
+    p_demo.add_argument("--steps", type=int, default=48, help="engine steps (default 48)")
+    p_demo.add_argument("--experts", type=int, default=16, help="logical experts (default 16)")
+    p_demo.add_argument(
+        "--redundant", type=int, default=4, help="redundant expert slots (default 4)"
+    )
+    p_demo.add_argument(
+        "--ranks", type=int, default=4, help="EP ranks to plan for, simulated here (default 4)"
+    )
+    p_demo.add_argument("--window", type=int, default=8, help="load window in steps (default 8)")
+    p_demo.add_argument(
+        "--interval", type=int, default=10, help="steps between rearrangements (default 10)"
+    )
+    p_demo.add_argument(
+        "--zipf", type=float, default=1.2, help="skew of the token stream (default 1.2)"
+    )
+    p_demo.add_argument("--policy", default="deepseek", help="rebalancing policy name")
+    p_demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p_demo.add_argument(
+        "--plot", type=Path, metavar="FILE", help="write a PNG of per-rank load before/after"
+    )
+    p_demo.set_defaults(handler=_demo)
+
+    from moe_protocols.profiling import add_profile_arguments, run_profile
+
+    p_profile = sub.add_parser(
+        "profile",
+        help="record per-expert load of a model and plan a placement for a deployment",
+    )
+    add_profile_arguments(p_profile)
+    p_profile.set_defaults(handler=run_profile)
     return parser
 
 

@@ -3,7 +3,7 @@
 # mypy --strict (package, stubs, typing tests, benchmarks) and the pytest suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MOE_PROTOCOLS_EXTRAS="${MOE_PROTOCOLS_EXTRAS:-dev}" ./scripts/setup.sh
+MOE_PROTOCOLS_EXTRAS="${MOE_PROTOCOLS_EXTRAS:-dev,hf}" ./scripts/setup.sh
 VENV="${MOE_PROTOCOLS_VENV:-.venv}"
 
 echo "== ruff"

@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 from fakes import FakeMoELM, OneLevelVLM, dense_lm
+
+from moe_protocols.models import (
+    TinyMoEForCausalLM,
+    TinyVLMForConditionalGeneration,
+    tiny_moe,
+    tiny_vlm,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread: tiny models get slower, not faster, with more threads,
+    and a second thread fights other processes for this 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -22,3 +42,16 @@ def fake_vlm(fake_lm: FakeMoELM) -> OneLevelVLM:
 def fake_dense_lm() -> FakeMoELM:
     """A model with every member but ``num_moe_layers == 0``."""
     return dense_lm()
+
+
+@pytest.fixture
+def skewed_vlm() -> TinyVLMForConditionalGeneration:
+    """The seed case: a tiny VLM (not MixtureOfExperts) around a MoE LM with 16 experts
+    and 4 redundant slots, ready for a 4-rank placement."""
+    return tiny_vlm(num_experts=16, num_redundant_experts=4)
+
+
+@pytest.fixture
+def skewed_lm() -> TinyMoEForCausalLM:
+    """The same MoE language model, served natively."""
+    return tiny_moe(num_experts=16, num_redundant_experts=4)

@@ -379,8 +379,9 @@ def test_trace_prints_the_walk_one_candidate_per_line(fake_lm: FakeMoELM) -> Non
     assert str(view.trace).splitlines() == [
         "model (OneLevelVLM): not MixtureOfExperts: missing expert_weights; "
         "missing num_moe_layers; missing num_expert_groups (+9 more)",
-        "   .language_model: already visited (same object as model.get_language_model())",
-        "   not applicable: ._orig_mod, .module, get_base_model(), .model.language_model, .thinker",
+        "  .language_model: already visited (same object as model.get_language_model())",
+        "  not applicable: ._orig_mod, .module, get_base_model(), .model.language_model, .thinker, "
+        "get_decoder(), hf-experts adapter",
         "  -> model.get_language_model() (FakeMoELM): MixtureOfExperts (3 MoE layers)",
     ]
     assert [r.path for r in view.trace.reports] == ["model", "model.get_language_model()"]

@@ -8,12 +8,29 @@ view that delegates every protocol member to the MoE model it found, with the
 
 from __future__ import annotations
 
+from moe_protocols.adapters._hf import (
+    HF_EXPERTS_STEP,
+    HF_GET_DECODER_STEP,
+    HFDiscovery,
+    HFExpertWeights,
+    HFMoEAdapter,
+    HFMoELayer,
+    discover_hf_moe,
+)
+from moe_protocols.adapters._step import UnwrapStep
 from moe_protocols.adapters._trace import ResolutionTrace, TraceEntry, TraceOutcome
-from moe_protocols.adapters._unwrap import DEFAULT_UNWRAP_STEPS, UnwrapStep
+from moe_protocols.adapters._unwrap import DEFAULT_UNWRAP_STEPS
 from moe_protocols.adapters._view import MoEView
 
 __all__ = [
     "DEFAULT_UNWRAP_STEPS",
+    "HF_EXPERTS_STEP",
+    "HF_GET_DECODER_STEP",
+    "HFDiscovery",
+    "HFExpertWeights",
+    "HFMoEAdapter",
+    "HFMoELayer",
+    "discover_hf_moe",
     "MoEView",
     "ResolutionTrace",
     "TraceEntry",

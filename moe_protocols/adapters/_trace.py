@@ -136,7 +136,7 @@ class ResolutionTrace:
                 subject = entry.report.subject if entry.report is not None else "?"
                 lines.append(f"{prefix}{entry.path} ({subject}): {entry.detail}")
                 # A candidate's step outcomes are indented under its path.
-                step_prefix = " " * (len(prefix) + 3)
+                step_prefix = " " * (len(prefix) + 2)
             elif entry.outcome is TraceOutcome.NOT_APPLICABLE:
                 not_applicable.append(entry.step)
             elif entry.outcome is TraceOutcome.RAISED:

@@ -16,85 +16,40 @@ from typing import TYPE_CHECKING, Final
 import attrs
 from typing_extensions import TypeIs
 
+from moe_protocols.adapters._hf import HF_EXPERTS_STEP, HF_GET_DECODER_STEP
+from moe_protocols.adapters._step import UnwrapStep, attribute_probe, method_probe
 from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace, TraceEntry, TraceOutcome
 from moe_protocols.conformance import ConformanceReport, check_conformance
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from moe_protocols.protocols import MixtureOfExperts
 
 __all__ = ["DEFAULT_UNWRAP_STEPS", "UnwrapStep", "walk"]
 
 
-def _non_empty(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if not value.strip():
-        raise ValueError(f"UnwrapStep.{attribute.name} must not be empty")
-
-
-@attrs.frozen
-class UnwrapStep:
-    """One named way to go one wrapper level down.
-
-    ``probe(obj)`` returns the inner object, or None when the step does not
-    apply to ``obj``. It may raise: the walk records the exception in the
-    trace and goes on with the other steps. ``name`` is how the step shows in
-    trace paths: a name starting with ``.`` or ``[`` is appended as is
-    (``model._orig_mod``), an attribute-like name after a dot
-    (``model.get_language_model()``), anything else after an arrow.
-    """
-
-    name: str = attrs.field(validator=[attrs.validators.instance_of(str), _non_empty])
-    probe: Callable[[object], object | None] = attrs.field(validator=attrs.validators.is_callable())
-    description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
-
-
-def _call_method(name: str) -> Callable[[object], object | None]:
-    """A probe calling ``obj.name()`` when it is callable; its exceptions propagate."""
-
-    def probe(obj: object) -> object | None:
-        method = getattr(obj, name, None)
-        if not callable(method):
-            return None
-        result: object | None = method()
-        return result
-
-    probe.__name__ = probe.__qualname__ = f"call_{name}"
-    return probe
-
-
-def _attribute(*names: str) -> Callable[[object], object | None]:
-    """A probe following ``obj.a.b...``; None as soon as one attribute is absent."""
-
-    def probe(obj: object) -> object | None:
-        current: object | None = obj
-        for name in names:
-            current = getattr(current, name, None)
-            if current is None:
-                return None
-        return current
-
-    probe.__name__ = probe.__qualname__ = "attribute_" + "_".join(names)
-    return probe
-
-
 DEFAULT_UNWRAP_STEPS: Final[tuple[UnwrapStep, ...]] = (
     UnwrapStep(
         "get_language_model()",
-        _call_method("get_language_model"),
+        method_probe("get_language_model"),
         "the multimodal convention (vLLM SupportsMultiModal): the wrapped language model; "
         "NotImplementedError is recorded and the walk goes on",
     ),
-    UnwrapStep("._orig_mod", _attribute("_orig_mod"), "torch.compile's OptimizedModule"),
-    UnwrapStep(".module", _attribute("module"), "DistributedDataParallel, DataParallel, FSDP1"),
-    UnwrapStep("get_base_model()", _call_method("get_base_model"), "PEFT's PeftModel"),
-    UnwrapStep(".language_model", _attribute("language_model"), "VLM wrappers' attribute"),
+    UnwrapStep("._orig_mod", attribute_probe("_orig_mod"), "torch.compile's OptimizedModule"),
+    UnwrapStep(
+        ".module", attribute_probe("module"), "DistributedDataParallel, DataParallel, FSDP1"
+    ),
+    UnwrapStep("get_base_model()", method_probe("get_base_model"), "PEFT's PeftModel"),
+    UnwrapStep(".language_model", attribute_probe("language_model"), "VLM wrappers' attribute"),
     UnwrapStep(
         ".model.language_model",
-        _attribute("model", "language_model"),
+        attribute_probe("model", "language_model"),
         "wrappers that keep the VLM core under .model (transformers-style)",
     ),
-    UnwrapStep(".thinker", _attribute("thinker"), "omni-style models (thinker/talker)"),
+    UnwrapStep(".thinker", attribute_probe("thinker"), "omni-style models (thinker/talker)"),
+    HF_GET_DECODER_STEP,
+    HF_EXPERTS_STEP,
 )
 """The built-in steps, in the order they are tried at each level.
 
