@@ -49,6 +49,7 @@ from moe_protocols.errors import (
     TransferError,
 )
 from moe_protocols.guards import is_mixture_of_experts, is_moe_layer, supports_language_model
+from moe_protocols.layer_views import LayerEplbRows, layer_eplb_rows
 from moe_protocols.parallel import ExpertParallelContext
 from moe_protocols.protocols import MixtureOfExperts, MoELayer, SupportsLanguageModel
 from moe_protocols.runner import ReferenceRunner, RunnerConfig
@@ -66,6 +67,7 @@ __all__ = [
     "EplbState",
     "EplbStateError",
     "ExpertParallelContext",
+    "LayerEplbRows",
     "MappingError",
     "MixtureOfExperts",
     "MoELayer",
@@ -94,6 +96,7 @@ __all__ = [
     "check_layer_conformance",
     "is_mixture_of_experts",
     "is_moe_layer",
+    "layer_eplb_rows",
     "load_placement",
     "save_placement",
     "supports_language_model",

@@ -435,7 +435,9 @@ def test_set_eplb_state_rejects_misshapen_tensors_and_keeps_the_old_state() -> N
     model = tiny_moe()
     block = blocks(model)[0]
     load, l2p, count = load_tensors(model, initial_placement(model))
-    with pytest.raises(EplbStateError, match=r"expert_load_view must be \[moe_layers, 8\]"):
+    with pytest.raises(
+        EplbStateError, match=r"expert_load_view must be a \[moe_layers, 8\] tensor"
+    ):
         block.set_eplb_state(0, torch.zeros(3, 9), l2p, count)
     with pytest.raises(MappingError, match="logical_to_physical_map"):
         block.set_eplb_state(0, load, l2p[:, :4], count)

@@ -69,6 +69,7 @@ from torch import Tensor
 
 from moe_protocols.adapters._step import UnwrapStep
 from moe_protocols.errors import EplbStateError, MappingError, NotMixtureOfExpertsError
+from moe_protocols.layer_views import layer_eplb_rows
 
 if TYPE_CHECKING:
     from torch import nn
@@ -102,8 +103,6 @@ _SHARED_ATTRS: Final = ("n_shared_experts", "num_shared_experts", "moe_num_share
 _QUANTIZED_SUFFIXES: Final = ("_scale_inv", "_scale", "_scales", "_blocks", "_zeros", "_qweight")
 """Parameter/buffer name endings that mark quantized experts (FP8, MXFP4, ...)."""
 
-_LOAD_DTYPES: Final = frozenset({torch.int32, torch.int64, torch.float32, torch.float64})
-_INDEX_DTYPES: Final = frozenset({torch.int16, torch.int32, torch.int64})
 _EP_EXPERTS_VALUE: Final = "ep_dispatch_experts"
 _EP_PARAM_SUFFIXES: Final = (".gate_up_proj", ".up_proj", ".down_proj")
 
@@ -423,51 +422,26 @@ class HFMoELayer:
     ) -> _Recording:
         """This layer's rows of the EPLB tensors, or an error naming what does not fit."""
         name, num_experts = f"MoE layer {moe_layer_idx} ({self.path})", self.num_experts
-        load = expert_load_view
-        if not isinstance(load, Tensor) or load.dim() != 2 or load.shape[1] != num_experts:
-            shape = tuple(load.shape) if isinstance(load, Tensor) else type(load).__name__
-            raise EplbStateError(
-                f"{name}: expert_load_view must be a [moe_layers, {num_experts}] tensor "
-                f"(transformers models have exactly one physical slot per expert), got {shape}"
-            )
-        if load.dtype not in _LOAD_DTYPES:
-            raise EplbStateError(
-                f"{name}: expert_load_view must be int32/int64/float32/float64, got {load.dtype}"
-            )
-        if not 0 <= moe_layer_idx < load.shape[0]:
-            raise EplbStateError(
-                f"{name}: moe_layer_idx={moe_layer_idx} is outside the {load.shape[0]} rows "
-                "of expert_load_view"
-            )
+        # transformers models have exactly one physical slot per expert.
+        rows = layer_eplb_rows(
+            name,
+            moe_layer_idx,
+            expert_load_view,
+            logical_to_physical_map,
+            logical_replica_count,
+            num_logical=num_experts,
+            num_physical=num_experts,
+        )
         device = self.weights.down.device
-        if device.type != "meta" and load.device != device:
+        if device.type != "meta" and rows.expert_load.device != device:
             raise EplbStateError(
-                f"{name}: expert_load_view is on {load.device} but the experts are on {device}; "
-                "allocate the load on the model's device"
+                f"{name}: expert_load_view is on {rows.expert_load.device} but the experts are on "
+                f"{device}; allocate the load on the model's device"
             )
-        l2p, count = logical_to_physical_map, logical_replica_count
-        if not isinstance(l2p, Tensor) or l2p.dim() != 3 or l2p.shape[1] != num_experts:
-            raise MappingError(
-                f"{name}: logical_to_physical_map must be [moe_layers, {num_experts}, "
-                f"max_replicas], got {tuple(l2p.shape) if isinstance(l2p, Tensor) else l2p!r}"
-            )
-        if not isinstance(count, Tensor) or count.dim() != 2 or count.shape[1] != num_experts:
-            raise MappingError(
-                f"{name}: logical_replica_count must be [moe_layers, {num_experts}], "
-                f"got {tuple(count.shape) if isinstance(count, Tensor) else count!r}"
-            )
-        if moe_layer_idx >= min(l2p.shape[0], count.shape[0]):
-            raise MappingError(
-                f"{name}: moe_layer_idx={moe_layer_idx} is outside the maps' "
-                f"{min(l2p.shape[0], count.shape[0])} layers"
-            )
-        for what, tensor in (("logical_to_physical_map", l2p), ("logical_replica_count", count)):
-            if tensor.dtype not in _INDEX_DTYPES:
-                raise MappingError(f"{name}: {what} must be int16/32/64, got {tensor.dtype}")
         recording = _Recording(
-            row=load[moe_layer_idx],
-            logical_to_physical=l2p[moe_layer_idx],
-            replica_count=count[moe_layer_idx],
+            row=rows.expert_load,
+            logical_to_physical=rows.logical_to_physical,
+            replica_count=rows.replica_count,
         )
         problem = _placement_problem(recording, num_experts)
         if problem is not None:

@@ -29,6 +29,7 @@ from moe_protocols.eplb._maps import (
     max_replicas,
 )
 from moe_protocols.errors import EplbConfigError, EplbStateError, MappingError
+from moe_protocols.layer_views import LayerEplbRows, layer_eplb_rows
 from moe_protocols.models._config import ModelConfigError, ModelInputError, TinyMoEConfig
 from moe_protocols.parallel import ExpertParallelContext
 from moe_protocols.protocols import MixtureOfExperts
@@ -47,9 +48,6 @@ SINGLE_PROCESS: Final = ExpertParallelContext()
 # weights to a few MiB; a pair's position inside its chunk depends only on its
 # index, never on the placement, which keeps results placement-independent.
 _PAIR_CHUNK: Final = 512
-
-_INDEX_DTYPES: Final = frozenset({torch.int16, torch.int32, torch.int64})
-_LOAD_DTYPES: Final = frozenset({torch.int32, torch.int64, torch.float32, torch.float64})
 
 
 def _normal(generator: torch.Generator, *shape: int, std: float) -> nn.Parameter:
@@ -71,15 +69,6 @@ class TinyDenseMLP(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         gate, up = F.linear(hidden, self.gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down)
-
-
-@attrs.frozen
-class _EplbViews:
-    """The rows of the model-wide EPLB tensors one layer reads and writes."""
-
-    expert_load: Tensor  # [physical], the layer adds 1 per token-expert assignment
-    logical_to_physical: Tensor  # [logical, max_replicas], -1 padded
-    replica_count: Tensor  # [logical]
 
 
 def grouped_topk(
@@ -145,7 +134,7 @@ class TinyMoEBlock(nn.Module):
         self.num_physical_experts = num_physical
         self.num_local_physical_experts = num_physical // ep.world_size
         self.record_expert_load = True
-        self._eplb: _EplbViews | None = None
+        self._eplb: LayerEplbRows | None = None
 
         hidden, inter = config.hidden_size, config.intermediate_size
         self.router = _normal(generator, config.num_experts, hidden, std=hidden**-0.5)
@@ -201,45 +190,14 @@ class TinyMoEBlock(nn.Module):
         [L, logical, max_replicas]``, ``logical_replica_count [L, logical]``.
         Nothing is kept unless all three fit.
         """
-        name, num_logical = self._name(), self.num_logical_experts
-        if expert_load_view.dim() != 2 or expert_load_view.shape[1] != self.num_physical_experts:
-            raise EplbStateError(
-                f"{name}: expert_load_view must be [moe_layers, {self.num_physical_experts}], "
-                f"got shape {tuple(expert_load_view.shape)}"
-            )
-        if expert_load_view.dtype not in _LOAD_DTYPES:
-            raise EplbStateError(
-                f"{name}: expert_load_view must be int32/int64/float32/float64, "
-                f"got {expert_load_view.dtype}"
-            )
-        if not 0 <= moe_layer_idx < expert_load_view.shape[0]:
-            raise EplbStateError(
-                f"{name}: moe_layer_idx={moe_layer_idx} is outside the "
-                f"{expert_load_view.shape[0]} rows of expert_load_view"
-            )
-        l2p, count = logical_to_physical_map, logical_replica_count
-        if l2p.dim() != 3 or l2p.shape[1] != num_logical or l2p.shape[2] < 1:
-            raise MappingError(
-                f"{name}: logical_to_physical_map must be [moe_layers, {num_logical}, "
-                f"max_replicas >= 1], got shape {tuple(l2p.shape)}"
-            )
-        if count.dim() != 2 or count.shape[1] != num_logical:
-            raise MappingError(
-                f"{name}: logical_replica_count must be [moe_layers, {num_logical}], "
-                f"got shape {tuple(count.shape)}"
-            )
-        if moe_layer_idx >= min(l2p.shape[0], count.shape[0]):
-            raise MappingError(
-                f"{name}: moe_layer_idx={moe_layer_idx} is outside the maps' "
-                f"{min(l2p.shape[0], count.shape[0])} layers"
-            )
-        for what, tensor in (("logical_to_physical_map", l2p), ("logical_replica_count", count)):
-            if tensor.dtype not in _INDEX_DTYPES:
-                raise MappingError(f"{name}: {what} must be int16/32/64, got {tensor.dtype}")
-        self._eplb = _EplbViews(
-            expert_load=expert_load_view[moe_layer_idx],
-            logical_to_physical=l2p[moe_layer_idx],
-            replica_count=count[moe_layer_idx],
+        self._eplb = layer_eplb_rows(
+            self._name(),
+            moe_layer_idx,
+            expert_load_view,
+            logical_to_physical_map,
+            logical_replica_count,
+            num_logical=self.num_logical_experts,
+            num_physical=self.num_physical_experts,
         )
 
     @property
