@@ -30,6 +30,7 @@ from moe_protocols.eplb import (
     DeepSeekPolicy,
     EplbConfig,
     EplbState,
+    MigrationAwarePolicy,
     Placement,
     PolicyRegistry,
     RearrangementResult,
@@ -47,6 +48,7 @@ from moe_protocols.errors import (
     NotMixtureOfExpertsError,
     PolicyError,
     TransferError,
+    WorkloadError,
 )
 from moe_protocols.guards import is_mixture_of_experts, is_moe_layer, supports_language_model
 from moe_protocols.layer_views import LayerEplbRows, layer_eplb_rows
@@ -69,6 +71,7 @@ __all__ = [
     "ExpertParallelContext",
     "LayerEplbRows",
     "MappingError",
+    "MigrationAwarePolicy",
     "MixtureOfExperts",
     "MoELayer",
     "MoEProtocolsError",
@@ -91,6 +94,7 @@ __all__ = [
     "TraceOutcome",
     "TransferError",
     "UnwrapStep",
+    "WorkloadError",
     "__version__",
     "check_conformance",
     "check_layer_conformance",

@@ -23,6 +23,7 @@ __all__ = [
     "NotMixtureOfExpertsError",
     "PolicyError",
     "TransferError",
+    "WorkloadError",
 ]
 
 
@@ -84,3 +85,7 @@ class ModelConfigError(MoEProtocolsError, ValueError):
 
 class ModelInputError(MoEProtocolsError, ValueError):
     """A reference model's forward was given inputs of the wrong kind or shape."""
+
+
+class WorkloadError(MoEProtocolsError, ValueError):
+    """A workload generator was given parameters it cannot honour."""

@@ -489,7 +489,7 @@ class FixedPolicy:
 
 
 def test_default_registry_holds_deepseek_under_both_names() -> None:
-    assert DEFAULT_POLICIES.names == ("deepseek", "default")
+    assert DEFAULT_POLICIES.names == ("deepseek", "default", "migration_aware")
     assert DEFAULT_POLICIES.get("default") is DEFAULT_POLICIES.get("deepseek")
     assert DEFAULT_POLICIES.get("deepseek").name == "deepseek"
     assert isinstance(DeepSeekPolicy(), RebalancePolicy)

@@ -10,6 +10,15 @@ Semantics follow vLLM 0.33's EPLB.
 
 from __future__ import annotations
 
+from ._bounds import (
+    MigrationStats,
+    balancedness_bound,
+    duplicate_replicas,
+    max_rank_load_lower_bound,
+    migration_stats,
+    realised_balancedness,
+    sampled_balancedness,
+)
 from ._config import EplbConfig
 from ._deepseek import DeepSeekPolicy
 from ._mapping_io import (
@@ -35,6 +44,7 @@ from ._metrics import (
     slots_refetched,
     token_weighted_balancedness,
 )
+from ._migration import MigrationAwarePolicy, replica_counts
 from ._policy import (
     DEFAULT_POLICIES,
     PolicyRegistry,
@@ -72,6 +82,8 @@ __all__ = [
     "ExpertCopy",
     "ExpertSend",
     "LayerTransferPlan",
+    "MigrationAwarePolicy",
+    "MigrationStats",
     "ModelEplbState",
     "ModelRearrangement",
     "Placement",
@@ -83,17 +95,24 @@ __all__ = [
     "TransferStats",
     "apply_transfer",
     "balancedness",
+    "balancedness_bound",
     "check_policy_inputs",
     "check_policy_output",
     "compute_logical_maps",
+    "duplicate_replicas",
     "expected_rank_loads",
     "initial_physical_to_logical_map",
     "initial_placement",
     "load_placement",
+    "max_rank_load_lower_bound",
     "max_replicas",
+    "migration_stats",
     "overall_balancedness",
     "plan_transfer",
     "rank_loads_from_physical",
+    "realised_balancedness",
+    "replica_counts",
+    "sampled_balancedness",
     "save_placement",
     "slots_changed",
     "slots_refetched",

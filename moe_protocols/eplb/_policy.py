@@ -15,6 +15,7 @@ import torch
 
 from moe_protocols.eplb._deepseek import DeepSeekPolicy
 from moe_protocols.eplb._maps import validate_placement
+from moe_protocols.eplb._migration import MigrationAwarePolicy
 from moe_protocols.errors import MappingError, PolicyError
 
 if TYPE_CHECKING:
@@ -303,8 +304,13 @@ class PolicyRegistry:
 def _default_policies() -> PolicyRegistry:
     deepseek = DeepSeekPolicy()
     # "default" is vLLM's name for the same algorithm.
-    return PolicyRegistry().with_policy(deepseek).with_policy(deepseek, name="default")
+    return (
+        PolicyRegistry()
+        .with_policy(deepseek)
+        .with_policy(deepseek, name="default")
+        .with_policy(MigrationAwarePolicy())
+    )
 
 
 DEFAULT_POLICIES: Final[PolicyRegistry] = _default_policies()
-"""The built-in policies: ``"deepseek"`` and its alias ``"default"``."""
+"""The built-in policies: ``"deepseek"`` (alias ``"default"``) and ``"migration_aware"``."""

@@ -1,0 +1,1061 @@
+"""Migration-aware rebalancing: keep the current placement and repair it with few targeted swaps.
+
+The published DeepSeek algorithm recomputes the placement from scratch, so a
+rebalance after a small drift in load rewrites most slots (each rewritten slot
+is one expert's weights sent over the network). This policy starts from the
+current placement and changes only what buys balance.
+
+Terms: a *row* is one independent packing problem - a layer (global variant)
+or a (layer, node) pair (hierarchical variant) - with ``K`` ranks of ``S``
+slots and ``n`` experts. An expert with ``c`` replicas puts ``load / c`` on
+every rank holding one (dispatch splits its tokens evenly). ``LB`` is the
+row's lower bound on the max rank load, ``max(row load / K, p*)``, with ``p*``
+the smallest achievable hottest-replica load (D'Hondt apportionment, at most
+one replica per rank; see ``_bounds``). A layer's *target* is
+``U = (1 + tolerance / S**2) * max(LB over the layer's rows)``.
+
+**The knobs.** ``tolerance`` (default ``0.1``) sets how close to the bound a
+repair goes before it stops trading slots for balance; it is counted in units
+of ``rank load / S**2`` (one slot's mean load over ``S``: the typical step one
+swap between replicas of neighbouring size makes), i.e. 0.12 % of the bound
+with 9 slots per rank, 0.4 % with 5. Larger moves fewer slots for less
+balance (``benchmarks/bench_policy.py --plot`` draws the trade-off).
+``replan_gain`` (default ``0.01``): a from-scratch plan, or moving whole
+expert groups to other nodes, is worth it only when it lowers the peak by more
+than this fraction (either moves most of a row's slots). ``max_rounds``
+(default 16) bounds the swap rounds and so the time.
+
+With a usable old placement (same ``[layers, physical]`` shape), per row:
+
+1. **Keep.** Project the old placement; a second copy of an expert on one
+   rank (it splits nothing) and, hierarchically, an expert outside its
+   group's node become free slots.
+2. **Re-apportion minimally.** Every expert gets at least
+   ``ceil(load / ((1 + tolerance / S**2) p*))`` replicas; starting from the
+   old counts only those raises are made, and as many replicas are given back
+   where that raises the hottest-replica load least, from the hottest ranks.
+3. **Fill** the freed slots with the added replicas: heaviest first, round
+   robin over the ranks with free slots, lightest rank first.
+4. **Repair** with the economical swap search (below) until every rank is at
+   most ``U``.
+5. **Fall back** to a from-scratch plan for a row whose repaired peak stays
+   more than ``replan_gain`` above the bound and that the fresh plan beats by
+   more than ``replan_gain`` (or, never in practice, that keeps a duplicate).
+
+Without a usable old placement every row gets a **fresh plan**: capped
+D'Hondt counts, replicas sorted by load and dealt in rounds of ``K`` (each
+round's heaviest replica to the lightest rank, never onto a rank that holds
+the expert), then the swap search aiming four times closer to the bound.
+
+**Swap search.** Swapping two replicas never changes the multiset of replica
+loads, so they are sorted by load once. *Open* rounds: for every rank over the
+limit (all at once) and each replica ``a`` on it, the partner replica ``b`` is
+found anywhere in the row with one binary search: the largest ``b`` that
+brings the hot rank to the limit while its own rank stays within it (a best
+fit; a running maximum of ``load(b) + room(rank of b)`` answers "does any
+``b`` fit"), else the ``b`` that lowers the hot rank most. Claimants of one
+partner rank trade hottest first while their trades fit its room. *Paired*
+rounds (fresh plans only, alternating with open ones): the rank with the i-th
+largest excess meets the rank with the i-th most room and makes its best
+swap. No trade puts an expert on a rank that holds it. In a repair, a trade
+on a rank that stays below the hottest rank's level anyway is skipped (it
+would cost two slots for nothing). A row whose hottest rank finds no trade at
+all relaxes its limit halfway to that rank's load.
+
+**Hierarchical variant** (``num_groups % num_nodes == 0``, as in the DeepSeek
+policy): whole expert groups stay on one node and every replica on its
+group's node, so group-limited routing keeps its locality. Groups go to nodes
+by exhaustive search over all layouts when there are at most 5000 (8 groups
+on 4 nodes: 105 partitions, 2520 labelled layouts), else by dealing plus the
+swap search. An old layout is kept while its heaviest node is within
+``replan_gain`` of the best; otherwise the layout within ``replan_gain`` of
+the best that leaves the most groups on their node is taken.
+
+Everything is batched over rows with torch tensor operations; Python loops
+run over rounds only. Ties are broken by index, so the result depends only on
+the inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Final
+
+import attrs
+import torch
+
+from moe_protocols.eplb._deepseek import preserve_intra_rank_slots
+from moe_protocols.errors import PolicyError
+
+__all__ = ["MigrationAwarePolicy", "replica_counts"]
+
+_NAME: Final = "migration_aware"
+# Improvements smaller than this fraction of the target are float noise.
+_EPS: Final = 1e-9
+# Candidate partners examined for a best fit, below the largest that could do.
+_FIT_WINDOW: Final = 4
+# A from-scratch plan aims this much closer to the bound than a repair: it has
+# no slots to save by stopping early, only time.
+_FRESH_SHARE: Final = 0.25
+# Largest number of group-to-node layouts searched exhaustively.
+_MAX_LAYOUTS: Final = 5000
+
+
+def _check_tolerance(instance: object, attribute: attrs.Attribute[float], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise PolicyError(
+            f"MigrationAwarePolicy.{attribute.name} must be a finite number >= 0, got {value!r}"
+        )
+
+
+def _check_fraction(instance: object, attribute: attrs.Attribute[float], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise PolicyError(
+            f"MigrationAwarePolicy.{attribute.name} must be a number in [0, 1], got {value!r}"
+        )
+
+
+def _check_rounds(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PolicyError(
+            f"MigrationAwarePolicy.{attribute.name} must be an int >= 0, got {value!r}"
+        )
+
+
+# --------------------------------------------------------------------------- counts
+
+
+@functools.lru_cache(maxsize=64)
+def _dhondt_candidates(n: int, extra: int, cap: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The quotients D'Hondt can pick: ``(experts to consider, owner [C], divisor [C])``.
+
+    Only the ``extra`` heaviest experts can get an extra replica, and the
+    ``i``-th heaviest (from 0) gets at most ``extra // (i + 1)`` (every heavier
+    expert gets at least as many), so about ``extra * ln(extra)`` candidates
+    suffice instead of ``extra * cap``.
+    """
+    heavy = min(n, extra)
+    owners: list[int] = []
+    divisors: list[int] = []
+    for i in range(heavy):
+        depth = min(extra // (i + 1), cap - 1)
+        owners += [i] * depth
+        divisors += range(1, depth + 1)
+    return (
+        heavy,
+        torch.tensor(owners, dtype=torch.int64),
+        torch.tensor(divisors, dtype=torch.float64),
+    )
+
+
+def replica_counts(
+    load: torch.Tensor, num_slots: int, max_per_expert: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """D'Hondt replica counts with a cap, and the hottest-replica load they achieve.
+
+    Minimises ``max_e load[e] / count[e]`` subject to ``count >= 1``,
+    ``count <= max_per_expert`` and ``sum(count) == num_slots``: each extra
+    replica goes to the expert with the largest load per replica.
+
+    Args:
+        load: ``[X, n]`` non-negative float loads, one row per problem.
+        num_slots: replicas per row; ``n <= num_slots <= n * max_per_expert``.
+        max_per_expert: cap on one expert's replicas (the ranks of the row).
+
+    Returns:
+        ``(count [X, n] int64, hottest [X] float64)``.
+    """
+    num_rows, n = load.shape
+    extra = num_slots - n
+    if extra < 0 or num_slots > n * max_per_expert:
+        raise ValueError(
+            f"cannot place {num_slots} replicas of {n} experts with at most {max_per_expert} each"
+        )
+    count = torch.ones(num_rows, n, dtype=torch.int64)
+    if extra > 0:
+        heavy, owner, divisor = _dhondt_candidates(n, extra, max_per_expert)
+        heaviest = torch.topk(load, heavy, dim=1).indices
+        # Candidate c: the (divisor[c] + 1)-th replica of the owner[c]-th heaviest
+        # expert, ranked by the load per replica before adding it.
+        quotient = load.gather(1, heaviest)[:, owner] / divisor
+        chosen = torch.topk(quotient, extra, dim=1).indices
+        added = torch.zeros(num_rows, heavy, dtype=torch.int64)
+        added.scatter_add_(1, owner[chosen], torch.ones_like(chosen))
+        count.scatter_add_(1, heaviest, added)
+    return count, (load / count).amax(dim=1)
+
+
+def _cap(num_slots: int, num_experts: int, num_ranks: int) -> int:
+    """Most replicas per expert: one per rank, unless the slots force more."""
+    return max(num_ranks, -(-num_slots // num_experts))
+
+
+def _smallest_mask(values: torch.Tensor, how_many: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``how_many[x]`` smallest entries of each row of ``[X, m]``."""
+    k = int(how_many.max())
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    if k > 0:
+        index = torch.topk(values, k, dim=1, largest=False).indices
+        mask.scatter_(1, index, torch.arange(k).unsqueeze(0) < how_many.unsqueeze(1))
+    return mask
+
+
+def _repair_counts(
+    load: torch.Tensor, old: torch.Tensor, num_slots: int, cap: int, p_target: torch.Tensor
+) -> torch.Tensor:
+    """Replica counts close to ``old`` whose hottest replica is at most ``p_target``.
+
+    Raises every expert to ``ceil(load / p_target)``, then gives back (or adds)
+    replicas where that moves the hottest-replica load least.
+    """
+    # The relative slack keeps ceil() from rounding load / (load / c) up to c + 1.
+    # All-zero rows have p_target 0: one replica each is enough there.
+    per = torch.where(p_target > 0, p_target, 1.0).unsqueeze(1)
+    need = torch.ceil(load / per * (1 - 1e-12)).clamp(1, cap).to(torch.int64)
+    count = torch.maximum(old.clamp(max=cap), need)
+    surplus = count.sum(dim=1) - num_slots
+    if bool((surplus > 0).any()):
+        depth = int((count - need).amax())
+        # Removing the t-th replica from the top leaves load / (count - 1 - t) per replica.
+        after = count.unsqueeze(2) - 1 - torch.arange(depth)
+        removable = after >= need.unsqueeze(2)
+        cost = (load.unsqueeze(2) / after.clamp(min=1)).masked_fill(~removable, math.inf)
+        chosen = _smallest_mask(cost.flatten(1), surplus.clamp(min=0)).view(cost.shape)
+        count = count - (chosen & removable).sum(dim=2)
+    if bool((surplus < 0).any()):
+        depth = int((-surplus).max())
+        # Adding the t-th extra replica: D'Hondt, largest load / (count + t) first.
+        before = count.unsqueeze(2) + torch.arange(depth)
+        addable = before < cap
+        gain = (-load.unsqueeze(2) / before).masked_fill(~addable, math.inf)
+        chosen = _smallest_mask(gain.flatten(1), (-surplus).clamp(min=0)).view(gain.shape)
+        count = count + (chosen & addable).sum(dim=2)
+    return count
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _expand(expert: torch.Tensor, count: torch.Tensor, width: int) -> torch.Tensor:
+    """Repeat ``expert[x, i]`` ``count[x, i]`` times, in order: ``[X, width]``."""
+    start = count.cumsum(dim=1) - count
+    marker = torch.zeros(expert.shape[0], width + 1, dtype=torch.int64)
+    marker.scatter_add_(1, start.clamp(max=width), torch.ones_like(start))
+    return expert.gather(1, marker[:, :width].cumsum(dim=1) - 1)
+
+
+def _deal(expert: torch.Tensor, weight: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """Deal replicas sorted heaviest first onto ranks in rounds of ``K``.
+
+    Each round the round's heaviest replica goes to the lightest rank. Copies
+    of one expert are adjacent, so only the run of copies that crosses into a
+    round can meet its own earlier copies; those go to the lightest ranks
+    without one.
+
+    Args:
+        expert: ``[X, Q]`` expert of each replica, heaviest replica first.
+        weight: ``[X, Q]`` load of each replica (non-increasing along a row).
+        num_ranks: ``K``; divides ``Q``.
+
+    Returns:
+        ``[X, K, S]`` position (in ``expert``'s order) of the replica in each slot.
+    """
+    num_rows, num_slots = expert.shape
+    slots = num_slots // num_ranks
+    rows = torch.arange(num_rows).unsqueeze(1)
+    placed = torch.empty(num_rows, num_ranks, slots, dtype=torch.int64)
+    rank_load = torch.zeros(num_rows, num_ranks, dtype=weight.dtype)
+    batch = torch.arange(num_ranks)
+    big = weight.sum(dim=1, keepdim=True) + 1
+    for round_ in range(slots):
+        start = round_ * num_ranks
+        key = rank_load
+        if round_ > 0:
+            first = expert[:, start]
+            crossing = expert[:, start - 1] == first
+            if bool(crossing.any()):
+                previous = expert.gather(1, placed[:, :, :round_].flatten(1)).view(
+                    num_rows, num_ranks, round_
+                )
+                holds = (previous == first.view(-1, 1, 1)).any(dim=2) & crossing.unsqueeze(1)
+                # Ranks holding the crossing expert sort last; its copies come first
+                # in the round and so land on the lightest ranks without it.
+                key = rank_load + holds * big
+        order = torch.sort(key, dim=1, stable=True).indices
+        placed[rows, order, round_] = batch + start
+        rank_load.scatter_add_(1, order, weight[:, start : start + num_ranks])
+    return placed
+
+
+def _slack_search(
+    placed: torch.Tensor,
+    weight: torch.Tensor,
+    expert: torch.Tensor,
+    num_experts: int,
+    target: torch.Tensor,
+    max_rounds: int,
+    economical: bool,
+) -> None:
+    """Lower every rank above ``target`` by swaps with ranks that have room, in place.
+
+    Two ways of finding trades. *Open*: every rank over the limit looks for
+    its best partner replica anywhere in the row, and the claimants of one
+    rank share its room, hottest first. *Paired*: the rank with the i-th
+    largest excess meets the rank with the i-th most room, and each pair makes
+    its best swap. A trade keeps the partner within the limit and never puts
+    an expert on a rank that holds it.
+
+    ``economical`` (repairs, where every trade costs two slots): open rounds
+    only, and no trade on a rank that stays below the hottest rank's level
+    anyway. Otherwise (fresh plans) paired and open rounds alternate and every
+    improving trade is made.
+
+    Args:
+        placed: ``[X, K, S]`` replica (index into ``weight``) in each slot.
+        weight: ``[X, Q]`` replica loads, non-decreasing along each row.
+        expert: ``[X, Q]`` expert of each replica, ids in ``[0, num_experts)``.
+        num_experts: ``n``.
+        target: ``[X]`` load a rank may have; a row whose hottest rank finds
+            no trade at all relaxes it halfway to that rank's load.
+        max_rounds: bound on rounds.
+        economical: spend as few trades as possible (see above).
+    """
+    num_rows, num_ranks, slots = placed.shape
+    if num_ranks < 2 or slots < 1 or max_rounds == 0:
+        return
+    search = _Search(placed.view(num_rows, -1), num_ranks, weight, expert, num_experts, target)
+    for round_ in range(max_rounds):
+        if not search.narrow():
+            break
+        if economical or round_ % 2 == 1:
+            search.open_round(economical)
+        else:
+            search.paired_round()
+    search.write_back()
+
+
+class _Search:
+    """Working tensors of one slack search, narrowed to rows with a rank over their limit."""
+
+    def __init__(
+        self,
+        out: torch.Tensor,
+        num_ranks: int,
+        weight: torch.Tensor,
+        expert: torch.Tensor,
+        num_experts: int,
+        target: torch.Tensor,
+    ) -> None:
+        num_rows, num_slots = out.shape
+        self.out = out  # [X, Q] the caller's placement, written back on narrowing
+        self.num_ranks = num_ranks
+        self.slots = num_slots // num_ranks
+        self.num_slots = num_slots
+        self.num_experts = num_experts
+        self.active = torch.arange(num_rows)  # [A] caller's row of each working row
+        self.flat = out.clone()  # [A, Q] replica in each slot
+        self.weight = weight  # [A, Q] ascending
+        self.expert = expert  # [A, Q]
+        slot_rank = torch.arange(num_ranks).repeat_interleave(self.slots).expand(num_rows, -1)
+        self.rank_of = torch.empty_like(out).scatter_(1, out, slot_rank)  # [A, Q]
+        self.rank_load = weight.gather(1, out).view(num_rows, num_ranks, -1).sum(dim=2)  # [A, K]
+        # present[x, k * n + e]: rank k of row x holds a replica of expert e.
+        self.present = torch.zeros(num_rows, num_ranks * num_experts, dtype=torch.bool)
+        self.present.scatter_(1, self.rank_of * num_experts + expert, True)
+        self.limit = target.unsqueeze(1).clone()  # [A, 1]
+        self.in_rank = torch.arange(self.slots)
+        self.window = torch.arange(min(_FIT_WINDOW, num_slots))
+
+    def over(self) -> torch.Tensor:
+        return self.rank_load > self.limit * (1 + _EPS)
+
+    def write_back(self) -> None:
+        self.out[self.active] = self.flat
+
+    def narrow(self) -> bool:
+        """Drop rows with nothing over the limit; False when none is left."""
+        busy = self.over().any(dim=1)
+        if bool(busy.all()):
+            return True
+        self.write_back()
+        keep = busy.nonzero().squeeze(1)
+        for name in (
+            "active",
+            "flat",
+            "weight",
+            "expert",
+            "rank_of",
+            "rank_load",
+            "present",
+            "limit",
+        ):
+            setattr(self, name, getattr(self, name)[keep])
+        return keep.numel() > 0
+
+    def hot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(load, rank, replicas [A, H * S], their loads)`` of the ranks over the limit.
+
+        Hottest first; at most half the ranks (the rest are partners).
+        """
+        num_hot = min(int(self.over().sum(dim=1).max()), self.num_ranks // 2)
+        load, rank = torch.topk(self.rank_load, num_hot, dim=1)
+        own = self.flat.gather(1, (rank.unsqueeze(2) * self.slots + self.in_rank).flatten(1))
+        return load, rank, own, self.weight.gather(1, own)
+
+    def holds(self, rank: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """Whether ``rank`` holds (a replica of) the expert of ``item`` (same shapes)."""
+        index = rank * self.num_experts + self.expert.gather(1, item.flatten(1)).view(item.shape)
+        return self.present.gather(1, index.flatten(1)).view(item.shape)
+
+    def relax(self, hottest_load: torch.Tensor, hottest_traded: torch.Tensor) -> None:
+        """A row whose hottest rank found no trade at all relaxes its limit halfway to that rank."""
+        stuck = (hottest_load > self.limit * (1 + _EPS)) & ~hottest_traded
+        self.limit = torch.where(stuck, self.limit + (hottest_load - self.limit) / 2, self.limit)
+
+    def paired_round(self) -> None:
+        num_rows = self.flat.shape[0]
+        slots = self.slots
+        hot_load, hot, own, a = self.hot()
+        num_pairs = hot.shape[1]
+        cold_load, cold = torch.topk(self.rank_load, num_pairs, dim=1, largest=False)
+        need = (hot_load - self.limit).unsqueeze(2).unsqueeze(3)
+        room = (self.limit - cold_load).unsqueeze(2).unsqueeze(3)
+        theirs = self.flat.gather(1, (cold.unsqueeze(2) * slots + self.in_rank).flatten(1))
+        b = self.weight.gather(1, theirs)
+        shape = (num_rows, num_pairs, slots, slots)
+        moved = a.view(num_rows, num_pairs, slots, 1) - b.view(num_rows, num_pairs, 1, slots)
+        pair_rank = cold.repeat_interleave(slots, dim=1)
+        ok = (
+            (moved > 0)
+            & (moved <= room)
+            & (hot_load > self.limit * (1 + _EPS)).view(num_rows, num_pairs, 1, 1)
+            & ~self.holds(pair_rank, own).view(num_rows, num_pairs, slots, 1)
+            & ~self.holds(hot.repeat_interleave(slots, dim=1), theirs).view(
+                num_rows, num_pairs, 1, slots
+            )
+        )
+        # Full fixes first, the smallest overshoot among them; else the largest drop.
+        score = torch.where(
+            moved >= need, 2 - (moved - need) / self.limit.view(-1, 1, 1, 1), moved / need
+        )
+        # Partial fixes only for the hottest rank: elsewhere they cost slots
+        # without lowering the row's peak.
+        ok[:, 1:] &= moved[:, 1:] >= need[:, 1:]
+        best, choice = score.masked_fill(~ok, -math.inf).view(num_rows, num_pairs, -1).max(dim=2)
+        accept = best > -math.inf
+        self.relax(hot_load[:, :1], accept[:, :1])
+        give, take = choice // slots, choice % slots
+        self.swap(accept, hot, give, cold, take, shape)
+
+    def open_round(self, economical: bool) -> None:
+        num_rows = self.flat.shape[0]
+        slots = self.slots
+        hot_load, hot, own, a = self.hot()
+        num_hot = hot.shape[1]
+        room_of_rank = self.limit - self.rank_load
+        # key[b] >= a  <=>  b's rank stays within the limit after trading b for a.
+        key = self.weight + room_of_rank.gather(1, self.rank_of)
+        need = (hot_load - self.limit).repeat_interleave(slots, dim=1)
+        # Full fix, best fit: the largest b <= a - need (the hot rank reaches the
+        # limit) whose rank has room for a - b, among the few largest such b;
+        # failing that, the b whose rank keeps the most room.
+        end = torch.searchsorted(self.weight, a - need, right=True) - 1
+        near = end.unsqueeze(2) - self.window
+        near_key = key.gather(1, near.clamp(min=0).flatten(1)).view(near.shape)
+        fits = (near_key >= a.unsqueeze(2)) & (near >= 0)
+        fitting = fits.any(dim=2)
+        # Hot ranks with similar needs would all pick the same best fit; the
+        # i-th hottest takes the (i mod f)-th of its f fits, so they spread.
+        seen = fits.cumsum(dim=2)
+        hot_order = torch.arange(num_hot).repeat_interleave(slots).view(1, -1, 1)
+        turn = hot_order % seen[:, :, -1:].clamp(min=1)
+        nth = (fits & (seen == turn + 1)).to(torch.int8).argmax(dim=2, keepdim=True)
+        nearest = near.gather(2, nth).squeeze(2)
+        running_max, running_at = torch.cummax(key, dim=1)
+        last = end.clamp(min=0)
+        anywhere = (end >= 0) & (running_max.gather(1, last) >= a)
+        # Partial fix: the smallest b that fits (the largest drop of the hot rank).
+        first = torch.searchsorted(running_max, a).clamp(max=self.num_slots - 1)
+        partner = torch.where(
+            fitting, nearest, torch.where(anywhere, running_at.gather(1, last), first)
+        )
+        b = self.weight.gather(1, partner)
+        partner_rank = self.rank_of.gather(1, partner)
+        giver_rank = hot.repeat_interleave(slots, dim=1)
+        ok = (
+            (hot_load > self.limit * (1 + _EPS)).repeat_interleave(slots, dim=1)
+            & (b < a)
+            & (key.gather(1, partner) >= a)
+            & ~self.holds(partner_rank, own)
+            & ~self.holds(giver_rank, partner)
+        )
+        score = torch.where(fitting | anywhere, 2 - (a - b - need) / self.limit, (a - b) / need)
+        best, which = score.masked_fill(~ok, -math.inf).view(num_rows, num_hot, slots).max(dim=2)
+        accept = best > -math.inf
+        pick = which.unsqueeze(2)
+
+        def chosen_of(values: torch.Tensor) -> torch.Tensor:
+            return values.view(num_rows, num_hot, slots).gather(2, pick).squeeze(2)
+
+        chosen = chosen_of(partner_rank)
+        if num_hot > 1:
+            # Claimants of one partner rank trade, hottest first, while what they
+            # bring fits its room, they take different replicas and bring
+            # different experts; the rest wait for the next round.
+            delta = chosen_of(a - b)
+            before = torch.ones(num_hot, num_hot, dtype=torch.bool).tril(diagonal=-1)
+            shared = (chosen.unsqueeze(2) == chosen.unsqueeze(1)) & accept.unsqueeze(1)
+            upto = shared & (before | torch.eye(num_hot, dtype=torch.bool))
+            accept &= (upto * delta.unsqueeze(1)).sum(dim=2) <= room_of_rank.gather(1, chosen)
+            taken = chosen_of(partner)
+            bringing = chosen_of(self.expert.gather(1, own))
+            clash = (taken.unsqueeze(2) == taken.unsqueeze(1)) | (
+                bringing.unsqueeze(2) == bringing.unsqueeze(1)
+            )
+            accept &= ~(shared & before & clash).any(dim=2)
+            # The row's peak stays at least the hottest rank's load after its
+            # best trade: trading on ranks already below that buys nothing.
+            floor = hot_load[:, :1] - torch.where(accept[:, :1], delta[:, :1], 0.0)
+            if economical:
+                accept[:, 1:] &= hot_load[:, 1:] > floor
+        self.relax(hot_load[:, :1], accept[:, :1])
+        # Position of the chosen partner replica within its rank.
+        partner_slot = torch.empty_like(self.flat).scatter_(
+            1, self.flat, torch.arange(self.num_slots).expand(num_rows, -1) % slots
+        )
+        self.swap(accept, hot, which, chosen, chosen_of(partner_slot.gather(1, partner)), None)
+
+    def swap(
+        self,
+        accept: torch.Tensor,
+        giver: torch.Tensor,
+        give: torch.Tensor,
+        taker: torch.Tensor,
+        take: torch.Tensor,
+        shape: tuple[int, ...] | None,
+    ) -> None:
+        """Swap slot ``give`` of rank ``giver`` and slot ``take`` of ``taker`` where accepted."""
+        del shape
+        if not bool(accept.any()):
+            return
+        row, pair = accept.nonzero(as_tuple=True)
+        slot_a = giver[row, pair] * self.slots + give[row, pair]
+        slot_b = taker[row, pair] * self.slots + take[row, pair]
+        item_a, item_b = self.flat[row, slot_a], self.flat[row, slot_b]
+        self.flat[row, slot_a] = item_b
+        self.flat[row, slot_b] = item_a
+        rank_a, rank_b = giver[row, pair], taker[row, pair]
+        self.rank_of[row, item_a] = rank_b
+        self.rank_of[row, item_b] = rank_a
+        moved = self.weight[row, item_a] - self.weight[row, item_b]
+        # Several givers may trade with one taker: accumulate.
+        self.rank_load.index_put_((row, rank_a), -moved, accumulate=True)
+        self.rank_load.index_put_((row, rank_b), moved, accumulate=True)
+        expert_a, expert_b = self.expert[row, item_a], self.expert[row, item_b]
+        n = self.num_experts
+        self.present[row, rank_a * n + expert_a] = False
+        self.present[row, rank_b * n + expert_b] = False
+        self.present[row, rank_a * n + expert_b] = True
+        self.present[row, rank_b * n + expert_a] = True
+
+
+def _repeats(placed: torch.Tensor) -> torch.Tensor:
+    """``[X, K, S]`` -> mask of slots whose expert an earlier slot of the same rank holds."""
+    slots = placed.shape[2]
+    earlier = torch.ones(slots, slots, dtype=torch.bool).tril(diagonal=-1)
+    return ((placed.unsqueeze(3) == placed.unsqueeze(2)) & earlier).any(dim=3)
+
+
+def _fix_duplicates(placed: torch.Tensor, replica_load: torch.Tensor, max_rounds: int) -> None:
+    """Swap second copies of an expert on one rank away, in place, one per row per round.
+
+    Each duplicate is exchanged with the replica elsewhere whose load is
+    closest, among those whose rank lacks the expert and whose expert is not
+    on the duplicate's rank. Stops when no row has a fixable duplicate.
+    """
+    num_rows, num_ranks, slots = placed.shape
+    if slots < 2 or num_ranks < 2:
+        return
+    flat = placed.view(num_rows, num_ranks * slots)
+    rows = torch.arange(num_rows)
+    stuck = torch.zeros(num_rows, dtype=torch.bool)
+    for _ in range(max_rounds):
+        duplicate = _repeats(placed).view(num_rows, -1) & ~stuck.unsqueeze(1)
+        has = duplicate.any(dim=1)
+        if not bool(has.any()):
+            return
+        slot = torch.argmax(duplicate.to(torch.int8), dim=1)
+        rank = slot // slots
+        dup_expert = flat[rows, slot]
+        own = placed[rows, rank]
+        rank_has_expert = (placed == dup_expert.view(-1, 1, 1)).any(dim=2)
+        on_own = (placed.unsqueeze(3) == own.view(num_rows, 1, 1, slots)).any(dim=3)
+        ok = ~on_own & ~rank_has_expert.unsqueeze(2)
+        ok[rows, rank] = False
+        item = replica_load.gather(1, flat)
+        cost = (item - item[rows, slot].unsqueeze(1)).abs()
+        best_cost, partner = cost.masked_fill(~ok.view(num_rows, -1), math.inf).min(dim=1)
+        apply = has & torch.isfinite(best_cost)
+        stuck |= has & ~apply
+        partner_expert = flat[rows, partner]
+        flat[rows, slot] = torch.where(apply, partner_expert, dup_expert)
+        flat[rows, partner] = torch.where(apply, dup_expert, partner_expert)
+
+
+@attrs.frozen
+class _Rows:
+    """A batch of packing problems: ``X`` rows of ``n`` experts onto ``K`` ranks of ``S`` slots."""
+
+    load: torch.Tensor  # [X, n] float64
+    num_ranks: int
+    slots: int
+    rows_per_layer: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_ranks * self.slots
+
+    @property
+    def cap(self) -> int:
+        return _cap(self.num_slots, self.load.shape[1], self.num_ranks)
+
+    def target(self, hottest: torch.Tensor, tolerance: float) -> torch.Tensor:
+        """``[X]`` the layer's ``(1 + tolerance) * max LB`` for every row."""
+        bound = torch.maximum(self.load.sum(dim=1) / self.num_ranks, hottest)
+        per_layer = bound.view(-1, self.rows_per_layer).amax(dim=1, keepdim=True)
+        return per_layer.expand(-1, self.rows_per_layer).reshape(-1) * (1 + tolerance)
+
+
+def _search_and_read(
+    placed_slots: torch.Tensor,
+    slot_load: torch.Tensor,
+    num_experts: int,
+    target: torch.Tensor,
+    max_rounds: int,
+) -> torch.Tensor:
+    """Slack-search a ``[X, K, S]`` placement of expert ids; returns the improved one."""
+    num_rows = placed_slots.shape[0]
+    flat = placed_slots.view(num_rows, -1)
+    order = torch.sort(slot_load, dim=1, stable=True).indices
+    weight = slot_load.gather(1, order)
+    expert = flat.gather(1, order)
+    item_of_slot = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1]).expand(num_rows, -1)
+    )
+    placed = item_of_slot.view(placed_slots.shape).contiguous()
+    _slack_search(placed, weight, expert, num_experts, target, max_rounds, economical=True)
+    return expert.gather(1, placed.view(num_rows, -1)).view(placed_slots.shape)
+
+
+def _fresh(rows: _Rows, tolerance: float, max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From-scratch plan for every row: ``([X, K, S] expert ids, [X] max rank load)``."""
+    load = rows.load
+    num_rows = load.shape[0]
+    count, hottest = replica_counts(load, rows.num_slots, rows.cap)
+    per_replica = load / count
+    order = torch.sort(per_replica, dim=1, descending=True, stable=True).indices
+    expert_desc = _expand(order, count.gather(1, order), rows.num_slots)
+    weight_desc = per_replica.gather(1, expert_desc)
+    placed = _deal(expert_desc, weight_desc, rows.num_ranks)
+    # Ascending order for the search: replica i of the ascending list is Q-1-i here.
+    placed = rows.num_slots - 1 - placed
+    weight = weight_desc.flip(1)
+    expert = expert_desc.flip(1)
+    target = rows.target(hottest, tolerance)
+    _slack_search(placed, weight, expert, load.shape[1], target, max_rounds, economical=False)
+    result = expert.gather(1, placed.view(num_rows, -1)).view(placed.shape)
+    peak = weight.gather(1, placed.view(num_rows, -1)).view(placed.shape).sum(dim=2).amax(dim=1)
+    return result, peak
+
+
+def _first_copies(placed: torch.Tensor) -> torch.Tensor:
+    """``[X, K, S]`` -> a copy with every repeat of an expert within a rank turned into ``-1``."""
+    return placed.masked_fill(_repeats(placed), -1)
+
+
+def _counts_of(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[X, Q]`` expert ids (``-1`` = free) -> ``[X, n]`` replicas per expert."""
+    counts = torch.zeros(flat.shape[0], num_experts + 1, dtype=torch.int64)
+    counts.scatter_add_(1, torch.where(flat < 0, num_experts, flat), torch.ones_like(flat))
+    return counts[:, :num_experts]
+
+
+def _rank_order_score(flat: torch.Tensor, per_replica: torch.Tensor, slots: int) -> torch.Tensor:
+    """``[X, Q]`` unique int per slot, larger on more loaded ranks (then higher slot)."""
+    num_rows, _num_slots = flat.shape
+    item = torch.where(flat >= 0, per_replica.gather(1, flat.clamp(min=0)), 0.0)
+    rank_load = item.view(num_rows, -1, slots).sum(dim=2)
+    by_load = torch.sort(rank_load, dim=1, stable=True).indices
+    position = torch.empty_like(by_load).scatter_(
+        1, by_load, torch.arange(rank_load.shape[1]).expand(num_rows, -1)
+    )
+    return position.repeat_interleave(slots, dim=1) * slots + torch.arange(slots).repeat(
+        rank_load.shape[1]
+    )
+
+
+def _drop_replicas(
+    flat: torch.Tensor, drop: torch.Tensor, per_replica: torch.Tensor, slots: int
+) -> torch.Tensor:
+    """Free ``drop[x, e]`` replicas of each expert, those on the most loaded ranks first."""
+    num_rows, n = drop.shape
+    score = _rank_order_score(flat, per_replica, slots)
+    ids = torch.where(flat >= 0, flat, n)
+    remaining = torch.cat([drop, torch.zeros(num_rows, 1, dtype=torch.int64)], dim=1)
+    for _ in range(int(drop.max())):
+        wanted = (remaining > 0).gather(1, ids)
+        candidate = torch.where(wanted, score, -1)
+        best = torch.full((num_rows, n + 1), -1, dtype=torch.int64)
+        best.scatter_reduce_(1, ids, candidate, reduce="amax")
+        chosen = wanted & (candidate == best.gather(1, ids))
+        flat = flat.masked_fill(chosen, -1)
+        ids = ids.masked_fill(chosen, n)
+        remaining = (remaining - (remaining > 0).to(torch.int64)).clamp(min=0)
+    return flat
+
+
+def _fill(
+    flat: torch.Tensor, add: torch.Tensor, per_replica: torch.Tensor, slots: int
+) -> torch.Tensor:
+    """Put ``add[x, e]`` new replicas into the free slots: heaviest first, lightest ranks first."""
+    num_rows, _n = add.shape
+    free = flat < 0
+    width = int(free.sum(dim=1).max())
+    if width == 0:
+        return flat
+    score = _rank_order_score(flat, per_replica, slots)
+    # Round robin over the ranks with free slots (lightest first): consecutive
+    # copies of one expert land on different ranks.
+    num_slots = flat.shape[1]
+    turn = free.view(num_rows, -1, slots).cumsum(dim=2).view(num_rows, num_slots) - 1
+    order = torch.where(free, turn * num_slots + score, torch.iinfo(torch.int64).max)
+    free_slots = torch.topk(order, width, dim=1, largest=False).indices
+    kinds = int((add > 0).sum(dim=1).max())
+    newcomer_load, newcomer = torch.topk(torch.where(add > 0, per_replica, -1.0), kinds, dim=1)
+    copies = torch.where(newcomer_load >= 0, add.gather(1, newcomer), 0)
+    incoming = _expand(newcomer, copies, width)
+    use = free.gather(1, free_slots) & (torch.arange(width) < copies.sum(dim=1, keepdim=True))
+    return flat.scatter(1, free_slots, torch.where(use, incoming, flat.gather(1, free_slots)))
+
+
+def _repair(
+    rows: _Rows, old: torch.Tensor, tolerance: float, replan_gain: float, max_rounds: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep-and-repair plan for every row from the old ``[X, K, S]`` placement (``-1`` = free).
+
+    Returns ``([X, K, S] expert ids, [X] bool rows replaced by a fresh plan)``.
+    """
+    load = rows.load
+    num_rows, n = load.shape
+    _, hottest = replica_counts(load, rows.num_slots, rows.cap)
+    target = rows.target(hottest, tolerance)
+    flat = _first_copies(old).view(num_rows, -1)
+    old_count = _counts_of(flat, n)
+    count = _repair_counts(load, old_count, rows.num_slots, rows.cap, hottest * (1 + tolerance))
+    per_replica = load / count
+    drop = (old_count - count).clamp(min=0)
+    if bool((drop > 0).any()):
+        flat = _drop_replicas(flat, drop, per_replica, rows.slots)
+    add = (count - _counts_of(flat, n)).clamp(min=0)
+    if bool((add > 0).any()):
+        flat = _fill(flat, add, per_replica, rows.slots)
+    placed = flat.view(num_rows, rows.num_ranks, rows.slots).contiguous()
+    dirty = _repeats(placed).flatten(1).any(dim=1).nonzero().squeeze(1)
+    if dirty.numel() > 0:
+        subset = placed[dirty]
+        _fix_duplicates(subset, per_replica[dirty], max_rounds=2 * rows.num_slots)
+        placed[dirty] = subset
+    slot_load = per_replica.gather(1, placed.view(num_rows, -1))
+    placed = _search_and_read(placed, slot_load, n, target, max_rounds)
+    peak = (
+        per_replica.gather(1, placed.view(num_rows, -1)).view(placed.shape).sum(dim=2).amax(dim=1)
+    )
+
+    replaced = torch.zeros(num_rows, dtype=torch.bool)
+    # Only rows that missed their target are candidates, and since no plan
+    # beats the bound, a fresh one can only win by replan_gain where the repair
+    # stayed that far above it. A duplicate the swaps could not remove (when
+    # the row has room for none) also calls for a fresh plan.
+    bound = target / (1 + tolerance)
+    avoidable = rows.slots <= n
+    stuck = _repeats(placed).flatten(1).any(dim=1) & avoidable
+    missed = (peak > torch.maximum(target, bound * (1 + replan_gain))) | stuck
+    if bool(missed.any()):
+        index = missed.nonzero().squeeze(1)
+        sub = _Rows(load[index], rows.num_ranks, rows.slots, rows_per_layer=1)
+        fresh, fresh_peak = _fresh(sub, tolerance * _FRESH_SHARE, max_rounds)
+        better = (fresh_peak * (1 + replan_gain) < peak[index]) | stuck[index]
+        if bool(better.any()):
+            placed[index[better]] = fresh[better]
+            replaced[index[better]] = True
+    return placed, replaced
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@functools.lru_cache(maxsize=16)
+def _layouts(num_groups: int, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every assignment of ``G`` groups to ``N`` nodes, ``G / N`` per node, and its membership.
+
+    Returns ``([count, G] node of each group, [G, count * N] one-hot)`` - the
+    second turns ``[L, G]`` group loads into ``[L, count * N]`` node loads by
+    one matrix product - or ``None`` when there are more than ``_MAX_LAYOUTS``.
+    """
+    size = num_groups // num_nodes
+    count = math.factorial(num_groups) // math.factorial(size) ** num_nodes
+    if count > _MAX_LAYOUTS:
+        return None
+    found: list[list[int]] = []
+    label: list[int] = []
+    room = [size] * num_nodes
+
+    def extend() -> None:
+        if len(label) == num_groups:
+            found.append(list(label))
+            return
+        for node in range(num_nodes):
+            if room[node] > 0:
+                room[node] -= 1
+                label.append(node)
+                extend()
+                label.pop()
+                room[node] += 1
+
+    extend()
+    layouts = torch.tensor(found, dtype=torch.int64)
+    member = torch.nn.functional.one_hot(layouts, num_nodes).to(torch.float64)
+    return layouts, member.permute(1, 0, 2).reshape(num_groups, -1)
+
+
+@functools.lru_cache(maxsize=16)
+def _partitions(num_groups: int, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Like :func:`_layouts`, one per set partition (nodes in order of first group; 105 for 8/4)."""
+    enumerated = _layouts(num_groups, num_nodes)
+    if enumerated is None:
+        return None
+    layouts = enumerated[0]
+    first = torch.full((layouts.shape[0], num_nodes), num_groups, dtype=torch.int64)
+    first.scatter_reduce_(1, layouts, torch.arange(num_groups).expand_as(layouts), reduce="amin")
+    canonical = (first[:, 1:] > first[:, :-1]).all(dim=1)
+    layouts = layouts[canonical]
+    member = torch.nn.functional.one_hot(layouts, num_nodes).to(torch.float64)
+    return layouts, member.permute(1, 0, 2).reshape(num_groups, -1)
+
+
+def _heaviest_nodes(group_load: torch.Tensor, member: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``[L, G]`` group loads -> ``[L, count]`` heaviest node load of every layout."""
+    return (group_load @ member).view(group_load.shape[0], -1, num_nodes).amax(dim=2)
+
+
+def _group_layout(
+    group_load: torch.Tensor,
+    num_nodes: int,
+    old: torch.Tensor | None,
+    tolerance: float,
+    max_rounds: int,
+) -> torch.Tensor:
+    """Node of each group ``[L, G]`` (``G / N`` per node) that keeps the heaviest node light.
+
+    Without an old layout: the lightest heaviest node. With one (``[L, G]``,
+    rows with ``-1`` = unusable): the old layout where its heaviest node is
+    within ``1 + tolerance`` of the lightest possible; elsewhere, among the
+    layouts that are, the one that leaves the most groups on their old node
+    (each moved group moves all its experts' weights).
+    """
+    num_layers, num_groups = group_load.shape
+    per_node = num_groups // num_nodes
+    if per_node == 1:
+        # Every layout has the same node loads; keep the old one where there is one.
+        identity = torch.arange(num_groups).expand(num_layers, -1)
+        if old is None:
+            return identity.clone()
+        return torch.where((old >= 0).all(dim=1, keepdim=True), old, identity)
+    enumerated = _layouts(num_groups, num_nodes)
+    if enumerated is None:
+        rows = _Rows(group_load, num_nodes, per_node, rows_per_layer=1)
+        placed, _ = _fresh(rows, 0.0, max_rounds)
+        node = torch.arange(num_nodes).repeat_interleave(per_node).expand(num_layers, -1)
+        flat = placed.view(num_layers, -1)
+        return torch.empty_like(flat).scatter_(1, flat, node)
+    layouts, member = enumerated
+    partitions = _partitions(num_groups, num_nodes)
+    assert partitions is not None
+    unlabelled, unlabelled_member = partitions
+    best = _heaviest_nodes(group_load, unlabelled_member, num_nodes)
+    if old is None:
+        return unlabelled[best.argmin(dim=1)]
+    lightest = best.amin(dim=1, keepdim=True)
+    old_node_load = torch.zeros(num_layers, num_nodes, dtype=group_load.dtype)
+    old_node_load.scatter_add_(1, old.clamp(min=0), group_load)
+    keep = (old >= 0).all(dim=1) & (
+        old_node_load.amax(dim=1) <= lightest.squeeze(1) * (1 + tolerance)
+    )
+    result = old.clone()
+    change = (~keep).nonzero().squeeze(1)
+    if change.numel() > 0:
+        heaviest = _heaviest_nodes(group_load[change], member, num_nodes)
+        good_enough = heaviest <= lightest[change] * (1 + tolerance)
+        staying = (layouts.unsqueeze(0) == old[change].unsqueeze(1)).sum(dim=2)
+        # Most groups staying first; among equals, the lightest heaviest node.
+        tie_break = heaviest / (heaviest.amax(dim=1, keepdim=True) + 1)
+        score = torch.where(good_enough, staying - tie_break, -math.inf)
+        result[change] = layouts[score.argmax(dim=1)]
+    return result
+
+
+def _group_layout_of(
+    old: torch.Tensor, num_groups: int, num_nodes: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The node each group sits on in ``old`` (by majority of its slots), and whether that fits.
+
+    Returns ``([L, G] node, [L] valid)``; valid means every node holds exactly
+    ``G / N`` groups by that rule and every group has a slot.
+    """
+    num_layers, num_physical = old.shape
+    slot_node = (torch.arange(num_physical) // (num_physical // num_nodes)).expand(num_layers, -1)
+    group = torch.where(old >= 0, old // group_size, num_groups)
+    tally = torch.zeros(num_layers, (num_groups + 1) * num_nodes, dtype=torch.int64)
+    tally.scatter_add_(1, group * num_nodes + slot_node, torch.ones_like(old))
+    tally = tally.view(num_layers, num_groups + 1, num_nodes)[:, :num_groups]
+    node = tally.argmax(dim=2)
+    per_node = torch.zeros(num_layers, num_nodes, dtype=torch.int64)
+    per_node.scatter_add_(1, node, torch.ones_like(node))
+    valid = (per_node == num_groups // num_nodes).all(dim=1) & (tally.amax(dim=2) > 0).all(dim=1)
+    return node, valid
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@attrs.frozen
+class MigrationAwarePolicy:
+    """EPLB policy that keeps the current placement and moves only the slots that buy balance.
+
+    See the module docstring for the algorithm. Selectable as
+    ``EplbConfig(policy="migration_aware")`` once registered. Stateless and
+    deterministic; one instance can be shared.
+    """
+
+    tolerance: float = attrs.field(default=0.1, validator=_check_tolerance)
+    """Repairs stop at ``(1 + tolerance / S**2)`` x the lower bound (``S`` slots per rank)."""
+
+    replan_gain: float = attrs.field(default=0.01, validator=_check_fraction)
+    """Re-plan a row, or move expert groups, only to lower its peak by more than this fraction."""
+
+    max_rounds: int = attrs.field(default=16, validator=_check_rounds)
+    """Bound on swap-search rounds per call (each round swaps on many ranks at once)."""
+
+    @property
+    def name(self) -> str:
+        """Registry name of this policy."""
+        return _NAME
+
+    def rebalance_experts(
+        self,
+        weight: torch.Tensor,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_physical_to_logical_map: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Compute a new ``physical_to_logical_map [layers, num_replicas]`` (int64, CPU).
+
+        See :class:`moe_protocols.eplb._policy.RebalancePolicy` for the
+        contract. The old placement is used when it has the same
+        ``[layers, num_replicas]`` shape; otherwise the plan is from scratch.
+        """
+        # Imported here: _policy imports the built-in policies at module level.
+        from moe_protocols.eplb._policy import check_policy_inputs, check_policy_output
+
+        load = check_policy_inputs(
+            weight, num_replicas, num_groups, num_nodes, num_ranks, old_physical_to_logical_map
+        )
+        num_layers, num_logical = load.shape
+        old: torch.Tensor | None = None
+        if old_physical_to_logical_map is not None and tuple(old_physical_to_logical_map.shape) == (
+            num_layers,
+            num_replicas,
+        ):
+            old = old_physical_to_logical_map.detach().to(device="cpu", dtype=torch.int64)
+        hierarchical = (
+            num_nodes > 1 and num_groups % num_nodes == 0 and num_logical % num_groups == 0
+        )
+        nodes = num_nodes if hierarchical else 1
+        slots = num_replicas // num_ranks
+        if hierarchical:
+            node_experts = self._node_experts(load, num_groups, num_nodes, slots, old)
+        else:
+            node_experts = torch.arange(num_logical).expand(num_layers, 1, -1)
+        ranks_per_node = num_ranks // nodes
+        flat_experts = node_experts.reshape(num_layers * nodes, num_logical // nodes)
+        rows = _Rows(
+            load.gather(1, node_experts.reshape(num_layers, -1)).view(flat_experts.shape),
+            ranks_per_node,
+            slots,
+            rows_per_layer=nodes,
+        )
+        replaced = torch.zeros(num_layers * nodes, dtype=torch.bool)
+        if old is None:
+            placed, _ = _fresh(rows, self.tolerance * _FRESH_SHARE / slots**2, self.max_rounds)
+        else:
+            local_old = self._project(old, node_experts, num_logical, ranks_per_node, slots)
+            placed, replaced = _repair(
+                rows, local_old, self.tolerance / slots**2, self.replan_gain, self.max_rounds
+            )
+        new_map = flat_experts.gather(1, placed.view(num_layers * nodes, -1))
+        new_map = new_map.view(num_layers, num_replicas)
+        if old is not None:
+            # Repaired rows keep every staying replica in its slot already; rows
+            # replaced by a fresh plan get their stayers back into their old slots.
+            layers = replaced.view(num_layers, nodes).any(dim=1).nonzero().squeeze(1)
+            if layers.numel() > 0:
+                new_map[layers] = preserve_intra_rank_slots(new_map[layers], old[layers], num_ranks)
+        return check_policy_output(self.name, new_map, load, num_replicas, num_ranks)
+
+    def _node_experts(
+        self,
+        load: torch.Tensor,
+        num_groups: int,
+        num_nodes: int,
+        slots: int,
+        old: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``[L, N, E / N]`` logical experts on each node (whole groups, ascending ids)."""
+        num_layers, num_logical = load.shape
+        group_size = num_logical // num_groups
+        group_load = load.view(num_layers, num_groups, group_size).sum(dim=2)
+        old_layout: torch.Tensor | None = None
+        if old is not None:
+            old_layout, valid = _group_layout_of(old, num_groups, num_nodes, group_size)
+            old_layout = torch.where(valid.unsqueeze(1), old_layout, -1)
+        layout = _group_layout(group_load, num_nodes, old_layout, self.replan_gain, self.max_rounds)
+        # Groups in node order (stable: ascending group id within a node).
+        groups = torch.sort(layout, dim=1, stable=True).indices
+        experts = groups.unsqueeze(2) * group_size + torch.arange(group_size)
+        return experts.view(num_layers, num_nodes, num_logical // num_nodes)
+
+    @staticmethod
+    def _project(
+        old: torch.Tensor,
+        node_experts: torch.Tensor,
+        num_logical: int,
+        ranks_per_node: int,
+        slots: int,
+    ) -> torch.Tensor:
+        """Old ``[L, P]`` map -> ``[L * N, K, S]`` row-local ids; ``-1``: the slot must change."""
+        num_layers, nodes, per_node = node_experts.shape
+        ids = node_experts.reshape(num_layers, -1)
+        local = torch.full((num_layers, num_logical + 1), -1, dtype=torch.int64)
+        local.scatter_(1, ids, torch.arange(per_node).repeat(nodes).expand(num_layers, -1))
+        node_of = torch.full((num_layers, num_logical + 1), -1, dtype=torch.int64)
+        node_of.scatter_(
+            1, ids, torch.arange(nodes).repeat_interleave(per_node).expand(num_layers, -1)
+        )
+        safe = torch.where(old >= 0, old, num_logical)
+        slot_node = torch.arange(old.shape[1]) // (old.shape[1] // nodes)
+        at_home = node_of.gather(1, safe) == slot_node
+        projected = torch.where(at_home, local.gather(1, safe), -1)
+        return projected.view(num_layers * nodes, ranks_per_node, slots).contiguous()
