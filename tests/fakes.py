@@ -229,6 +229,33 @@ class PeftLike:
         return self._base_model
 
 
+class ForwardingPeftLike:
+    """PEFT's real behaviour: attribute reads fall through ``__getattr__`` to the base model."""
+
+    def __init__(self, base_model: object) -> None:
+        self._base_model = base_model
+
+    def get_base_model(self) -> object:
+        return self._base_model
+
+    def __getattr__(self, name: str) -> object:
+        if name == "_base_model":  # not set yet (e.g. during unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._base_model, name)
+
+
+class OnlyForwards:
+    """Forwards every attribute read to a model it offers no unwrapping step for."""
+
+    def __init__(self, target: object) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> object:
+        if name == "_target":
+            raise AttributeError(name)
+        return getattr(self._target, name)
+
+
 class OmniLike:
     """An omni-style model: the part that thinks (and holds the LM) under ``.thinker``."""
 

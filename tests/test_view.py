@@ -14,11 +14,13 @@ from fakes import (
     DDPLike,
     DecoderWrapper,
     FakeMoELM,
+    ForwardingPeftLike,
     Gemma4LikeVLM,
     HFStyleVLM,
     NotImplementedVLM,
     OmniLike,
     OneLevelVLM,
+    OnlyForwards,
     PeftLike,
     ProxyWrapper,
     SelfReferencing,
@@ -561,3 +563,33 @@ def test_repr_survives_a_model_whose_counts_break_later() -> None:
     assert repr(resolved) == (
         "MoEView(root=DDPLike, model=root.module -> BreaksLater, counts unreadable: RuntimeError)"
     )
+
+
+def test_forwarding_wrapper_resolves_to_the_model_behind_it(fake_lm: FakeMoELM) -> None:
+    wrapper = ForwardingPeftLike(fake_lm)
+    assert is_mixture_of_experts(wrapper)  # every member is readable through __getattr__
+    view = MoEView.require(wrapper)
+    assert view.model is fake_lm
+    assert view.trace.resolved_path == "model.get_base_model()"
+    assert "only through __getattr__ forwarding" in str(view.trace)
+    view.num_physical_experts = 12  # lands on the model, not on the wrapper
+    assert fake_lm.num_physical_experts == 12
+    assert "num_physical_experts" not in vars(wrapper)
+
+
+def test_forwarding_wrapper_with_no_way_in_resolves_to_itself(fake_lm: FakeMoELM) -> None:
+    wrapper = OnlyForwards(fake_lm)
+    view = MoEView.require(wrapper)
+    assert view.model is wrapper
+    assert view.trace.resolved_path == "model"
+    assert [e.outcome for e in view.trace.candidates] == [TraceOutcome.RESOLVED]
+
+
+def test_compiled_moe_model_resolves_to_the_original_module() -> None:
+    from moe_protocols.models import tiny_moe
+
+    lm = tiny_moe()
+    compiled = torch.compile(lm)
+    view = MoEView.require(compiled)
+    assert view.model is lm
+    assert view.trace.resolved_path == "model._orig_mod"

@@ -28,6 +28,10 @@ class TraceOutcome(enum.Enum):
     """An object was checked and does not satisfy ``MixtureOfExperts`` with MoE layers."""
     RESOLVED = "resolved"
     """An object was checked and satisfies it: the walk ends here."""
+    FORWARDS = "forwards"
+    """An object satisfies it only through ``__getattr__`` forwarding (none of the
+    counts is its own attribute, as with PEFT's ``PeftModel``): the walk looks
+    further for the object it forwards to, and comes back to it if none is found."""
     NOT_APPLICABLE = "not applicable"
     """A step does not apply to the object (the attribute or method is absent)."""
     RAISED = "raised"
@@ -40,7 +44,9 @@ class TraceOutcome(enum.Enum):
     """The candidate budget ran out; no further objects were probed."""
 
 
-_CANDIDATE_OUTCOMES: Final = frozenset({TraceOutcome.CANDIDATE_REJECTED, TraceOutcome.RESOLVED})
+_CANDIDATE_OUTCOMES: Final = frozenset(
+    {TraceOutcome.CANDIDATE_REJECTED, TraceOutcome.RESOLVED, TraceOutcome.FORWARDS}
+)
 
 
 @attrs.frozen

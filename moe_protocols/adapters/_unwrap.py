@@ -10,6 +10,7 @@ passed explicitly where it is needed (there is no global registry to mutate).
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -110,6 +111,36 @@ class _Candidate:
     step: str
 
 
+_COUNT_MEMBERS: Final = (
+    "num_moe_layers",
+    "num_expert_groups",
+    "num_logical_experts",
+    "num_physical_experts",
+    "num_local_physical_experts",
+    "num_routed_experts",
+    "num_shared_experts",
+    "num_redundant_experts",
+)
+
+
+def _forwards_counts(obj: object) -> bool:
+    """Whether ``obj`` has none of the counts itself and reaches them through ``__getattr__``.
+
+    Writing a count through a view of such a wrapper would land on the
+    wrapper and shadow the model's own value, so the walk prefers the object
+    the wrapper forwards to.
+    """
+    for name in _COUNT_MEMBERS:
+        try:
+            inspect.getattr_static(obj, name)
+        except AttributeError:
+            continue
+        except Exception:
+            return False  # an object too odd to inspect statically is taken as it is
+        return False
+    return True
+
+
 def walk(
     root: object,
     steps: Sequence[UnwrapStep],
@@ -124,7 +155,12 @@ def walk(
     shallowest MoE model wins. That is what makes the result agree with
     vLLM's one-level rule (the object itself, then ``get_language_model()``)
     whenever that rule finds a model; among objects at the same depth, step
-    order breaks the tie, so the result is deterministic.
+    order breaks the tie, so the result is deterministic. One exception: an
+    object that satisfies the protocol only by forwarding attribute reads
+    through ``__getattr__`` (PEFT's ``PeftModel``, torch.compile's
+    ``OptimizedModule``) is unwrapped further, and the first MoE model found
+    behind it is preferred, because writes through such a wrapper would land
+    on the wrapper; when none is found the walk comes back to it.
 
     Bounded by ``max_depth`` (objects deeper than that are not reached) and
     ``max_candidates`` (objects checked, the root included): a mock answers
@@ -148,31 +184,52 @@ def walk(
     def record(depth: int, path: str, step: str, outcome: TraceOutcome, detail: str) -> None:
         entries.append(TraceEntry(depth, path, step, outcome, detail))
 
+    # A forwarding wrapper that conforms: (its entry's index, itself), to come back to.
+    forwarding: tuple[int, MixtureOfExperts] | None = None
+
     while queue:
         candidate = queue.popleft()
-        report = check_conformance(candidate.obj, path=candidate.path)
-        if _is_moe(candidate.obj, report):
+        obj = candidate.obj
+        report = check_conformance(obj, path=candidate.path)
+        if _is_moe(obj, report):
+            if forwarding is None and _forwards_counts(obj):
+                detail = report.summary() + (
+                    "; only through __getattr__ forwarding: looking for the model behind it"
+                )
+                entries.append(
+                    TraceEntry(
+                        candidate.depth,
+                        candidate.path,
+                        candidate.step,
+                        TraceOutcome.FORWARDS,
+                        detail,
+                        report,
+                    )
+                )
+                forwarding = (len(entries) - 1, obj)
+            else:
+                entries.append(
+                    TraceEntry(
+                        candidate.depth,
+                        candidate.path,
+                        candidate.step,
+                        TraceOutcome.RESOLVED,
+                        report.summary(),
+                        report,
+                    )
+                )
+                return obj, ResolutionTrace(tuple(entries), step_names)
+        else:
             entries.append(
                 TraceEntry(
                     candidate.depth,
                     candidate.path,
                     candidate.step,
-                    TraceOutcome.RESOLVED,
+                    TraceOutcome.CANDIDATE_REJECTED,
                     report.summary(),
                     report,
                 )
             )
-            return candidate.obj, ResolutionTrace(tuple(entries), step_names)
-        entries.append(
-            TraceEntry(
-                candidate.depth,
-                candidate.path,
-                candidate.step,
-                TraceOutcome.CANDIDATE_REJECTED,
-                report.summary(),
-                report,
-            )
-        )
         if budget_spent or issubclass(type(candidate.obj), type):
             continue  # a class is not a served model: its attributes are not unwrapped
         depth = candidate.depth + 1
@@ -211,4 +268,10 @@ def walk(
                 seen[id(inner)] = path
                 alive.append(inner)
                 queue.append(_Candidate(inner, path, depth, step.name))
+    if forwarding is not None:
+        index, wrapper = forwarding
+        entry = entries[index]
+        summary = entry.report.summary() if entry.report is not None else entry.detail
+        entries[index] = attrs.evolve(entry, outcome=TraceOutcome.RESOLVED, detail=summary)
+        return wrapper, ResolutionTrace(tuple(entries), step_names)
     return None, ResolutionTrace(tuple(entries), step_names)
