@@ -165,6 +165,26 @@ def test_policy_is_deterministic_and_leaves_inputs_untouched(data: st.DataObject
     assert torch.equal(old, old_before)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_placement_does_not_depend_on_numpy_being_installed(data: st.DataObject) -> None:
+    # numpy only speeds up a sort; ties (equal loads are common with integer
+    # counts) must break the same way on the torch fallback.
+    from moe_protocols.eplb import _migration
+
+    shape = data.draw(shapes())
+    weight = data.draw(loads(shape.layers, shape.logical)).round()
+    old = random_placement(shape, data.draw(st.integers(0, 2**16)))
+    with_numpy = POLICY.rebalance_experts(weight, *shape.args, old)
+    fresh_with_numpy = POLICY.rebalance_experts(weight, *shape.args)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_migration, "_NUMPY", None)
+        without = POLICY.rebalance_experts(weight, *shape.args, old)
+        fresh_without = POLICY.rebalance_experts(weight, *shape.args)
+    assert torch.equal(with_numpy, without)
+    assert torch.equal(fresh_with_numpy, fresh_without)
+
+
 @FAST
 @given(st.data())
 def test_no_placement_beats_the_lower_bound(data: st.DataObject) -> None:

@@ -43,24 +43,35 @@ With a usable old placement (same ``[layers, physical]`` shape), per row:
    more than ``replan_gain`` (or, never in practice, that keeps a duplicate).
 
 Without a usable old placement every row gets a **fresh plan**: capped
-D'Hondt counts, replicas sorted by load and dealt in rounds of ``K`` (each
-round's heaviest replica to the lightest rank, never onto a rank that holds
-the expert), then the swap search aiming four times closer to the bound.
+D'Hondt counts, replicas sorted by load (numpy's sort: several times faster
+than torch's on CPU) and dealt in rounds of ``K`` (each round's heaviest
+replica to the lightest rank, never onto a rank that holds the expert), then
+*paired* swap rounds aiming four times closer to the bound: every round sorts
+each row's ranks by load and pairs the i-th heaviest with the i-th lightest
+(shifted by the round number modulo 4, so a hot rank meets several
+partners); each pair makes the one swap that evens the two loads most, if it
+lowers the pair's maximum and puts no expert on a rank that holds it. A row
+retires once within its target or after 4 rounds without a swap.
 
-**Swap search.** Swapping two replicas never changes the multiset of replica
-loads, so they are sorted by load once. *Open* rounds: for every rank over the
+**Repair search.** Paired rounds first (economical: only ranks above the
+target trade, by swaps that bring them within it, except the row's hottest
+rank; ranks below the hottest rank's level after its trade do not trade),
+then the open search below for the rows still above target. Finally every
+replica that stays on its rank is put back into its old slot
+(``preserve_intra_rank_slots``).
+
+*Open search.* Swapping two replicas never changes the multiset of replica
+loads, so they are sorted by load once. For every rank over the
 limit (all at once) and each replica ``a`` on it, the partner replica ``b`` is
 found anywhere in the row with one binary search: the largest ``b`` that
 brings the hot rank to the limit while its own rank stays within it (a best
 fit; a running maximum of ``load(b) + room(rank of b)`` answers "does any
 ``b`` fit"), else the ``b`` that lowers the hot rank most. Claimants of one
-partner rank trade hottest first while their trades fit its room. *Paired*
-rounds (fresh plans only, alternating with open ones): the rank with the i-th
-largest excess meets the rank with the i-th most room and makes its best
-swap. No trade puts an expert on a rank that holds it. In a repair, a trade
-on a rank that stays below the hottest rank's level anyway is skipped (it
-would cost two slots for nothing). A row whose hottest rank finds no trade at
-all relaxes its limit halfway to that rank's load.
+partner rank trade hottest first while their trades fit its room. No trade
+puts an expert on a rank that holds it. A trade on a rank that stays below
+the hottest rank's level anyway is skipped (it would cost two slots for
+nothing). A row whose hottest rank finds no trade at all relaxes its limit
+halfway to that rank's load.
 
 **Hierarchical variant** (``num_groups % num_nodes == 0``, as in the DeepSeek
 policy): whole expert groups stay on one node and every replica on its
@@ -71,15 +82,17 @@ swap search. An old layout is kept while its heaviest node is within
 ``replan_gain`` of the best; otherwise the layout within ``replan_gain`` of
 the best that leaves the most groups on their node is taken.
 
-Everything is batched over rows with torch tensor operations; Python loops
-run over rounds only. Ties are broken by index, so the result depends only on
-the inputs.
+Everything runs under ``torch.inference_mode()``, batched over rows with
+tensor operations; Python loops run over rounds only. The result depends only
+on the inputs (deterministic sorts; ties otherwise broken by index).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+from types import ModuleType
 from typing import Final
 
 import attrs
@@ -93,6 +106,9 @@ __all__ = ["MigrationAwarePolicy", "replica_counts"]
 _NAME: Final = "migration_aware"
 # Improvements smaller than this fraction of the target are float noise.
 _EPS: Final = 1e-9
+# Paired rounds shift the pairing through this many partners before a row
+# that makes no swap gives up.
+_SHIFTS: Final = 4
 # Candidate partners examined for a best fit, below the largest that could do.
 _FIT_WINDOW: Final = 4
 # A from-scratch plan aims this much closer to the bound than a repair: it has
@@ -100,6 +116,17 @@ _FIT_WINDOW: Final = 4
 _FRESH_SHARE: Final = 0.25
 # Largest number of group-to-node layouts searched exhaustively.
 _MAX_LAYOUTS: Final = 5000
+
+
+def _load_numpy() -> ModuleType | None:
+    # Optional: numpy only speeds up one sort; torch's sort is the fallback.
+    try:
+        return importlib.import_module("numpy")
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+
+
+_NUMPY: Final = _load_numpy()
 
 
 def _check_tolerance(instance: object, attribute: attrs.Attribute[float], value: object) -> None:
@@ -286,6 +313,120 @@ def _deal(expert: torch.Tensor, weight: torch.Tensor, num_ranks: int) -> torch.T
         placed[rows, order, round_] = batch + start
         rank_load.scatter_add_(1, order, weight[:, start : start + num_ranks])
     return placed
+
+
+def _pair_search(
+    placed: torch.Tensor,
+    per_replica: torch.Tensor,
+    target: torch.Tensor,
+    max_rounds: int,
+    economical: bool,
+) -> torch.Tensor:
+    """Lower the hottest ranks by swaps between paired ranks; returns the new ``[X, K, S]``.
+
+    Each round sorts every row's ranks by load and pairs the i-th heaviest
+    with the i-th lightest (all rows and pairs at once); each pair makes the
+    one swap of a replica of each that brings the two loads closest,
+    provided it lowers the pair's maximum and puts no expert on a rank that
+    already holds it. Rows whose hottest rank is within ``target``, or that
+    made no swap, retire.
+
+    ``economical`` (repairs: every swap refetches two slots): only ranks
+    above ``target`` trade, and only by swaps that bring them within it -
+    except the row's hottest rank, which takes its best swap anyway.
+
+    Args:
+        placed: ``[X, K, S]`` expert ids (rows of ``per_replica``).
+        per_replica: ``[X, n]`` load of one replica of each expert.
+        target: ``[X]`` max rank load at which a row stops.
+        max_rounds: bound on rounds.
+        economical: see above.
+    """
+    num_rows, num_ranks, slots = placed.shape
+    result = placed.clone()
+    if num_ranks < 2 or max_rounds == 0 or num_rows == 0:
+        return result
+    num_experts = per_replica.shape[1]
+    pairs = num_ranks // 2
+    # float32 is exact enough to pick swaps and halves the work of the big tensors.
+    scale = per_replica.amax(dim=1, keepdim=True).clamp(min=1e-300)
+    weight = (per_replica / scale).to(torch.float32)
+    limit = (target.unsqueeze(1) / scale).to(torch.float32) * (1 + 1e-6)
+    active = torch.arange(num_rows)
+    work = placed.clone()
+    rank_offset = torch.arange(num_ranks).unsqueeze(1) * num_experts
+    in_pair = torch.arange(pairs) * slots
+    # Repairs keep the pairing: each partner change would buy a few more swaps.
+    shifts = 1 if economical else _SHIFTS
+    stalled = torch.zeros(num_rows, dtype=torch.int64)
+    for round_ in range(max_rounds):
+        rows = work.shape[0]
+        slot_load = weight.gather(1, work.view(rows, -1)).view(work.shape)
+        rank_load = slot_load.sum(dim=2)
+        # A row that made no swap last round would make none again.
+        busy = (rank_load.amax(dim=1, keepdim=True) > limit).squeeze(1) & (stalled < shifts)
+        if not bool(busy.all()):
+            result[active] = work
+            keep = busy.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                return result
+            active, work, weight, limit = active[keep], work[keep], weight[keep], limit[keep]
+            stalled = stalled[keep]
+            slot_load, rank_load = slot_load[keep], rank_load[keep]
+            rows = work.shape[0]
+        order = torch.sort(rank_load, dim=1, descending=True, stable=True).indices
+        hot = order[:, :pairs]
+        # Round t pairs the i-th heaviest with the (i + t mod 4)-th lightest, so a
+        # hot rank that cannot trade with one partner meets others.
+        cold = order[:, num_ranks - pairs :].flip(1).roll(-(round_ % shifts), dims=1)
+        index = torch.cat([hot, cold], dim=1).unsqueeze(2).expand(-1, -1, slots)
+        items = work.gather(1, index)
+        loads = slot_load.gather(1, index)
+        totals = rank_load.gather(1, index[:, :, 0])
+        hot_total, cold_total = totals[:, :pairs], totals[:, pairs:]
+        # present[x, k * n + e]: rank k holds expert e.
+        present = torch.zeros(rows, num_ranks * num_experts, dtype=torch.bool)
+        present.scatter_(1, (work + rank_offset).view(rows, -1), True)
+        partner = torch.cat([cold, hot], dim=1).unsqueeze(2) * num_experts + items
+        clash = present.gather(1, partner.view(rows, -1)).view(items.shape)
+        # A replica whose expert the partner rank holds cannot go there: an
+        # infinite load in d = hot - cold (cold loads enter negated) rules its swaps out.
+        loads[:, pairs:].neg_()
+        loads.masked_fill_(clash, math.inf)
+        half_gap = ((hot_total - cold_total) / 2).unsqueeze(2).unsqueeze(3)
+        # max(hot - d, cold + d) = mid + |d - half_gap| for a swap moving d.
+        miss = (loads[:, :pairs].unsqueeze(3) + loads[:, pairs:].unsqueeze(2)).sub_(half_gap)
+        best, choice = miss.abs_().view(rows, pairs, slots * slots).min(dim=2)
+        half = half_gap.view(rows, pairs)
+        accept = best < half * (1 - 1e-6)  # the pair's maximum drops
+        if economical:
+            over = hot_total > limit
+            within = (hot_total + cold_total) / 2 + best <= limit
+            accept &= over & within
+            accept[:, 0] |= (best[:, 0] < half[:, 0] * (1 - 1e-6)) & over[:, 0]
+            # The row's peak stays at least the hottest rank's load after its
+            # trade: trading on ranks already below that buys nothing.
+            top = hot_total[:, :1]
+            floor = torch.where(accept[:, :1], (top + cold_total[:, :1]) / 2 + best[:, :1], top)
+            accept[:, 1:] &= hot_total[:, 1:] > floor
+        stalled = torch.where(accept.any(dim=1), 0, stalled + 1)
+        give, take = choice // slots, choice % slots
+        hot_expert = items[:, :pairs].reshape(rows, -1).gather(1, give + in_pair)
+        cold_expert = items[:, pairs:].reshape(rows, -1).gather(1, take + in_pair)
+        flat = work.view(rows, -1)
+        flat.scatter_(
+            1,
+            torch.cat([hot * slots + give, cold * slots + take], dim=1),
+            torch.cat(
+                [
+                    torch.where(accept, cold_expert, hot_expert),
+                    torch.where(accept, hot_expert, cold_expert),
+                ],
+                dim=1,
+            ),
+        )
+    result[active] = work
+    return result
 
 
 def _slack_search(
@@ -648,25 +789,30 @@ def _search_and_read(
     return expert.gather(1, placed.view(num_rows, -1)).view(placed_slots.shape)
 
 
+def _descending_order(values: torch.Tensor) -> torch.Tensor:
+    """``[X, m]`` -> indices sorting each row descending (deterministic)."""
+    if _NUMPY is not None and values.device.type == "cpu":
+        # numpy's sort is several times faster than torch's on CPU for short
+        # rows; both are stable, so ties keep index order and the two paths
+        # give the same placement whether or not numpy is installed.
+        array = values.detach().numpy()
+        return torch.from_numpy(_NUMPY.argsort(-array, axis=1, kind="stable"))
+    return torch.sort(values, dim=1, descending=True, stable=True).indices
+
+
 def _fresh(rows: _Rows, tolerance: float, max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
     """From-scratch plan for every row: ``([X, K, S] expert ids, [X] max rank load)``."""
     load = rows.load
-    num_rows = load.shape[0]
     count, hottest = replica_counts(load, rows.num_slots, rows.cap)
     per_replica = load / count
-    order = torch.sort(per_replica, dim=1, descending=True, stable=True).indices
+    order = _descending_order(per_replica)
     expert_desc = _expand(order, count.gather(1, order), rows.num_slots)
-    weight_desc = per_replica.gather(1, expert_desc)
-    placed = _deal(expert_desc, weight_desc, rows.num_ranks)
-    # Ascending order for the search: replica i of the ascending list is Q-1-i here.
-    placed = rows.num_slots - 1 - placed
-    weight = weight_desc.flip(1)
-    expert = expert_desc.flip(1)
+    dealt = _deal(expert_desc, per_replica.gather(1, expert_desc), rows.num_ranks)
+    placed = expert_desc.gather(1, dealt.flatten(1)).view(dealt.shape)
     target = rows.target(hottest, tolerance)
-    _slack_search(placed, weight, expert, load.shape[1], target, max_rounds, economical=False)
-    result = expert.gather(1, placed.view(num_rows, -1)).view(placed.shape)
-    peak = weight.gather(1, placed.view(num_rows, -1)).view(placed.shape).sum(dim=2).amax(dim=1)
-    return result, peak
+    placed = _pair_search(placed, per_replica, target, max_rounds, economical=False)
+    peak = per_replica.gather(1, placed.flatten(1)).view(placed.shape).sum(dim=2).amax(dim=1)
+    return placed, peak
 
 
 def _first_copies(placed: torch.Tensor) -> torch.Tensor:
@@ -766,6 +912,8 @@ def _repair(
         subset = placed[dirty]
         _fix_duplicates(subset, per_replica[dirty], max_rounds=2 * rows.num_slots)
         placed[dirty] = subset
+    # Cheap paired swaps first; the open search finishes the rows they leave above target.
+    placed = _pair_search(placed, per_replica, target, max_rounds, economical=True)
     slot_load = per_replica.gather(1, placed.view(num_rows, -1))
     placed = _search_and_read(placed, slot_load, n, target, max_rounds)
     peak = (
@@ -973,6 +1121,23 @@ class MigrationAwarePolicy:
         load = check_policy_inputs(
             weight, num_replicas, num_groups, num_nodes, num_ranks, old_physical_to_logical_map
         )
+        # No autograd bookkeeping: the policy is pure index arithmetic.
+        with torch.inference_mode():
+            new_map = self._plan(
+                load, num_replicas, num_groups, num_nodes, num_ranks, old_physical_to_logical_map
+            )
+        return check_policy_output(self.name, new_map.clone(), load, num_replicas, num_ranks)
+
+    def _plan(
+        self,
+        load: torch.Tensor,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_physical_to_logical_map: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The new ``[layers, num_replicas]`` map for checked inputs."""
         num_layers, num_logical = load.shape
         old: torch.Tensor | None = None
         if old_physical_to_logical_map is not None and tuple(old_physical_to_logical_map.shape) == (
@@ -1008,12 +1173,11 @@ class MigrationAwarePolicy:
         new_map = flat_experts.gather(1, placed.view(num_layers * nodes, -1))
         new_map = new_map.view(num_layers, num_replicas)
         if old is not None:
-            # Repaired rows keep every staying replica in its slot already; rows
-            # replaced by a fresh plan get their stayers back into their old slots.
-            layers = replaced.view(num_layers, nodes).any(dim=1).nonzero().squeeze(1)
-            if layers.numel() > 0:
-                new_map[layers] = preserve_intra_rank_slots(new_map[layers], old[layers], num_ranks)
-        return check_policy_output(self.name, new_map, load, num_replicas, num_ranks)
+            # A replica swapped away and back, or a row replaced by a fresh
+            # plan, may sit in another slot of its old rank: put stayers back.
+            del replaced
+            new_map = preserve_intra_rank_slots(new_map, old, num_ranks)
+        return new_map
 
     def _node_experts(
         self,
