@@ -6,7 +6,7 @@ A single-process context (the default) needs no ``torch.distributed`` at all.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, Literal
 
 import attrs
 import torch
@@ -15,7 +15,16 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["ExpertParallelContext"]
+__all__ = ["ExpertParallelContext", "ReduceOpName"]
+
+ReduceOpName = Literal["sum", "max", "min"]
+"""Reductions :meth:`ExpertParallelContext.all_reduce_` offers."""
+
+_REDUCE_OPS: Final = {
+    "sum": dist.ReduceOp.SUM,
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+}
 
 
 def _check_rank(
@@ -73,8 +82,18 @@ class ExpertParallelContext:
         """Whether collectives are needed (more than one EP rank)."""
         return self.world_size > 1
 
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the EP group in place (no-op on one rank); return it."""
+    def global_rank(self, rank: int) -> int:
+        """The ``torch.distributed`` (default-group) rank of EP rank ``rank``, for P2P ops."""
+        if self.group is None:
+            return rank
+        return dist.get_global_rank(self.group, rank)
+
+    def all_reduce_(self, tensor: torch.Tensor, op: ReduceOpName = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` over the EP group in place (no-op on one rank); return it.
+
+        A collective: every EP rank must call it, in the same order as every
+        other collective on ``group``.
+        """
         if self.is_distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+            dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group)
         return tensor

@@ -2,10 +2,12 @@
 
 The consumer of the ``MixtureOfExperts`` contract: :class:`EplbState` records
 expert load, plans placements with a pluggable :class:`RebalancePolicy`, moves
-expert weights (:func:`plan_transfer` / :func:`apply_transfer`) and keeps the
-maps the MoE layers route with up to date, in place. Placements persist as
-JSON or safetensors (:func:`save_placement` / :func:`load_placement`).
-Semantics follow vLLM 0.33's EPLB.
+expert weights (:func:`plan_transfer` / :func:`apply_transfer` in one process,
+:func:`exchange_expert_weights` between EP ranks over ``torch.distributed``,
+committed only when every rank succeeded) and keeps the maps the MoE layers
+route with up to date, in place. Placements persist as JSON or safetensors
+(:func:`save_placement` / :func:`load_placement`). Semantics follow vLLM
+0.33's EPLB.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from ._bounds import (
 )
 from ._config import EplbConfig
 from ._deepseek import DeepSeekPolicy
+from ._distributed import (
+    FaultHook,
+    TransferJob,
+    TransferOptions,
+    default_buffer_bytes,
+    exchange_expert_weights,
+)
 from ._mapping_io import (
     PLACEMENT_FORMAT,
     PLACEMENT_VERSION,
@@ -62,12 +71,14 @@ from ._state import (
 from ._transfer import (
     ExpertCopy,
     ExpertSend,
+    ExpertTransfer,
     LayerTransferPlan,
     StagedTransfer,
     TransferPlan,
     TransferStats,
     apply_transfer,
     plan_transfer,
+    remote_fetches_required,
     stage_transfer,
 )
 
@@ -81,6 +92,8 @@ __all__ = [
     "EplbState",
     "ExpertCopy",
     "ExpertSend",
+    "ExpertTransfer",
+    "FaultHook",
     "LayerTransferPlan",
     "MigrationAwarePolicy",
     "MigrationStats",
@@ -91,6 +104,8 @@ __all__ = [
     "RearrangementResult",
     "RebalancePolicy",
     "StagedTransfer",
+    "TransferJob",
+    "TransferOptions",
     "TransferPlan",
     "TransferStats",
     "apply_transfer",
@@ -99,7 +114,9 @@ __all__ = [
     "check_policy_inputs",
     "check_policy_output",
     "compute_logical_maps",
+    "default_buffer_bytes",
     "duplicate_replicas",
+    "exchange_expert_weights",
     "expected_rank_loads",
     "initial_physical_to_logical_map",
     "initial_placement",
@@ -111,6 +128,7 @@ __all__ = [
     "plan_transfer",
     "rank_loads_from_physical",
     "realised_balancedness",
+    "remote_fetches_required",
     "replica_counts",
     "sampled_balancedness",
     "save_placement",

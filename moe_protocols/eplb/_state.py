@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, TypeVar, final
 
 import attrs
 import torch
@@ -33,6 +33,16 @@ from moe_protocols.errors import (
 )
 from moe_protocols.parallel import ExpertParallelContext
 
+from ._distributed import (
+    GroupVerdict,
+    TransferJob,
+    TransferOptions,
+    agree,
+    digest,
+    exchange_expert_weights,
+    layout_digest,
+    receive_budget,
+)
 from ._mapping_io import Placement, save_placement
 from ._maps import compute_logical_maps, initial_placement, max_replicas, validate_placement
 from ._metrics import balancedness as layer_balancedness
@@ -44,11 +54,11 @@ from ._metrics import (
     token_weighted_balancedness,
 )
 from ._policy import DEFAULT_POLICIES, PolicyRegistry, RebalancePolicy, check_policy_output
-from ._transfer import StagedTransfer, plan_transfer, stage_transfer
+from ._transfer import StagedTransfer, TransferPlan, plan_transfer, stage_transfer
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
     from moe_protocols.protocols import MixtureOfExperts
 
@@ -65,6 +75,8 @@ __all__ = [
 logger: Final = logging.getLogger("moe_protocols.eplb")
 
 _SINGLE_PROCESS: Final = ExpertParallelContext()
+_DEFAULT_TRANSFER: Final = TransferOptions()
+_T = TypeVar("_T")
 
 
 @attrs.frozen(eq=False)
@@ -150,7 +162,7 @@ class ModelRearrangement:
     slots_changed: int
     """``(layer, slot)`` positions, over all ranks, that hold a different expert now."""
     bytes_moved: int
-    """Bytes written into this rank's expert weights."""
+    """Bytes written into this rank's expert weights (local copies and received rows)."""
     layers_changed: int
     """MoE layers with at least one slot changed on this rank."""
     policy_seconds: float
@@ -161,6 +173,10 @@ class ModelRearrangement:
     """``[L, P]`` int64 CPU copy of the placement before."""
     new_physical_to_logical_map: Tensor
     """``[L, P]`` int64 CPU copy of the placement after."""
+    bytes_sent: int = 0
+    """Bytes this rank sent to other EP ranks (0 in one process)."""
+    bytes_received: int = 0
+    """Bytes this rank received from other EP ranks (0 in one process)."""
 
 
 def _read_only(models: Mapping[str, ModelRearrangement]) -> Mapping[str, ModelRearrangement]:
@@ -189,6 +205,16 @@ class RearrangementResult:
         """Bytes written on this rank over all models."""
         return sum(m.bytes_moved for m in self.models.values())
 
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this rank sent to other EP ranks over all models."""
+        return sum(m.bytes_sent for m in self.models.values())
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes this rank received from other EP ranks over all models."""
+        return sum(m.bytes_received for m in self.models.values())
+
 
 @attrs.frozen(eq=False)
 class _ModelPlan:
@@ -199,6 +225,7 @@ class _ModelPlan:
     new_map: Tensor
     logical_maps: tuple[Tensor, Tensor]
     summary: ModelRearrangement  # transfer figures are filled in after the commit
+    transfer: TransferPlan | None = None  # planned up front across ranks, else when staging
 
 
 def _ep_problem(
@@ -251,6 +278,13 @@ class EplbState:
     Introspection: the map and window accessors (``physical_to_logical_map()``
     and friends) return copies; :meth:`model_state` returns the live tensors,
     which callers must treat as read-only.
+
+    Across processes (``ep.world_size > 1``): every rank calls the same methods
+    in the same order. The window's load is all-reduced, every rank runs the
+    (deterministic) policy itself and the ranks compare fingerprints of the
+    result before moving anything; expert rows then move over
+    ``torch.distributed`` and are committed only when every rank staged them
+    (see ``_distributed.py`` and :class:`TransferOptions`).
     """
 
     def __init__(
@@ -262,6 +296,7 @@ class EplbState:
         device: torch.device | str = "cpu",
         num_ranks: int | None = None,
         num_nodes: int | None = None,
+        transfer: TransferOptions = _DEFAULT_TRANSFER,
     ) -> None:
         """Create an empty state; ``config.policy`` is looked up in ``policies`` now.
 
@@ -271,6 +306,11 @@ class EplbState:
         ``ep.world_size``: each process then holds the slots of several
         placement ranks, which is how one process simulates (and balances) a
         larger expert-parallel deployment, e.g. the demo's 4 ranks on one CPU.
+
+        ``transfer`` says how weights move between EP ranks (batch size,
+        staging device, fault injection for tests); every rank must pass the
+        same. In one process it is unused. ``device`` is also where the small
+        tensors the ranks agree with live (a GPU for NCCL, the CPU for gloo).
 
         Raises:
             EplbConfigError: the policy name is unknown (the message lists the
@@ -308,9 +348,11 @@ class EplbState:
             ) from exc
         self._config = config
         self._ep = ep
+        self._transfer = transfer
         self._models: dict[str, ModelEplbState] = {}
         self._window_step = 0
         self._step = 0
+        self._steps_taken = 0
         self._rearrangements = 0
         self._last: RearrangementResult | None = None
 
@@ -337,6 +379,11 @@ class EplbState:
         return self._ep
 
     @property
+    def transfer_options(self) -> TransferOptions:
+        """How weights move between EP ranks."""
+        return self._transfer
+
+    @property
     def policy(self) -> RebalancePolicy:
         """The rebalancing policy named by ``config.policy``."""
         return self._policy
@@ -355,6 +402,15 @@ class EplbState:
     def step_counter(self) -> int:
         """Steps since the last rearrangement (vLLM's ``expert_rearrangement_step``)."""
         return self._step
+
+    @property
+    def steps_taken(self) -> int:
+        """Calls to ``step()`` so far (dummy ones included, profile ones not).
+
+        Equal on every EP rank when the ranks are in lockstep; checked at each
+        rearrangement.
+        """
+        return self._steps_taken
 
     @property
     def steps_until_rearrangement(self) -> int:
@@ -434,6 +490,8 @@ class EplbState:
             EplbStateError: the name is taken, its counts disagree with an
                 already registered model, ``set_eplb_state`` failed, or the
                 expert weights it exposes do not match its counts.
+            EplbConfigError: (several EP ranks) ``transfer.buffer_bytes`` cannot
+                hold one expert row of the model.
         Nothing is registered when any of these is raised.
         """
         report = check_conformance(model, path=model_name)
@@ -478,6 +536,11 @@ class EplbState:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         self._check_expert_weights(state)
+        if self._ep.is_distributed:
+            try:
+                receive_budget(state.model.expert_weights, self._transfer)
+            except EplbConfigError as exc:
+                raise EplbConfigError(f"model {model_name!r}: {exc}") from exc
         self._models[model_name] = state
 
     def _allocate(self, model: MixtureOfExperts, model_name: str) -> ModelEplbState:
@@ -566,6 +629,7 @@ class EplbState:
                 state.expert_load_pass.zero_()
             self._window_step = (self._window_step + 1) % self._config.window_size
         self._step += 1
+        self._steps_taken += 1
         if self._step >= self._config.step_interval:
             self._step = 0
             self.rearrange()
@@ -619,7 +683,10 @@ class EplbState:
             state.num_layers, state.num_logical_experts, dtype=torch.int64, device=p2l.device
         )
         load.scatter_add_(1, p2l.clamp(min=0), torch.where(valid, physical, 0))
-        return self._ep.all_reduce_(load)
+        return self._collective(
+            f"all-reducing the expert load of model {state.model_name!r}",
+            lambda: self._ep.all_reduce_(load),
+        )
 
     def rearrange(self) -> RearrangementResult:
         """Plan a new placement for every model from the window's load, move weights, commit maps.
@@ -631,25 +698,44 @@ class EplbState:
         maps written (maps in place). The window and load pass are then cleared.
         Call on every EP rank in lockstep (``step`` does).
 
+        Across ranks, before anything moves, the ranks check that they made
+        the same number of ``step()`` calls and rearrangements, and that every
+        rank computed the same placements (a fingerprint compared with one
+        all-reduce); then rows cross ranks and a final vote commits them on
+        every rank or on none.
+
         Raises:
-            EplbStateError: no model is registered.
+            EplbStateError: no model is registered; or, across ranks, the ranks
+                are out of lockstep, computed different placements, another
+                rank failed to plan, or a collective failed (e.g. timed out).
             PolicyError: the policy failed or returned an invalid placement.
-            TransferError: staging the weights failed (``layer`` names the layer).
-        On any of these, weights, maps and window are unchanged.
+            TransferError: staging the weights failed on some rank (``rank``
+                and ``layer`` name the first failure; ``rank`` is ``None`` on a
+                rank that lost contact with the group, e.g. by a timeout).
+        On any of these, weights, maps and window are unchanged on every rank.
         """
         if not self._models:
             raise EplbStateError("EplbState.rearrange() called before any model was registered")
-        num_ranks, num_nodes = self._num_ranks, self._num_nodes
-        plans = [self._plan_model(state, num_ranks, num_nodes) for state in self._models.values()]
-        staged: list[tuple[_ModelPlan, StagedTransfer, float]] = []
-        for plan in plans:
-            started = time.perf_counter()
-            transfer = self._stage(plan.state, plan.old_map, plan.new_map)
-            staged.append((plan, transfer, time.perf_counter() - started))
+        distributed = self._ep.is_distributed
+        if distributed:
+            self._check_lockstep()
+        loads = [self._logical_load(state).cpu() for state in self._models.values()]
+        plans: list[_ModelPlan] = []
+        failure: Exception | None = None
+        try:
+            for state, load in zip(self._models.values(), loads, strict=True):
+                plans.append(self._plan_model(state, load))
+        except Exception as exc:
+            if not distributed:
+                raise
+            failure = exc
+        if distributed:
+            self._agree_on_plans(plans, failure)
+        staged = self._stage_plans(plans)
 
         # Commit: plain in-place copies of tensors whose shapes were fixed above.
         results: dict[str, ModelRearrangement] = {}
-        for plan, transfer, stage_seconds in staged:
+        for plan, transfer in zip(plans, staged, strict=True):
             started = time.perf_counter()
             stats = transfer.commit()
             self._commit_maps(plan.state, plan.new_map, plan.logical_maps)
@@ -657,7 +743,9 @@ class EplbState:
                 plan.summary,
                 bytes_moved=stats.bytes_moved,
                 layers_changed=stats.layers_changed,
-                transfer_seconds=stage_seconds + time.perf_counter() - started,
+                transfer_seconds=transfer.seconds + time.perf_counter() - started,
+                bytes_sent=stats.bytes_sent,
+                bytes_received=stats.bytes_received,
             )
         for state in self._models.values():
             self._clear_load(state)
@@ -674,9 +762,140 @@ class EplbState:
             )
         return result
 
-    def _plan_model(self, state: ModelEplbState, num_ranks: int, num_nodes: int) -> _ModelPlan:
+    # ------------------------------------------------------------ across ranks
+
+    def _collective(self, what: str, run: Callable[[], _T]) -> _T:
+        """Run a collective; a backend failure (e.g. a timeout) becomes an EplbStateError."""
+        try:
+            return run()
+        except MoEProtocolsError:
+            raise
+        except Exception as exc:
+            raise EplbStateError(
+                f"EP rank {self._ep.rank}: {what} over the EP group failed "
+                f"({type(exc).__name__}: {exc}); a peer failed, hung or is out of lockstep. "
+                "Nothing changed on this rank"
+            ) from exc
+
+    def _check_lockstep(self) -> None:
+        """Check that every rank made the same number of steps and rearrangements."""
+        counts = (self._steps_taken, self._rearrangements)
+        values = torch.tensor(
+            [v for c in counts for v in (c, -c)], dtype=torch.int64, device=self._device
+        )
+        self._collective(
+            "checking that the EP ranks are in lockstep",
+            lambda: self._ep.all_reduce_(values, op="max"),
+        )
+        most_steps, fewest_steps, most_rearr, fewest_rearr = (
+            v if i % 2 == 0 else -v for i, v in enumerate(values.tolist())
+        )
+        spread = []
+        if most_steps != fewest_steps:
+            spread.append(
+                f"between {fewest_steps} and {most_steps} step() calls (EP rank "
+                f"{self._ep.rank}: {counts[0]})"
+            )
+        if most_rearr != fewest_rearr:
+            spread.append(
+                f"between {fewest_rearr} and {most_rearr} rearrangements (EP rank "
+                f"{self._ep.rank}: {counts[1]})"
+            )
+        if spread:
+            raise EplbStateError(
+                f"EP ranks are out of lockstep: the EP group made {' and '.join(spread)}. Every "
+                "rank must call step() the same number of times, dummy steps included, and "
+                "rearrange together; nothing was changed"
+            )
+
+    def _transfer_plan(
+        self, state: ModelEplbState, old_map: Tensor, new_map: Tensor
+    ) -> TransferPlan:
+        return plan_transfer(
+            old_map,
+            new_map,
+            state.num_local_physical_experts,
+            self._ep.rank,
+            num_nodes=self._ep.num_nodes,
+        )
+
+    def _layout_digest(self, state: ModelEplbState) -> int:
+        weights = state.model.expert_weights
+        return layout_digest(weights, receive_budget(weights, self._transfer))
+
+    def _agree(self, failure: Exception | None, digests: Sequence[int], what: str) -> GroupVerdict:
+        """One agreement round; this rank's own failure is re-raised as is."""
+        verdict = self._collective(
+            what,
+            lambda: agree(
+                self._ep,
+                failed_at=None if failure is None else 0,
+                digests=digests,
+                device=self._device,
+            ),
+        )
+        if failure is not None:
+            raise failure
+        return verdict
+
+    def _agree_on_plans(self, plans: Sequence[_ModelPlan], failure: Exception | None) -> None:
+        """Across ranks: share planning failures and compare what every rank is about to do."""
+        digests = [0, 0, 0]
+        if failure is None:
+            try:
+                digests = [
+                    digest([(p.state.model_name, _counts(p.state.model)) for p in plans]),
+                    digest([p.new_map.tolist() for p in plans]),
+                    digest([self._layout_digest(p.state) for p in plans]),
+                ]
+            except Exception as exc:
+                failure = exc
+        verdict = self._agree(failure, digests, "agreeing on the new placements")
+        if verdict.failed_rank is not None:
+            raise EplbStateError(
+                f"EP rank {verdict.failed_rank} failed to plan the new placements (see its "
+                f"error); EP rank {self._ep.rank} changed nothing"
+            )
+        if not verdict.digests_agree:
+            what = [
+                (
+                    "their registered models (names or expert counts)",
+                    "the placements their policies computed from the same all-reduced load "
+                    f"(policy {self._policy.name!r} must be deterministic)",
+                    "their expert weight layouts or transfer options",
+                )[i]
+                for i in verdict.mismatched
+            ]
+            raise EplbStateError(
+                f"EP ranks disagree on the rearrangement: {'; '.join(what)} differ across "
+                f"ranks. EP rank {self._ep.rank} changed nothing"
+            )
+
+    def _stage_plans(self, plans: Sequence[_ModelPlan]) -> list[StagedTransfer]:
+        """Stage every plan: local copies in one process, a group-wide exchange across ranks."""
+        if not self._ep.is_distributed:
+            return [self._stage(p.state, p.old_map, p.new_map) for p in plans]
+        jobs = [
+            TransferJob(
+                p.state.model_name,
+                (
+                    p.transfer
+                    if p.transfer is not None
+                    else self._transfer_plan(p.state, p.old_map, p.new_map)
+                ),
+                p.state.model.expert_weights,
+            )
+            for p in plans
+        ]
+        return list(
+            exchange_expert_weights(jobs, self._ep, options=self._transfer, device=self._device)
+        )
+
+    # ------------------------------------------------------------ planning
+
+    def _plan_model(self, state: ModelEplbState, load: Tensor) -> _ModelPlan:
         """Ask the policy for a new placement of one model; check it, derive maps and figures."""
-        load = self._logical_load(state).cpu()
+        num_ranks, num_nodes = self._num_ranks, self._num_nodes
         old_map = state.physical_to_logical_map.to("cpu", copy=True)
         started = time.perf_counter()
         try:
@@ -715,11 +934,16 @@ class EplbState:
             old_physical_to_logical_map=old_map,
             new_physical_to_logical_map=new_map,
         )
-        return _ModelPlan(state, old_map, new_map, self._logical_maps(state, new_map), summary)
+        transfer = self._transfer_plan(state, old_map, new_map) if self._ep.is_distributed else None
+        return _ModelPlan(
+            state, old_map, new_map, self._logical_maps(state, new_map), summary, transfer
+        )
 
     def _stage(self, state: ModelEplbState, old_map: Tensor, new_map: Tensor) -> StagedTransfer:
+        started = time.perf_counter()
         plan = plan_transfer(old_map, new_map, state.num_local_physical_experts, self._ep.rank)
-        return stage_transfer(plan, state.model.expert_weights)
+        staged = stage_transfer(plan, state.model.expert_weights)
+        return attrs.evolve(staged, seconds=time.perf_counter() - started)
 
     @staticmethod
     def _logical_maps(state: ModelEplbState, new_map: Tensor) -> tuple[Tensor, Tensor]:
@@ -755,12 +979,61 @@ class EplbState:
         number of ranks. The weights are moved so the model computes the same
         outputs; the load pass and window of the model are cleared.
 
+        Across ranks every rank must pass the same placement (compared by
+        fingerprint before anything moves); rows cross ranks and are committed
+        on every rank or on none, as in :meth:`rearrange`.
+
         Raises:
-            EplbStateError: no model of that name.
-            MappingError: the placement is malformed or does not fit the model.
-            TransferError: moving the weights failed.
-        On any error nothing changes.
+            EplbStateError: no model of that name; across ranks, also a
+                collective that failed (e.g. timed out), or weight layouts or
+                transfer options that differ between ranks.
+            MappingError: the placement is malformed or does not fit the model;
+                across ranks, also when another rank rejected its placement or
+                the ranks were given different placements.
+            TransferError: moving the weights failed (on some rank).
+        On any error nothing changes (on any rank).
         """
+        distributed = self._ep.is_distributed
+        failure: Exception | None = None
+        try:
+            plan = self._mapping_plan(model_name, physical_to_logical_map)
+        except Exception as exc:
+            if not distributed:
+                raise
+            failure = exc
+        if distributed:
+            digests = [0, 0]
+            if failure is None:
+                try:
+                    digests = [digest(plan.new_map.tolist()), self._layout_digest(plan.state)]
+                except Exception as exc:
+                    failure = exc
+            verdict = self._agree(failure, digests, "agreeing on the placement to restore")
+            if verdict.failed_rank is not None:
+                raise MappingError(
+                    f"EP rank {verdict.failed_rank} rejected the placement for model "
+                    f"{model_name!r} (see its error); EP rank {self._ep.rank} changed nothing"
+                )
+            if 0 in verdict.mismatched:
+                raise MappingError(
+                    f"EP ranks were given different placements for model {model_name!r}; "
+                    "every rank must restore the same placement. EP rank "
+                    f"{self._ep.rank} changed nothing"
+                )
+            if not verdict.digests_agree:
+                raise EplbStateError(
+                    f"EP ranks disagree on the expert weight layout of model {model_name!r} "
+                    f"or on their transfer options. EP rank {self._ep.rank} changed nothing"
+                )
+        (staged,) = self._stage_plans([plan])
+        staged.commit()
+        self._commit_maps(plan.state, plan.new_map, plan.logical_maps)
+        self._clear_load(plan.state)
+
+    def _mapping_plan(
+        self, model_name: str, physical_to_logical_map: Tensor | Placement
+    ) -> _ModelPlan:
+        """Check a placement to restore against the model and plan the move to it."""
         state = self.model_state(model_name)
         what = f"placement for model {model_name!r}"
         if isinstance(physical_to_logical_map, Tensor):
@@ -793,11 +1066,26 @@ class EplbState:
             num_nodes=self._num_nodes,
             what=what,
         )
-        logical_maps = self._logical_maps(state, new_map)
         old_map = state.physical_to_logical_map.to("cpu", copy=True)
-        self._stage(state, old_map, new_map).commit()
-        self._commit_maps(state, new_map, logical_maps)
-        self._clear_load(state)
+        transfer = self._transfer_plan(state, old_map, new_map) if self._ep.is_distributed else None
+        # Only the maps matter here; the figures are those of a rearrangement.
+        summary = ModelRearrangement(
+            model_name=model_name,
+            balancedness_before=torch.zeros(0, dtype=torch.float64),
+            balancedness_after=torch.zeros(0, dtype=torch.float64),
+            overall_balancedness_before=0.0,
+            overall_balancedness_after=0.0,
+            slots_changed=slots_changed(old_map, new_map),
+            bytes_moved=0,
+            layers_changed=0,
+            policy_seconds=0.0,
+            transfer_seconds=0.0,
+            old_physical_to_logical_map=old_map,
+            new_physical_to_logical_map=new_map,
+        )
+        return _ModelPlan(
+            state, old_map, new_map, self._logical_maps(state, new_map), summary, transfer
+        )
 
     @classmethod
     def from_mapping(

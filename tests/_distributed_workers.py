@@ -1,0 +1,423 @@
+"""Multi-process EPLB scenarios for ``tests/test_distributed.py``, and the harness that runs them.
+
+Each scenario runs in one spawned process per EP rank, on gloo over loopback,
+and records what it observed (JSON values and tensors) for the parent test to
+assert on; the parent compares with a single-process reference. Nothing here
+asserts: a scenario only records, so a wrong result shows up as a named
+assertion in the parent, and an exception as the worker's traceback.
+
+The parent hosts the rendezvous store, so a rank that exits early (or hangs)
+cannot take the store down with it; every worker is joined with a deadline
+and stragglers are terminated.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from moe_protocols.eplb import (
+    EplbConfig,
+    EplbState,
+    PolicyRegistry,
+    TransferOptions,
+    initial_placement,
+)
+from moe_protocols.errors import MoEProtocolsError
+from moe_protocols.models import TinyMoEForCausalLM, tiny_moe
+from moe_protocols.parallel import ExpertParallelContext
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+# The model every scenario balances: 16 experts + 8 redundant slots over 3 MoE
+# layers: 12 slots per rank on 2 ranks, 6 on 4.
+NUM_EXPERTS: Final = 16
+NUM_REDUNDANT: Final = 8
+NUM_PHYSICAL: Final = NUM_EXPERTS + NUM_REDUNDANT
+NUM_MOE_LAYERS: Final = 3
+STEP_INTERVAL: Final = 4
+GROUP_TIMEOUT_S: Final = 30.0
+HANG_TIMEOUT_S: Final = 2.0
+# Tokens routed to hot experts by each rank, per step (every other expert gets BASE_LOAD).
+HOT_EXPERTS: Final = {0: {0: 400, 1: 300}, 1: {5: 500}, 2: {9: 250, 3: 90}, 3: {0: 200, 12: 350}}
+BASE_LOAD: Final = 3
+
+
+ONE_PROCESS: Final = ExpertParallelContext()
+
+
+def build_model(ep: ExpertParallelContext = ONE_PROCESS) -> TinyMoEForCausalLM:
+    """The tiny MoE LM every scenario balances (one process: all slots; else this rank's)."""
+    return tiny_moe(ep=ep, num_experts=NUM_EXPERTS, num_redundant_experts=NUM_REDUNDANT)
+
+
+def eplb_config() -> EplbConfig:
+    return EplbConfig(
+        num_redundant_experts=NUM_REDUNDANT, step_interval=STEP_INTERVAL, window_size=8
+    )
+
+
+def rank_load(rank: int) -> torch.Tensor:
+    """``[L, P]`` int32: the load one rank records per step under the initial placement."""
+    load = torch.full((NUM_MOE_LAYERS, NUM_PHYSICAL), BASE_LOAD, dtype=torch.int32)
+    for expert, tokens in HOT_EXPERTS[rank % len(HOT_EXPERTS)].items():
+        load[:, expert] = tokens  # slot e < E holds expert e initially
+    return load
+
+
+def dummy_step_of(rank: int) -> int:
+    """The step (0..2) at which ``rank`` runs a dummy step; the 4th step is always real."""
+    return rank % 3
+
+
+def tokens() -> torch.Tensor:
+    """The batch every rank feeds to the EP group (and the reference to one process)."""
+    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+
+
+def shuffled_placement(seed: int) -> torch.Tensor:
+    """``[L, P]``: a valid placement that moves primaries and replicas on every layer."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(NUM_MOE_LAYERS):
+        extra = torch.randint(0, NUM_EXPERTS, (NUM_REDUNDANT,), generator=g)
+        row = torch.cat([torch.arange(NUM_EXPERTS), extra])
+        rows.append(row[torch.randperm(NUM_PHYSICAL, generator=g)])
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+@attrs.define
+class Record:
+    """What a rank observed: JSON-able values and tensors (saved as safetensors)."""
+
+    values: dict[str, object] = attrs.Factory(dict)
+    tensors: dict[str, torch.Tensor] = attrs.Factory(dict)
+
+    def weights(self, key: str, model: TinyMoEForCausalLM) -> None:
+        for layer, weights in enumerate(model.expert_weights):
+            for k, w in enumerate(weights):
+                self.tensors[f"{key}.w{layer}.{k}"] = w.detach().clone().contiguous()
+
+    def error(self, key: str, exc: MoEProtocolsError) -> None:
+        self.values[key] = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "rank": getattr(exc, "rank", None),
+            "layer": getattr(exc, "layer", None),
+        }
+
+    def save(self, directory: Path, rank: int) -> None:
+        (directory / f"rank{rank}.json").write_text(json.dumps(self.values))
+        save_file(self.tensors, str(directory / f"rank{rank}.safetensors"))
+
+
+@attrs.frozen
+class RankResult:
+    """One rank's record, loaded back in the parent."""
+
+    rank: int
+    values: dict[str, object]
+    tensors: dict[str, torch.Tensor]
+
+
+def snapshot(state: EplbState) -> dict[str, torch.Tensor]:
+    """Every tensor a failed operation must leave untouched: maps, load, weights."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name in state.model_names:
+        live = state.model_state(name)
+        tensors[f"{name}.p2l"] = live.physical_to_logical_map
+        tensors[f"{name}.l2p"] = live.logical_to_physical_map
+        tensors[f"{name}.count"] = live.logical_replica_count
+        tensors[f"{name}.pass"] = live.expert_load_pass
+        tensors[f"{name}.window"] = live.expert_load_window
+        for layer, weights in enumerate(live.model.expert_weights):
+            for k, w in enumerate(weights):
+                tensors[f"{name}.w{layer}.{k}"] = w
+    return {key: t.detach().clone() for key, t in tensors.items()}
+
+
+def changed_since(state: EplbState, before: dict[str, torch.Tensor]) -> list[str]:
+    after = snapshot(state)
+    return sorted(key for key in before if not torch.equal(before[key], after[key]))
+
+
+def attempt(record: Record, key: str, state: EplbState, action: Callable[[], object]) -> None:
+    """Run an action expected to fail on every rank; record the error and what changed."""
+    before = snapshot(state)
+    try:
+        action()
+    except MoEProtocolsError as exc:
+        record.error(key, exc)
+    else:
+        record.values[key] = None
+    record.values[f"{key}.changed"] = changed_since(state, before)
+
+
+def logits(model: TinyMoEForCausalLM) -> torch.Tensor:
+    with torch.no_grad():
+        out: torch.Tensor = model(tokens())
+    return out
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+class RankSkewedPolicy:
+    """A broken policy for tests: rank 0 and the others compute different placements."""
+
+    name = "rank-skewed"
+
+    def __init__(self, rank: int) -> None:
+        self._rank = rank
+
+    def rebalance_experts(
+        self,
+        weight: torch.Tensor,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_physical_to_logical_map: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        assert old_physical_to_logical_map is not None
+        return old_physical_to_logical_map.roll(1 if self._rank == 0 else 2, dims=1)
+
+
+@attrs.define
+class FaultSwitch:
+    """A fault hook that can be armed: raise on one (rank, layer), or block there for a while."""
+
+    fail_at: tuple[int, int] | None = None
+    hang_at: tuple[int, int] | None = None
+    hang_seconds: float = 0.0
+
+    def __call__(self, rank: int, layer: int) -> None:
+        if (rank, layer) == self.hang_at:
+            time.sleep(self.hang_seconds)
+        if (rank, layer) == self.fail_at:
+            raise RuntimeError(f"injected failure on EP rank {rank} at MoE layer {layer}")
+
+
+def rearrange_by_steps(ep: ExpertParallelContext, record: Record, state: EplbState) -> None:
+    """Four steps per rank, one of them dummy (at a rank-dependent step); the 4th rearranges."""
+    live = state.model_state()
+    for step in range(STEP_INTERVAL):
+        live.expert_load_pass.copy_(rank_load(ep.rank))
+        state.step(is_dummy=step == dummy_step_of(ep.rank))
+        record.values[f"rearrangements_after_step{step}"] = state.num_rearrangements
+    result = state.last_rearrangement
+    assert result is not None  # a harness invariant, not a test assertion
+    summary = result["model"]
+    record.values["steps_taken"] = state.steps_taken
+    record.values["bytes_sent"] = result.bytes_sent
+    record.values["bytes_received"] = result.bytes_received
+    record.values["bytes_moved"] = result.bytes_moved
+    record.tensors["rearranged.old_map"] = summary.old_physical_to_logical_map
+    record.tensors["rearranged.new_map"] = summary.new_physical_to_logical_map
+    record.tensors["rearranged.live_map"] = state.physical_to_logical_map()
+
+
+def two_ranks(ep: ExpertParallelContext, record: Record) -> None:
+    """Rearrange by steps, restore a placement, and be refused when ranks disagree."""
+    model = build_model(ep)
+    record.tensors["initial.logits"] = logits(model)
+    state = EplbState(eplb_config(), ep=ep)
+    state.add_model(model)
+    rearrange_by_steps(ep, record, state)
+    record.weights("rearranged", model)
+    record.tensors["rearranged.logits"] = logits(model)
+
+    placement = shuffled_placement(seed=3)
+    state.update_mapping("model", placement)
+    record.weights("restored", model)
+    record.tensors["restored.logits"] = logits(model)
+
+    # Each rank given its own placement: refused everywhere, nothing moves.
+    attempt(
+        record,
+        "different_placements",
+        state,
+        lambda: state.update_mapping("model", shuffled_placement(seed=100 + ep.rank)),
+    )
+
+    # A policy that is not deterministic across ranks: refused before any move.
+    other = build_model(ep)
+    skewed = EplbState(
+        attrs.evolve(eplb_config(), policy=RankSkewedPolicy.name),
+        ep=ep,
+        policies=PolicyRegistry().with_policy(RankSkewedPolicy(ep.rank)),
+    )
+    skewed.add_model(other)
+    skewed.model_state().expert_load_pass.copy_(rank_load(ep.rank))
+    skewed.step()
+    attempt(record, "nondeterministic_policy", skewed, skewed.rearrange)
+
+    # Rank 0 takes one more (dummy) step than the others, then all rearrange.
+    if ep.rank == 0:
+        state.step(is_dummy=True)
+    attempt(record, "out_of_lockstep", state, state.rearrange)
+
+
+def four_ranks(ep: ExpertParallelContext, record: Record) -> None:
+    """Two nodes, one-row batches staged in host memory; a failing rank; a hung rank."""
+    ep = ExpertParallelContext.from_process_group(ep.group, num_nodes=2)
+    model = build_model(ep)
+    record.tensors["initial.logits"] = logits(model)
+    row_bytes = sum(
+        w[0].numel() * w.element_size() for w in model.moe_layers[0].get_expert_weights()
+    )
+    record.values["row_bytes"] = row_bytes
+    switch = FaultSwitch()
+    options = TransferOptions(buffer_bytes=row_bytes, staging_device="cpu", fault_hook=switch)
+    state = EplbState(eplb_config(), ep=ep, transfer=options)
+    state.add_model(model)
+    rearrange_by_steps(ep, record, state)
+    record.weights("rearranged", model)
+    record.tensors["rearranged.logits"] = logits(model)
+
+    # Rank 2 fails while MoE layer 1 is staged: every rank keeps its old state.
+    switch.fail_at = (2, 1)
+    placement = shuffled_placement(seed=3)
+    attempt(record, "injected_failure", state, lambda: state.update_mapping("model", placement))
+    switch.fail_at = None
+    # The group is still usable: the same move now succeeds everywhere.
+    state.update_mapping("model", placement)
+    record.weights("restored", model)
+    record.tensors["restored.logits"] = logits(model)
+
+    # Rank 1 hangs at MoE layer 1 longer than the EPLB group's timeout.
+    short = dist.new_group(timeout=timedelta(seconds=HANG_TIMEOUT_S))
+    hung_ep = ExpertParallelContext.from_process_group(short, num_nodes=2)
+    hang = FaultSwitch(hang_at=(1, 1), hang_seconds=2 * HANG_TIMEOUT_S)
+    hung_state = EplbState(eplb_config(), ep=hung_ep, transfer=TransferOptions(fault_hook=hang))
+    hung_state.add_model(build_model(hung_ep))
+    started = time.monotonic()
+    attempt(
+        record,
+        "hung_peer",
+        hung_state,
+        lambda: hung_state.update_mapping("model", shuffled_placement(seed=4)),
+    )
+    record.values["hung_peer.seconds"] = time.monotonic() - started
+    # The timeout closed only the EPLB group's connections.
+    alive = torch.ones(1)
+    dist.all_reduce(alive)
+    record.values["default_group_after_hang"] = float(alive)
+
+
+SCENARIOS: Final[dict[str, Callable[[ExpertParallelContext, Record], None]]] = {
+    "two_ranks": two_ranks,
+    "four_ranks": four_ranks,
+}
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def _worker(scenario: str, rank: int, world: int, port: int, directory: str) -> None:
+    """Entry point of one spawned rank."""
+    torch.set_num_threads(1)
+    out = Path(directory)
+    try:
+        # TCPStore is public API that torch.distributed imports without re-exporting.
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=GROUP_TIMEOUT_S)
+        )
+        dist.init_process_group(
+            "gloo",
+            store=store,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=GROUP_TIMEOUT_S),
+        )
+        try:
+            record = Record()
+            SCENARIOS[scenario](ExpertParallelContext.from_process_group(), record)
+            record.save(out, rank)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        (out / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise SystemExit(1) from None
+
+
+class GroupFailed(Exception):
+    """A spawned rank crashed or did not finish; carries the workers' tracebacks."""
+
+
+def run_group(
+    scenario: str, world: int, directory: Path, *, timeout_s: float = 120.0
+) -> list[RankResult]:
+    """Run ``scenario`` on ``world`` spawned gloo ranks; return each rank's record.
+
+    Raises:
+        GroupFailed: a rank raised (its traceback is in the message), exited
+            abnormally, or the group did not finish within ``timeout_s`` (the
+            stragglers are terminated).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    store = dist.TCPStore(  # type: ignore[attr-defined]  # public, not re-exported
+        "127.0.0.1", 0, None, True, timedelta(seconds=GROUP_TIMEOUT_S), wait_for_workers=False
+    )
+    context = multiprocessing.get_context("spawn")
+    procs = [
+        context.Process(
+            target=_worker, args=(scenario, rank, world, store.port, str(directory)), daemon=True
+        )
+        for rank in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break  # one rank failed: the others would only wait for it
+            time.sleep(0.05)
+    finally:
+        stragglers = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        del store
+    problems = []
+    for rank, proc in enumerate(procs):
+        error = directory / f"rank{rank}.error"
+        if error.exists():
+            problems.append(f"rank {rank} raised:\n{error.read_text()}")
+        elif rank in stragglers:
+            problems.append(f"rank {rank} did not finish within {timeout_s} s (terminated)")
+        elif proc.exitcode != 0:
+            problems.append(f"rank {rank} exited with code {proc.exitcode}")
+    if problems:
+        raise GroupFailed(f"scenario {scenario!r} on {world} ranks failed:\n" + "\n".join(problems))
+    return [
+        RankResult(
+            rank,
+            json.loads((directory / f"rank{rank}.json").read_text()),
+            load_file(str(directory / f"rank{rank}.safetensors")),
+        )
+        for rank in range(world)
+    ]
+
+
+def initial_map() -> torch.Tensor:
+    return initial_placement(NUM_MOE_LAYERS, NUM_EXPERTS, NUM_PHYSICAL)
