@@ -237,6 +237,10 @@ def two_ranks(ep: ExpertParallelContext, record: Record) -> None:
     record.tensors["initial.logits"] = logits(model)
     state = EplbState(eplb_config(), ep=ep)
     state.add_model(model)
+    logits(model)
+    recorded = state.model_state().expert_load_pass.clone()
+    record.tensors["forward.load"] = recorded
+    record.tensors["forward.load_sum"] = ep.all_reduce_(recorded.clone())
     rearrange_by_steps(ep, record, state)
     record.weights("rearranged", model)
     record.tensors["rearranged.logits"] = logits(model)

@@ -7,6 +7,11 @@ compares what every rank recorded with a single-process reference.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from _distributed_workers import (
@@ -117,6 +122,28 @@ def group(request: pytest.FixtureRequest) -> list[RankResult]:
     """Each group run in turn (spawned once per module)."""
     results: list[RankResult] = request.getfixturevalue("two" if request.param == 2 else "four")
     return results
+
+
+@pytest.mark.distributed
+def test_load_recorded_by_the_ep_group_sums_to_what_one_process_records(
+    two: list[RankResult],
+) -> None:
+    # Every rank sees every token; each must count only the pairs its own slots
+    # serve, or the all-reduced window would be world_size times the real load.
+    state = EplbState(eplb_config(), num_ranks=2)
+    model = reference_model()
+    state.add_model(model)
+    with torch.no_grad():
+        model(tokens())
+    expected = state.model_state().expert_load_pass
+    assert int(expected.sum()) > 0
+    local = NUM_PHYSICAL // 2
+    for result in two:
+        assert torch.equal(result.tensors["forward.load_sum"], expected)
+        own = result.tensors["forward.load"]
+        others = torch.ones(NUM_PHYSICAL, dtype=torch.bool)
+        others[result.rank * local : (result.rank + 1) * local] = False
+        assert int(own[:, others].abs().sum()) == 0
 
 
 @pytest.mark.distributed
@@ -415,3 +442,21 @@ def test_elastic_metadata_update_through_the_view_reaches_the_language_model_in_
     state.add_model(view)
     assert state.model_state().num_physical_experts == 4 * local
     assert state.model_state().expert_load_pass.shape == (NUM_MOE_LAYERS, 4 * local)
+
+
+@pytest.mark.distributed
+def test_the_distributed_example_balances_two_ranks_and_keeps_outputs() -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "distributed_eplb.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--ranks", "2", "--steps", "16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 rearrangements on 2 EP ranks" in done.stdout
+    assert "outputs bit-identical after the moves: True" in done.stdout
+    first = re.search(r"balancedness (\d\.\d+) -> (\d\.\d+)", done.stdout)
+    assert first is not None, done.stdout
+    assert float(first[2]) > float(first[1])

@@ -310,7 +310,15 @@ class TinyMoEBlock(nn.Module):
         physical = self.map_to_physical(logical_ids)
         if self._eplb is not None and self.record_expert_load:
             load = self._eplb.expert_load
-            counts = torch.bincount(physical.reshape(-1), minlength=load.shape[0])
+            served = physical.reshape(-1)
+            if self.ep.is_distributed:
+                # Every rank sees every token here; each counts only the pairs its
+                # own slots serve, so the load summed over the EP group is exact.
+                first = self.ep.rank * self.num_local_physical_experts
+                served = served[
+                    (served >= first) & (served < first + self.num_local_physical_experts)
+                ]
+            counts = torch.bincount(served, minlength=load.shape[0])
             load.add_(counts.to(load.dtype))
         pair_out = self._routed_pair_outputs(hidden, physical)
         # Reduce over k in k order: the sum sees the same operands in the same
@@ -352,8 +360,10 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
     ``0..first_k_dense-1`` are dense, the rest are ``TinyMoEBlock``\\ s. With
     ``ep`` of ``world_size > 1`` each rank holds ``physical // world_size``
     expert slots and the block all-reduces over the EP group; every rank must
-    be fed the same tokens. Set ``record_expert_load = False`` to stop load
-    recording (e.g. to time a forward without it).
+    be fed the same tokens, and records the load of the pairs its own slots
+    serve (so the load all-reduced by ``EplbState`` is the real load). Set
+    ``record_expert_load = False`` to stop load recording (e.g. to time a
+    forward without it).
     """
 
     def __init__(
