@@ -32,6 +32,7 @@ from _distributed_workers import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import placement_maps
 
 from moe_protocols.adapters import MoEView
 from moe_protocols.eplb import (
@@ -290,20 +291,9 @@ def placement_pairs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, int, i
     num_physical = world * local
     num_layers = draw(st.integers(1, 3))
 
-    def placement() -> list[list[int]]:
-        rows = []
-        for _ in range(num_layers):
-            extra = draw(
-                st.lists(
-                    st.integers(0, num_logical - 1),
-                    min_size=num_physical - num_logical,
-                    max_size=num_physical - num_logical,
-                )
-            )
-            rows.append(draw(st.permutations(list(range(num_logical)) + extra)))
-        return rows
+    maps = placement_maps(num_layers, num_logical, num_physical)
 
-    return torch.tensor(placement()), torch.tensor(placement()), world, nodes
+    return draw(maps), draw(maps), world, nodes
 
 
 @settings(max_examples=80, deadline=None)

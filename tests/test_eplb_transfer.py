@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import placement_maps
 
 from moe_protocols.eplb import _transfer
 from moe_protocols.eplb._transfer import (
@@ -238,20 +239,9 @@ def placement_pairs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
     num_logical = draw(st.integers(1, 6))
     num_physical = num_logical + draw(st.integers(0, 4))
 
-    def placement() -> list[list[int]]:
-        rows = []
-        for _ in range(num_layers):
-            extra = draw(
-                st.lists(
-                    st.integers(0, num_logical - 1),
-                    min_size=num_physical - num_logical,
-                    max_size=num_physical - num_logical,
-                )
-            )
-            rows.append(draw(st.permutations(list(range(num_logical)) + extra)))
-        return rows
+    maps = placement_maps(num_layers, num_logical, num_physical)
 
-    return torch.tensor(placement()), torch.tensor(placement())
+    return draw(maps), draw(maps)
 
 
 @settings(max_examples=60, deadline=None)

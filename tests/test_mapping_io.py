@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from strategies import placement_maps
 
 from moe_protocols.eplb import (
     PLACEMENT_FORMAT,
@@ -288,19 +289,10 @@ def placements(draw: st.DrawFn) -> Placement:
     num_physical = num_ranks * slots_per_rank
     num_logical = draw(st.integers(1, num_physical))
     num_layers = draw(st.integers(1, 4))
-    rows = []
-    for _ in range(num_layers):
-        extra = draw(
-            st.lists(
-                st.integers(0, num_logical - 1),
-                min_size=num_physical - num_logical,
-                max_size=num_physical - num_logical,
-            )
-        )
-        rows.append(draw(st.permutations(list(range(num_logical)) + extra)))
+    rows = draw(placement_maps(num_layers, num_logical, num_physical))
     divisors = [n for n in range(1, num_ranks + 1) if num_ranks % n == 0]
     return Placement(
-        physical_to_logical_map=torch.tensor(rows),
+        physical_to_logical_map=rows,
         num_logical_experts=num_logical,
         num_ranks=num_ranks,
         num_nodes=draw(st.sampled_from(divisors)),
