@@ -289,6 +289,36 @@ def test_unchanged_loads_move_almost_nothing(shape: Shape) -> None:
     )
 
 
+def test_layer_already_within_target_keeps_its_placement_untouched() -> None:
+    # Layer 0: the initial placement (experts 0-7 twice) with loads under which
+    # every rank carries exactly 20 - balanced, although D'Hondt would give
+    # the 12-load experts the spare replicas instead. Layer 1 needs a repair.
+    shape = attrs.evolve(GLOBAL_LIKE, layers=2)
+    old = initial_placement(shape.layers, shape.logical, shape.physical)
+    balanced = torch.ones(shape.logical, dtype=torch.float64)
+    balanced[:8] = 2.0  # two replicas of 1 each
+    balanced[[8, 9, 18, 27, 36, 45, 54, 63]] = 12.0  # one per rank, completes it to 20
+    skewed = LoadDistribution("lognormal", 1.0).sample(1, shape.logical, seed=81)[0]
+    weight = torch.stack([balanced, skewed])
+    assert bool((expected_rank_loads(old, weight, shape.ranks)[0] == 20).all())
+    dhondt, _ = replica_counts(balanced.unsqueeze(0), shape.physical, shape.ranks)
+    assert int(dhondt[0, 8]) > 1, "a count-driven repair would move slots here"
+    new = POLICY.rebalance_experts(weight, *shape.args, old)
+    assert torch.equal(new[0], old[0])
+    assert realised_balancedness(new[1:], weight[1:], shape.ranks) > realised_balancedness(
+        old[1:], weight[1:], shape.ranks
+    )
+
+
+def test_balanced_placement_on_unchanged_loads_is_returned_as_is() -> None:
+    shape = GLOBAL_LIKE
+    weight = LoadDistribution("zipf", 0.8).sample(shape.layers, shape.logical, seed=83)
+    placed = MigrationAwarePolicy(tolerance=0.0).rebalance_experts(weight, *shape.args)
+    # A looser repair target than the fresh plan reached: every layer is settled.
+    again = MigrationAwarePolicy(tolerance=10.0).rebalance_experts(weight, *shape.args, placed)
+    assert torch.equal(again, placed)
+
+
 @pytest.mark.parametrize("shape", [DEEPSEEK_LIKE, GLOBAL_LIKE], ids=["hierarchical", "global"])
 def test_small_drift_moves_far_fewer_slots_than_the_baseline(shape: Shape) -> None:
     windows = drift_sequence(
@@ -326,6 +356,73 @@ def test_plans_are_at_least_as_balanced_as_the_baseline(shape: Shape, seed: int)
     assert realised_balancedness(repaired, windows[1], ranks) >= realised_balancedness(
         baseline_again, windows[1], ranks
     )
+
+
+ZIPF_GLOBAL = Shape(layers=2, logical=256, physical=320, groups=1, nodes=8, ranks=64)
+
+
+def test_zipf_loads_with_more_heavy_replicas_than_ranks_beat_the_baseline() -> None:
+    # Zipf 1.1 over 256 experts: D'Hondt gives the hottest experts dozens of
+    # replicas near the hottest-replica bound, more than there are ranks, so
+    # some rank must hold two of them unless the counts change.
+    shape = ZIPF_GLOBAL
+    windows = drift_sequence(
+        LoadDistribution("zipf", 1.1).sample(shape.layers, shape.logical, seed=91),
+        Drift("lognormal", 0.2),
+        1,
+        seed=92,
+    )
+    baseline = DeepSeekPolicy()
+    fresh = POLICY.rebalance_experts(windows[0], *shape.args)
+    baseline_fresh = baseline.rebalance_experts(windows[0], *shape.args)
+    repaired = POLICY.rebalance_experts(windows[1], *shape.args, fresh)
+    baseline_again = baseline.rebalance_experts(windows[1], *shape.args, baseline_fresh)
+    ranks = shape.ranks
+    assert (
+        realised_balancedness(fresh, windows[0], ranks)
+        > 0.99
+        > realised_balancedness(baseline_fresh, windows[0], ranks)
+    )
+    assert (
+        realised_balancedness(repaired, windows[1], ranks)
+        > 0.99
+        > realised_balancedness(baseline_again, windows[1], ranks)
+    )
+    assert duplicate_replicas(repaired, ranks) == 0
+    assert slots_refetched(fresh, repaired, ranks) < slots_refetched(
+        baseline_fresh, baseline_again, ranks
+    )
+
+
+@pytest.mark.parametrize("seed", [93, 94, 95])
+def test_heavy_replica_limit_keeps_counts_valid(seed: int) -> None:
+    from moe_protocols.eplb._migration import _limit_heavy_replicas
+
+    load = LoadDistribution("zipf", 1.1).sample(3, 256, seed=seed)
+    count, hottest = replica_counts(load, 320, 64)
+    target = torch.maximum(load.sum(dim=1) / 64, hottest)
+    spread = _limit_heavy_replicas(load, count, target, 64, 64)
+    assert torch.equal(spread.sum(dim=1), count.sum(dim=1))
+    assert int(spread.min()) >= 1
+    assert int(spread.max()) <= 64
+    assert not torch.equal(spread, count), "these loads have more heavy replicas than ranks"
+    # A replica given away never leaves its expert's others above the target.
+    given_away = spread < count
+    limit = target.unsqueeze(1).expand_as(load)
+    assert bool(((load / spread)[given_away] <= limit[given_away]).all())
+
+
+def test_fresh_plan_ranks_are_matched_to_the_old_ranks() -> None:
+    from moe_protocols.eplb._migration import _match_ranks
+
+    old = torch.arange(2 * 8 * 3).view(2, 8, 3) % 20
+    permutation = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])
+    shuffled = old[:, permutation]
+    assert torch.equal(_match_ranks(shuffled, old, 20), old)
+    # Free slots (-1) in the old placement match nothing.
+    holey = old.clone()
+    holey[:, :, 0] = -1
+    assert torch.equal(_match_ranks(shuffled, holey, 20), old)
 
 
 def test_tolerance_trades_balance_for_fewer_moved_slots() -> None:

@@ -20,13 +20,20 @@ of ``rank load / S**2`` (one slot's mean load over ``S``: the typical step one
 swap between replicas of neighbouring size makes), i.e. 0.12 % of the bound
 with 9 slots per rank, 0.4 % with 5. Larger moves fewer slots for less
 balance (``benchmarks/bench_policy.py --plot`` draws the trade-off).
-``replan_gain`` (default ``0.01``): a from-scratch plan, or moving whole
+``replan_gain`` (default ``0.015``): a from-scratch plan, or moving whole
 expert groups to other nodes, is worth it only when it lowers the peak by more
-than this fraction (either moves most of a row's slots). ``max_rounds``
+than this fraction (either moves most of a row's slots). At ``0.01``, a 0.2
+lognormal drift on DeepSeek-V3 288x32 (lognormal 0.5 loads) moved 25 % of
+the slots, mostly whole groups between nodes, for 0.2 % more balancedness
+than at ``0.015`` (20 % moved). ``max_rounds``
 (default 16) bounds the swap rounds and so the time.
 
 With a usable old placement (same ``[layers, physical]`` shape), per row:
 
+0. **Settled rows.** A row whose old placement is complete (no free slot,
+   every expert placed, no avoidable second copy on a rank) and whose
+   hottest rank is already within ``U`` on the new loads keeps it untouched:
+   nothing below runs for it, and no slot moves.
 1. **Keep.** Project the old placement; a second copy of an expert on one
    rank (it splits nothing) and, hierarchically, an expert outside its
    group's node become free slots.
@@ -34,29 +41,54 @@ With a usable old placement (same ``[layers, physical]`` shape), per row:
    ``ceil(load / ((1 + tolerance / S**2) p*))`` replicas; starting from the
    old counts only those raises are made, and as many replicas are given back
    where that raises the hottest-replica load least, from the hottest ranks.
+   (Raising only replicas above ``U / 2`` saved about one point of moved
+   slots but left heating experts short of replicas: the next window's
+   balancedness fell by up to 3 %.)
 3. **Fill** the freed slots with the added replicas: heaviest first, round
    robin over the ranks with free slots, lightest rank first.
 4. **Repair** with the economical swap search (below) until every rank is at
    most ``U``.
-5. **Fall back** to a from-scratch plan for a row whose repaired peak stays
+5. **Retry** a row whose repaired peak stays more than ``replan_gain`` above
+   the bound with at most one *heavy* replica per rank (below), if its counts
+   have more heavy ones than ranks: re-apportioned to those counts, filled
+   and repaired again from the old placement, kept if the peak is lower.
+6. **Fall back** to a from-scratch plan for a row whose peak still stays
    more than ``replan_gain`` above the bound and that the fresh plan beats by
    more than ``replan_gain`` (or, never in practice, that keeps a duplicate).
+   Ranks are interchangeable within a row, so the fresh plan's ranks are
+   matched to the old ones: in rounds, each claims the old rank holding most
+   of its experts, and each old rank takes its strongest claimant.
 
 Without a usable old placement every row gets a **fresh plan**: capped
 D'Hondt counts, replicas sorted by load (numpy's sort: several times faster
 than torch's on CPU) and dealt in rounds of ``K`` (each round's heaviest
 replica to the lightest rank, never onto a rank that holds the expert), then
-*paired* swap rounds aiming four times closer to the bound: every round sorts
+*paired* swap rounds (at most 6, fewer if ``max_rounds`` says so) aiming
+four times closer to the bound: every round sorts
 each row's ranks by load and pairs the i-th heaviest with the i-th lightest
 (shifted by the round number modulo 4, so a hot rank meets several
 partners); each pair makes the one swap that evens the two loads most, if it
 lowers the pair's maximum and puts no expert on a rank that holds it. A row
-retires once within its target or after 4 rounds without a swap.
+retires once within its target or after 4 rounds without a swap. A row that
+ends more than 1 % above its target is planned again with at most one heavy
+replica per rank, and keeps the better plan.
+
+*Heavy replicas.* A replica is heavy when two of them on one rank, with the
+rank's other ``S - 2`` slots holding replicas of the mean load of the
+``K (S - 2)`` lightest, exceed the target. D'Hondt counts can make more heavy
+replicas than ranks (Zipf loads: dozens of replicas of a few hot experts,
+each near ``p*``); then no packing reaches the target. The excess is
+removed from the heavy experts whose replicas stay lightest after the
+removal (in practice those with the most replicas) and given to light
+experts by D'Hondt, unless that would make some replica heavier than the
+target.
 
 **Repair search.** Paired rounds first (economical: only ranks above the
-target trade, by swaps that bring them within it, except the row's hottest
-rank; ranks below the hottest rank's level after its trade do not trade),
-then the open search below for the rows still above target. Finally every
+target trade, and only by swaps that bring both ranks of the pair within it -
+a swap that leaves its hot rank above the target costs two slots and still
+needs another; while the row's hottest rank finds no such swap, no other
+rank trades, since the row's peak would not drop), then the open search
+below for the rows still above target. Finally every
 replica that stays on its rank is put back into its old slot
 (``preserve_intra_rank_slots``).
 
@@ -83,7 +115,8 @@ swap search. An old layout is kept while its heaviest node is within
 the best that leaves the most groups on their node is taken.
 
 Everything runs under ``torch.inference_mode()``, batched over rows with
-tensor operations; Python loops run over rounds only. The result depends only
+tensor operations; Python loops run over rounds only (swap rounds, dealing
+rounds, rank-matching rounds), never over experts. The result depends only
 on the inputs (deterministic sorts; ties otherwise broken by index).
 """
 
@@ -114,8 +147,14 @@ _FIT_WINDOW: Final = 4
 # A from-scratch plan aims this much closer to the bound than a repair: it has
 # no slots to save by stopping early, only time.
 _FRESH_SHARE: Final = 0.25
+# Paired rounds of a fresh plan, at most: on DeepSeek-V3 shapes rounds 7-16
+# added 0.02-0.3 % balancedness for about half of a fresh plan's time.
+_FRESH_ROUNDS: Final = 6
 # Largest number of group-to-node layouts searched exhaustively.
 _MAX_LAYOUTS: Final = 5000
+# A fresh plan more than this fraction above its target is retried with at
+# most one heavy replica per rank (see ``_limit_heavy_replicas``).
+_RETRY_ABOVE: Final = 0.01
 
 
 def _load_numpy() -> ModuleType | None:
@@ -332,8 +371,7 @@ def _pair_search(
     made no swap, retire.
 
     ``economical`` (repairs: every swap refetches two slots): only ranks
-    above ``target`` trade, and only by swaps that bring them within it -
-    except the row's hottest rank, which takes its best swap anyway.
+    above ``target`` trade, and only by swaps that bring them within it.
 
     Args:
         placed: ``[X, K, S]`` expert ids (rows of ``per_replica``).
@@ -402,8 +440,10 @@ def _pair_search(
         if economical:
             over = hot_total > limit
             within = (hot_total + cold_total) / 2 + best <= limit
+            # Only full fixes: a swap that leaves its hot rank above the limit
+            # costs two slots and still needs another; the open search
+            # handles the ranks no partner can fix.
             accept &= over & within
-            accept[:, 0] |= (best[:, 0] < half[:, 0] * (1 - 1e-6)) & over[:, 0]
             # The row's peak stays at least the hottest rank's load after its
             # trade: trading on ranks already below that buys nothing.
             top = hot_total[:, :1]
@@ -800,16 +840,106 @@ def _descending_order(values: torch.Tensor) -> torch.Tensor:
     return torch.sort(values, dim=1, descending=True, stable=True).indices
 
 
+def _limit_heavy_replicas(
+    load: torch.Tensor, count: torch.Tensor, target: torch.Tensor, num_ranks: int, cap: int
+) -> torch.Tensor:
+    """Counts ``[X, n]`` with at most as many heavy replicas as ranks, where ``count`` has more.
+
+    Heavy: two of them on one rank exceed ``target`` even if the rank's other
+    ``S - 2`` slots hold replicas of the mean load of the ``K (S - 2)``
+    lightest, so with more heavy replicas than ranks no packing reaches the
+    target. Each excess one is taken from the heavy expert whose replicas
+    stay lightest after the removal (in practice the one with the most
+    replicas) and given to a light expert by D'Hondt.
+    A row that cannot make every such move without a replica heavier than
+    ``target`` (or a count above ``cap``) keeps its counts, as does a row
+    with no excess.
+    """
+    per_replica = load / count
+    slots = int(count[0].sum()) // num_ranks
+    fillers = num_ranks * max(slots - 2, 0)
+    # The lightest replicas a rank with two heavy ones would have to take
+    # (their sum does not depend on how ties sort).
+    order = _descending_order(-per_replica)
+    cumulative = count.gather(1, order).cumsum(dim=1).clamp(max=fillers)
+    share = cumulative - torch.nn.functional.pad(cumulative[:, :-1], (1, 0))
+    filler = (share * per_replica.gather(1, order)).sum(dim=1) / max(fillers, 1)
+    threshold = (target - (slots - 2) * filler).clamp(min=0) / 2
+    is_heavy = per_replica > threshold.unsqueeze(1)
+    excess = (count * is_heavy).sum(dim=1) - num_ranks
+    if not bool((excess > 0).any()):
+        return count
+    depth = int(excess.max())
+    steps = torch.arange(depth, dtype=load.dtype)
+    # Candidates [X, m, depth]: removing the t-th replica of a heavy expert,
+    # or adding the t-th to one of the light experts D'Hondt would pick next.
+    heavy = torch.topk(
+        torch.where(is_heavy, per_replica, -1.0), int(is_heavy.sum(dim=1).max()), dim=1
+    )
+    heavy_count = count.gather(1, heavy.indices).to(load.dtype)
+    after = heavy_count.unsqueeze(2) - 1 - steps
+    cost = load.gather(1, heavy.indices).unsqueeze(2) / after.clamp(min=1)
+    removable = (
+        is_heavy.gather(1, heavy.indices).unsqueeze(2)
+        & (after >= 1)
+        & (cost <= target.view(-1, 1, 1))
+    )
+    light = torch.topk(
+        torch.where(is_heavy, -1.0, per_replica), min(depth, load.shape[1]), dim=1
+    ).indices
+    before = count.gather(1, light).to(load.dtype).unsqueeze(2) + steps
+    addable = ~is_heavy.gather(1, light).unsqueeze(2) & (before < cap)
+    gain = (-load.gather(1, light).unsqueeze(2) / before).masked_fill(~addable, math.inf)
+    # Only rows that can make every move; the others keep their counts.
+    excess = torch.where(
+        (removable.flatten(1).sum(dim=1) >= excess) & (addable.flatten(1).sum(dim=1) >= excess),
+        excess.clamp(min=0),
+        0,
+    )
+    taken = _smallest_mask(cost.masked_fill(~removable, math.inf).flatten(1), excess)
+    given = _smallest_mask(gain.flatten(1), excess)
+    taken_count = taken.view(cost.shape).sum(dim=2)
+    given_count = given.view(gain.shape).sum(dim=2)
+    return count.scatter_add(1, heavy.indices, -taken_count).scatter_add(1, light, given_count)
+
+
 def _fresh(rows: _Rows, tolerance: float, max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
     """From-scratch plan for every row: ``([X, K, S] expert ids, [X] max rank load)``."""
+    max_rounds = min(max_rounds, _FRESH_ROUNDS)
     load = rows.load
     count, hottest = replica_counts(load, rows.num_slots, rows.cap)
+    target = rows.target(hottest, tolerance)
+    placed, peak = _pack(load, count, target, rows.num_ranks, max_rounds)
+    # Rows far above target: often more heavy replicas than ranks (Zipf
+    # loads); retry with at most one per rank and keep the better plan.
+    far = (peak > target * (1 + _RETRY_ABOVE)).nonzero().squeeze(1)
+    if far.numel() > 0:
+        spread = _limit_heavy_replicas(load[far], count[far], target[far], rows.num_ranks, rows.cap)
+        changed = (spread != count[far]).any(dim=1)
+        if bool(changed.any()):
+            retry = far[changed]
+            again, again_peak = _pack(
+                load[retry], spread[changed], target[retry], rows.num_ranks, max_rounds
+            )
+            better = again_peak < peak[retry]
+            placed[retry[better]] = again[better]
+            peak[retry[better]] = again_peak[better]
+    return placed, peak
+
+
+def _pack(
+    load: torch.Tensor, count: torch.Tensor, target: torch.Tensor, num_ranks: int, max_rounds: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deal ``count`` replicas of each expert onto ranks and improve by paired swaps.
+
+    Returns ``([X, K, S] expert ids, [X] max rank load)``.
+    """
+    num_slots = int(count[0].sum())
     per_replica = load / count
     order = _descending_order(per_replica)
-    expert_desc = _expand(order, count.gather(1, order), rows.num_slots)
-    dealt = _deal(expert_desc, per_replica.gather(1, expert_desc), rows.num_ranks)
+    expert_desc = _expand(order, count.gather(1, order), num_slots)
+    dealt = _deal(expert_desc, per_replica.gather(1, expert_desc), num_ranks)
     placed = expert_desc.gather(1, dealt.flatten(1)).view(dealt.shape)
-    target = rows.target(hottest, tolerance)
     placed = _pair_search(placed, per_replica, target, max_rounds, economical=False)
     peak = per_replica.gather(1, placed.flatten(1)).view(placed.shape).sum(dim=2).amax(dim=1)
     return placed, peak
@@ -885,22 +1015,176 @@ def _fill(
     return flat.scatter(1, free_slots, torch.where(use, incoming, flat.gather(1, free_slots)))
 
 
+def _match_ranks(new: torch.Tensor, old: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Reorder the ranks of ``new`` ``[X, K, S]`` so that rank contents overlap ``old`` most.
+
+    In rounds, every unmatched new rank claims the unmatched old rank that
+    holds most of its experts, and each old rank takes its strongest claimant
+    (ties: lower ranks first); ranks sharing nothing are paired in index
+    order at the end. ``-1`` in ``old`` is a free slot.
+    """
+    num_rows, num_ranks, slots = new.shape
+    held = torch.zeros(num_rows, num_ranks, num_experts + 1)
+    held.scatter_(2, torch.where(old >= 0, old, num_experts), 1.0)
+    held[:, :, num_experts] = 0
+    # overlap[x, i, j]: experts of new rank i that old rank j holds.
+    overlap = (
+        held.transpose(1, 2)
+        .gather(1, new.view(num_rows, -1, 1).expand(-1, -1, num_ranks))
+        .view(num_rows, num_ranks, slots, num_ranks)
+        .sum(dim=2)
+    )
+    # Distinct scores (exact in float32): overlap first, then lower ranks.
+    later = torch.arange(num_ranks - 1, -1, -1, dtype=overlap.dtype)
+    score = overlap * num_ranks**2 + later.view(1, -1, 1) * num_ranks + later.view(1, 1, -1)
+    score = torch.where(overlap > 0, score, -1.0)
+    source = torch.full((num_rows, num_ranks), -1, dtype=torch.int64)
+    new_done = torch.zeros(num_rows, num_ranks, dtype=torch.bool)
+    for _ in range(num_ranks):
+        best, wanted = score.max(dim=2)
+        claims = best >= 0
+        if not bool(claims.any()):
+            break
+        strongest = torch.full((num_rows, num_ranks + 1), -1.0)
+        strongest.scatter_reduce_(1, torch.where(claims, wanted, num_ranks), best, reduce="amax")
+        won = claims & (best == strongest.gather(1, wanted))
+        row, rank = won.nonzero(as_tuple=True)
+        source[row, wanted[row, rank]] = rank
+        new_done |= won
+        old_done = source >= 0
+        score = score.masked_fill(new_done.unsqueeze(2) | old_done.unsqueeze(1), -1.0)
+    # The rest, in index order: unmatched new ranks to unmatched old ranks.
+    spare_new = torch.sort(new_done.to(torch.int8), dim=1, stable=True).indices
+    spare_old = torch.sort((source >= 0).to(torch.int8), dim=1, stable=True).indices
+    left = (~new_done).sum(dim=1, keepdim=True)
+    fill = torch.arange(num_ranks) < left
+    source = source.scatter(1, spare_old, torch.where(fill, spare_new, source.gather(1, spare_old)))
+    return new.gather(1, source.unsqueeze(2).expand(-1, -1, slots))
+
+
+def _settled(old: torch.Tensor, load: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[X]`` rows whose old ``[X, K, S]`` placement is complete and already within ``target``.
+
+    Complete: no free slot, every expert placed, and no expert twice on a
+    rank where the row has room to avoid it.
+    """
+    num_rows, num_ranks, slots = old.shape
+    n = load.shape[1]
+    flat = old.view(num_rows, -1)
+    count = _counts_of(flat, n)
+    complete = (flat >= 0).all(dim=1) & (count > 0).all(dim=1)
+    if slots <= n:
+        complete &= ~_repeats(old).flatten(1).any(dim=1)
+    per_replica = load / count.clamp(min=1)
+    rank_load = per_replica.gather(1, flat.clamp(min=0)).view(num_rows, num_ranks, slots).sum(2)
+    return complete & (rank_load.amax(dim=1) <= target * (1 + _EPS))
+
+
 def _repair(
     rows: _Rows, old: torch.Tensor, tolerance: float, replan_gain: float, max_rounds: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep-and-repair plan for every row from the old ``[X, K, S]`` placement (``-1`` = free).
 
+    Rows already within their target keep the old placement untouched.
     Returns ``([X, K, S] expert ids, [X] bool rows replaced by a fresh plan)``.
     """
-    load = rows.load
-    num_rows, n = load.shape
-    _, hottest = replica_counts(load, rows.num_slots, rows.cap)
+    num_rows = rows.load.shape[0]
+    _, hottest = replica_counts(rows.load, rows.num_slots, rows.cap)
     target = rows.target(hottest, tolerance)
-    flat = _first_copies(old).view(num_rows, -1)
-    old_count = _counts_of(flat, n)
+    replaced = torch.zeros(num_rows, dtype=torch.bool)
+    todo = (~_settled(old, rows.load, target)).nonzero().squeeze(1)
+    if todo.numel() == 0:
+        return old.clone(), replaced
+    if todo.numel() == num_rows:
+        return _repair_rows(
+            rows.load, old, hottest, target, rows, tolerance, replan_gain, max_rounds
+        )
+    placed = old.clone()
+    placed[todo], replaced[todo] = _repair_rows(
+        rows.load[todo],
+        old[todo],
+        hottest[todo],
+        target[todo],
+        rows,
+        tolerance,
+        replan_gain,
+        max_rounds,
+    )
+    return placed, replaced
+
+
+def _repair_rows(
+    load: torch.Tensor,
+    old: torch.Tensor,
+    hottest: torch.Tensor,
+    target: torch.Tensor,
+    rows: _Rows,
+    tolerance: float,
+    replan_gain: float,
+    max_rounds: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_repair` for the ``[X', n]`` loads of the rows that need one (sizes from ``rows``)."""
+    num_rows, n = load.shape
+    old_count = _counts_of(_first_copies(old).view(num_rows, -1), n)
     count = _repair_counts(load, old_count, rows.num_slots, rows.cap, hottest * (1 + tolerance))
+    placed, peak = _repair_pass(load, old, count, target, rows, max_rounds)
+
+    # Only rows that missed their target are candidates for more, and since
+    # no plan beats the bound, another one can only win by replan_gain where
+    # the repair stayed that far above it.
+    bound = target / (1 + tolerance)
+    missed = (peak > torch.maximum(target, bound * (1 + replan_gain))).nonzero().squeeze(1)
+    if missed.numel() > 0:
+        # More heavy replicas than ranks (Zipf loads) defeat any packing:
+        # repair again with at most one per rank.
+        spread = _limit_heavy_replicas(
+            load[missed], count[missed], target[missed], rows.num_ranks, rows.cap
+        )
+        changed = (spread != count[missed]).any(dim=1)
+        if bool(changed.any()):
+            retry = missed[changed]
+            sub = _Rows(load[retry], rows.num_ranks, rows.slots, rows_per_layer=1)
+            again, again_peak = _repair_pass(
+                load[retry], old[retry], spread[changed], target[retry], sub, max_rounds
+            )
+            better = again_peak < peak[retry]
+            placed[retry[better]] = again[better]
+            peak[retry[better]] = again_peak[better]
+
+    replaced = torch.zeros(num_rows, dtype=torch.bool)
+    # A duplicate the swaps could not remove (when the row has room for none)
+    # also calls for a fresh plan.
+    stuck = _repeats(placed).flatten(1).any(dim=1) & (rows.slots <= n)
+    missed_mask = (peak > torch.maximum(target, bound * (1 + replan_gain))) | stuck
+    if bool(missed_mask.any()):
+        index = missed_mask.nonzero().squeeze(1)
+        sub = _Rows(load[index], rows.num_ranks, rows.slots, rows_per_layer=1)
+        fresh, fresh_peak = _fresh(sub, tolerance * _FRESH_SHARE, max_rounds)
+        better = (fresh_peak * (1 + replan_gain) < peak[index]) | stuck[index]
+        if bool(better.any()):
+            # Ranks are interchangeable: give each new rank's contents to the
+            # old rank that already holds most of them.
+            placed[index[better]] = _match_ranks(fresh[better], old[index[better]], n)
+            replaced[index[better]] = True
+    return placed, replaced
+
+
+def _repair_pass(
+    load: torch.Tensor,
+    old: torch.Tensor,
+    count: torch.Tensor,
+    target: torch.Tensor,
+    rows: _Rows,
+    max_rounds: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Old ``[X, K, S]`` placement re-apportioned to ``count`` and swap-repaired.
+
+    Returns ``([X, K, S] expert ids, [X] max rank load)``.
+    """
+    num_rows, n = load.shape
+    flat = _first_copies(old).view(num_rows, -1)
     per_replica = load / count
-    drop = (old_count - count).clamp(min=0)
+    drop = (_counts_of(flat, n) - count).clamp(min=0)
     if bool((drop > 0).any()):
         flat = _drop_replicas(flat, drop, per_replica, rows.slots)
     add = (count - _counts_of(flat, n)).clamp(min=0)
@@ -919,25 +1203,7 @@ def _repair(
     peak = (
         per_replica.gather(1, placed.view(num_rows, -1)).view(placed.shape).sum(dim=2).amax(dim=1)
     )
-
-    replaced = torch.zeros(num_rows, dtype=torch.bool)
-    # Only rows that missed their target are candidates, and since no plan
-    # beats the bound, a fresh one can only win by replan_gain where the repair
-    # stayed that far above it. A duplicate the swaps could not remove (when
-    # the row has room for none) also calls for a fresh plan.
-    bound = target / (1 + tolerance)
-    avoidable = rows.slots <= n
-    stuck = _repeats(placed).flatten(1).any(dim=1) & avoidable
-    missed = (peak > torch.maximum(target, bound * (1 + replan_gain))) | stuck
-    if bool(missed.any()):
-        index = missed.nonzero().squeeze(1)
-        sub = _Rows(load[index], rows.num_ranks, rows.slots, rows_per_layer=1)
-        fresh, fresh_peak = _fresh(sub, tolerance * _FRESH_SHARE, max_rounds)
-        better = (fresh_peak * (1 + replan_gain) < peak[index]) | stuck[index]
-        if bool(better.any()):
-            placed[index[better]] = fresh[better]
-            replaced[index[better]] = True
-    return placed, replaced
+    return placed, peak
 
 
 # --------------------------------------------------------------------------- groups
@@ -1089,7 +1355,7 @@ class MigrationAwarePolicy:
     tolerance: float = attrs.field(default=0.1, validator=_check_tolerance)
     """Repairs stop at ``(1 + tolerance / S**2)`` x the lower bound (``S`` slots per rank)."""
 
-    replan_gain: float = attrs.field(default=0.01, validator=_check_fraction)
+    replan_gain: float = attrs.field(default=0.015, validator=_check_fraction)
     """Re-plan a row, or move expert groups, only to lower its peak by more than this fraction."""
 
     max_rounds: int = attrs.field(default=16, validator=_check_rounds)
