@@ -19,10 +19,15 @@ from moe_protocols.eplb._bounds import (
     realised_balancedness,
     sampled_balancedness,
 )
-from moe_protocols.eplb._deepseek import DeepSeekPolicy
+from moe_protocols.eplb._deepseek import DeepSeekPolicy, preserve_intra_rank_slots
 from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
 from moe_protocols.eplb._metrics import expected_rank_loads, slots_refetched
-from moe_protocols.eplb._migration import MigrationAwarePolicy, replica_counts
+from moe_protocols.eplb._migration import (
+    MigrationAwarePolicy,
+    _keep_stayer_slots,
+    _Search,
+    replica_counts,
+)
 from moe_protocols.eplb._policy import DEFAULT_POLICIES, RebalancePolicy
 from moe_protocols.eplb.workloads import Drift, LoadDistribution, drift_sequence
 from moe_protocols.errors import MappingError, PolicyError
@@ -183,6 +188,71 @@ def test_placement_does_not_depend_on_numpy_being_installed(data: st.DataObject)
         fresh_without = POLICY.rebalance_experts(weight, *shape.args)
     assert torch.equal(with_numpy, without)
     assert torch.equal(fresh_with_numpy, fresh_without)
+
+
+@FAST
+@given(st.data())
+def test_repaired_plan_keeps_every_stayer_in_its_old_slot(data: st.DataObject) -> None:
+    # Slots are reordered only on ranks where a changed slot holds an expert the
+    # old rank had; reordering every rank must then change nothing. (With two
+    # copies of an expert on a rank the reordering is not idempotent.)
+    shape = data.draw(shapes().filter(Shape.duplicates_avoidable))
+    weight = data.draw(loads(shape.layers, shape.logical))
+    old = random_placement(shape, data.draw(st.integers(0, 2**16)))
+    p2l = POLICY.rebalance_experts(weight, *shape.args, old)
+    assert torch.equal(preserve_intra_rank_slots(p2l, old, shape.ranks), p2l)
+
+
+@FAST
+@given(st.data())
+def test_stayer_slots_are_restored_like_the_baseline_does(data: st.DataObject) -> None:
+    # The shortcut reorders only ranks where reordering can move something;
+    # on random maps (copies of one expert on a rank included) it must agree
+    # with reordering every rank.
+    shape = data.draw(shapes())
+    seed = data.draw(st.integers(0, 2**16))
+    old = random_placement(shape, seed)
+    new = random_placement(shape, seed + 1)
+    # Keep some slots as they were, so that ranks without changes occur too.
+    kept = torch.rand(old.shape, generator=torch.Generator().manual_seed(seed)) < 0.7
+    new = torch.where(kept, old, new)
+    expected = preserve_intra_rank_slots(new, old, shape.ranks)
+    assert torch.equal(_keep_stayer_slots(new, old, shape.ranks), expected)
+
+
+@FAST
+@given(st.data())
+def test_swap_search_bookkeeping_matches_the_placement(data: st.DataObject) -> None:
+    # The open search keeps slot, rank, load and expert-presence tables next to
+    # the placement and updates them per trade; they must agree with it.
+    rows = data.draw(st.integers(1, 4))
+    ranks = data.draw(st.integers(2, 5))
+    slots = data.draw(st.integers(1, 4))
+    experts = data.draw(st.integers(slots, ranks * slots))
+    num_slots = ranks * slots
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    weight = torch.rand(rows, num_slots, generator=gen, dtype=torch.float64).sort(dim=1).values
+    placed = torch.argsort(torch.rand(rows, num_slots, generator=gen), dim=1)
+    # Distinct experts within a rank (the search runs after duplicates are fixed).
+    shift = torch.randint(0, experts, (rows, ranks, 1), generator=gen)
+    slot_expert = ((torch.arange(slots) + shift) % experts).view(rows, -1)
+    expert = torch.empty_like(placed).scatter_(1, placed, slot_expert)
+    target = weight.sum(dim=1) / ranks * (1 + data.draw(st.floats(0, 0.2)))
+    search = _Search(placed.clone(), ranks, weight, expert, experts, target)
+    for _ in range(data.draw(st.integers(1, 6))):
+        if not search.narrow():
+            break
+        search.open_round()
+        flat, active = search.flat, search.active
+        slot = torch.arange(num_slots).expand_as(flat)
+        assert torch.equal(search.position.gather(1, flat), slot)
+        assert torch.equal(search.rank_of, search.position // slots)
+        rank_load = search.weight.gather(1, flat).view(len(active), ranks, slots).sum(dim=2)
+        assert torch.allclose(search.rank_load, rank_load)
+        present = torch.zeros(len(active), ranks * experts, dtype=torch.bool)
+        present.scatter_(1, search.rank_of * experts + search.expert, True)
+        assert torch.equal(search.present, present)
+        assert torch.equal(search.weight, weight[active])
 
 
 @FAST

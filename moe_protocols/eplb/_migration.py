@@ -476,21 +476,14 @@ def _slack_search(
     num_experts: int,
     target: torch.Tensor,
     max_rounds: int,
-    economical: bool,
 ) -> None:
     """Lower every rank above ``target`` by swaps with ranks that have room, in place.
 
-    Two ways of finding trades. *Open*: every rank over the limit looks for
-    its best partner replica anywhere in the row, and the claimants of one
-    rank share its room, hottest first. *Paired*: the rank with the i-th
-    largest excess meets the rank with the i-th most room, and each pair makes
-    its best swap. A trade keeps the partner within the limit and never puts
-    an expert on a rank that holds it.
-
-    ``economical`` (repairs, where every trade costs two slots): open rounds
-    only, and no trade on a rank that stays below the hottest rank's level
-    anyway. Otherwise (fresh plans) paired and open rounds alternate and every
-    improving trade is made.
+    Open rounds: every rank over the limit looks for its best partner replica
+    anywhere in the row, and the claimants of one rank share its room,
+    hottest first. A trade keeps the partner within the limit and never puts
+    an expert on a rank that holds it. Every trade costs two slots, so none
+    is made on a rank that stays below the hottest rank's level anyway.
 
     Args:
         placed: ``[X, K, S]`` replica (index into ``weight``) in each slot.
@@ -500,24 +493,53 @@ def _slack_search(
         target: ``[X]`` load a rank may have; a row whose hottest rank finds
             no trade at all relaxes it halfway to that rank's load.
         max_rounds: bound on rounds.
-        economical: spend as few trades as possible (see above).
     """
     num_rows, num_ranks, slots = placed.shape
     if num_ranks < 2 or slots < 1 or max_rounds == 0:
         return
     search = _Search(placed.view(num_rows, -1), num_ranks, weight, expert, num_experts, target)
-    for round_ in range(max_rounds):
+    for _ in range(max_rounds):
         if not search.narrow():
             break
-        if economical or round_ % 2 == 1:
-            search.open_round(economical)
-        else:
-            search.paired_round()
+        search.open_round()
     search.write_back()
 
 
+@functools.lru_cache(maxsize=8)
+def _fit_codes(width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tables for ``width``-bit codes (shared, read only).
+
+    Returns ``([W] bit values, [2**W] bits set, [2**W * W] position of the
+    (t + 1)-th set bit at ``code * W + t``, 0 past the last)``.
+    """
+    codes = torch.arange(2**width)
+    bits = 2 ** torch.arange(width)
+    is_set = (codes.unsqueeze(1) & bits) > 0
+    # The j-th bit, if set, is the (seen[j] + 1)-th; unset bits write 0 to the
+    # last column, which a set bit reaches only when all are set.
+    seen = is_set.cumsum(dim=1) - 1
+    position = torch.arange(width).expand_as(seen)
+    nth = torch.zeros(2**width, width, dtype=torch.int64)
+    nth.scatter_(1, torch.where(is_set, seen, width - 1), torch.where(is_set, position, 0))
+    return bits, is_set.sum(dim=1), nth.flatten()
+
+
+@functools.lru_cache(maxsize=64)
+def _hot_order(num_hot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``([H] 0..H-1, [H, H] i after j, [H, H] i after or at j)`` for ``H`` hot ranks (shared)."""
+    order = torch.arange(num_hot)
+    before = torch.ones(num_hot, num_hot, dtype=torch.bool).tril(diagonal=-1)
+    return order, before, before | torch.eye(num_hot, dtype=torch.bool)
+
+
 class _Search:
-    """Working tensors of one slack search, narrowed to rows with a rank over their limit."""
+    """Working tensors of one slack search, narrowed to rows with a rank over their limit.
+
+    An open round is about a hundred small tensor operations of a few
+    microseconds each; the two binary searches and the running maximum over
+    ``[A, Q]`` cost the most. So a round costs nearly as much for a few rows
+    as for many, and each operation saved counts in every round.
+    """
 
     def __init__(
         self,
@@ -538,25 +560,27 @@ class _Search:
         self.flat = out.clone()  # [A, Q] replica in each slot
         self.weight = weight  # [A, Q] ascending
         self.expert = expert  # [A, Q]
-        slot_rank = torch.arange(num_ranks).repeat_interleave(self.slots).expand(num_rows, -1)
-        self.rank_of = torch.empty_like(out).scatter_(1, out, slot_rank)  # [A, Q]
+        # position[x, r]: slot of replica r (the inverse of flat).
+        slot = torch.arange(num_slots).expand(num_rows, -1)
+        self.position = torch.empty_like(out).scatter_(1, out, slot)  # [A, Q]
+        self.rank_of = self.position // self.slots  # [A, Q]
         self.rank_load = weight.gather(1, out).view(num_rows, num_ranks, -1).sum(dim=2)  # [A, K]
         # present[x, k * n + e]: rank k of row x holds a replica of expert e.
         self.present = torch.zeros(num_rows, num_ranks * num_experts, dtype=torch.bool)
         self.present.scatter_(1, self.rank_of * num_experts + expert, True)
         self.limit = target.unsqueeze(1).clone()  # [A, 1]
+        self.over = self.rank_load > self.limit * (1 + _EPS)  # [A, K], kept by narrow()
         self.in_rank = torch.arange(self.slots)
         self.window = torch.arange(min(_FIT_WINDOW, num_slots))
-
-    def over(self) -> torch.Tensor:
-        return self.rank_load > self.limit * (1 + _EPS)
+        self.bits, self.fit_count, self.nth_fit = _fit_codes(self.window.numel())
 
     def write_back(self) -> None:
         self.out[self.active] = self.flat
 
     def narrow(self) -> bool:
         """Drop rows with nothing over the limit; False when none is left."""
-        busy = self.over().any(dim=1)
+        self.over = self.rank_load > self.limit * (1 + _EPS)
+        busy = self.over.any(dim=1)
         if bool(busy.all()):
             return True
         self.write_back()
@@ -566,167 +590,130 @@ class _Search:
             "flat",
             "weight",
             "expert",
+            "position",
             "rank_of",
             "rank_load",
             "present",
             "limit",
+            "over",
         ):
             setattr(self, name, getattr(self, name)[keep])
         return keep.numel() > 0
 
-    def hot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(load, rank, replicas [A, H * S], their loads)`` of the ranks over the limit.
-
-        Hottest first; at most half the ranks (the rest are partners).
-        """
-        num_hot = min(int(self.over().sum(dim=1).max()), self.num_ranks // 2)
-        load, rank = torch.topk(self.rank_load, num_hot, dim=1)
-        own = self.flat.gather(1, (rank.unsqueeze(2) * self.slots + self.in_rank).flatten(1))
-        return load, rank, own, self.weight.gather(1, own)
-
-    def holds(self, rank: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
-        """Whether ``rank`` holds (a replica of) the expert of ``item`` (same shapes)."""
-        index = rank * self.num_experts + self.expert.gather(1, item.flatten(1)).view(item.shape)
-        return self.present.gather(1, index.flatten(1)).view(item.shape)
-
-    def relax(self, hottest_load: torch.Tensor, hottest_traded: torch.Tensor) -> None:
-        """A row whose hottest rank found no trade at all relaxes its limit halfway to that rank."""
-        stuck = (hottest_load > self.limit * (1 + _EPS)) & ~hottest_traded
-        self.limit = torch.where(stuck, self.limit + (hottest_load - self.limit) / 2, self.limit)
-
-    def paired_round(self) -> None:
+    def open_round(self) -> None:
         num_rows = self.flat.shape[0]
         slots = self.slots
-        hot_load, hot, own, a = self.hot()
-        num_pairs = hot.shape[1]
-        cold_load, cold = torch.topk(self.rank_load, num_pairs, dim=1, largest=False)
-        need = (hot_load - self.limit).unsqueeze(2).unsqueeze(3)
-        room = (self.limit - cold_load).unsqueeze(2).unsqueeze(3)
-        theirs = self.flat.gather(1, (cold.unsqueeze(2) * slots + self.in_rank).flatten(1))
-        b = self.weight.gather(1, theirs)
-        shape = (num_rows, num_pairs, slots, slots)
-        moved = a.view(num_rows, num_pairs, slots, 1) - b.view(num_rows, num_pairs, 1, slots)
-        pair_rank = cold.repeat_interleave(slots, dim=1)
-        ok = (
-            (moved > 0)
-            & (moved <= room)
-            & (hot_load > self.limit * (1 + _EPS)).view(num_rows, num_pairs, 1, 1)
-            & ~self.holds(pair_rank, own).view(num_rows, num_pairs, slots, 1)
-            & ~self.holds(hot.repeat_interleave(slots, dim=1), theirs).view(
-                num_rows, num_pairs, 1, slots
-            )
-        )
-        # Full fixes first, the smallest overshoot among them; else the largest drop.
-        score = torch.where(
-            moved >= need, 2 - (moved - need) / self.limit.view(-1, 1, 1, 1), moved / need
-        )
-        # Partial fixes only for the hottest rank: elsewhere they cost slots
-        # without lowering the row's peak.
-        ok[:, 1:] &= moved[:, 1:] >= need[:, 1:]
-        best, choice = score.masked_fill(~ok, -math.inf).view(num_rows, num_pairs, -1).max(dim=2)
-        accept = best > -math.inf
-        self.relax(hot_load[:, :1], accept[:, :1])
-        give, take = choice // slots, choice % slots
-        self.swap(accept, hot, give, cold, take, shape)
-
-    def open_round(self, economical: bool) -> None:
-        num_rows = self.flat.shape[0]
-        slots = self.slots
-        hot_load, hot, own, a = self.hot()
-        num_hot = hot.shape[1]
+        # The hot ranks, hottest first; at most half the ranks (the rest are partners).
+        num_hot = min(int(self.over.sum(dim=1).max()), self.num_ranks // 2)
+        hot_load, hot = torch.topk(self.rank_load, num_hot, dim=1)
+        own = self.flat.gather(1, (hot.unsqueeze(2) * slots + self.in_rank).flatten(1))
+        a = self.weight.gather(1, own)  # [A, H * S]
+        by_rank = (num_rows, num_hot, slots)
         room_of_rank = self.limit - self.rank_load
         # key[b] >= a  <=>  b's rank stays within the limit after trading b for a.
-        key = self.weight + room_of_rank.gather(1, self.rank_of)
-        need = (hot_load - self.limit).repeat_interleave(slots, dim=1)
+        # Stored after W entries of -inf: the window below the first replica reads them.
+        width = self.window.numel()
+        padded = self.weight.new_full((num_rows, width + self.num_slots), -math.inf)
+        key = padded[:, width:]
+        torch.add(self.weight, room_of_rank.gather(1, self.rank_of), out=key)
+        need = hot_load - self.limit  # [A, H]
+        over = self.over.gather(1, hot).unsqueeze(2)  # [A, H, 1]
+        order, before, upto = _hot_order(num_hot)
         # Full fix, best fit: the largest b <= a - need (the hot rank reaches the
         # limit) whose rank has room for a - b, among the few largest such b;
-        # failing that, the b whose rank keeps the most room.
-        end = torch.searchsorted(self.weight, a - need, right=True) - 1
-        near = end.unsqueeze(2) - self.window
-        near_key = key.gather(1, near.clamp(min=0).flatten(1)).view(near.shape)
-        fits = (near_key >= a.unsqueeze(2)) & (near >= 0)
-        fitting = fits.any(dim=2)
+        # failing that, the b whose rank keeps the most room. The binary
+        # searches cost mostly mispredicted branches: padding entries (ranks
+        # not over the limit) search a constant instead, which costs next to nothing.
+        wanted = torch.where(over, a.view(by_rank) - need.unsqueeze(2), -math.inf)
+        end = torch.searchsorted(self.weight, wanted.view(num_rows, -1), right=True).sub_(1)
+        # Candidates end, end - 1, ..., end - W + 1 (as indices into padded).
+        near = (end + width).unsqueeze(2) - self.window
+        fits = padded.gather(1, near.flatten(1)).view(near.shape) >= a.unsqueeze(2)
+        # Which of the W candidates fit, as a W-bit code (bit j: candidate end - j).
+        code = (fits * self.bits).sum(dim=2)
+        fitting = code > 0
         # Hot ranks with similar needs would all pick the same best fit; the
         # i-th hottest takes the (i mod f)-th of its f fits, so they spread.
-        seen = fits.cumsum(dim=2)
-        hot_order = torch.arange(num_hot).repeat_interleave(slots).view(1, -1, 1)
-        turn = hot_order % seen[:, :, -1:].clamp(min=1)
-        nth = (fits & (seen == turn + 1)).to(torch.int8).argmax(dim=2, keepdim=True)
-        nearest = near.gather(2, nth).squeeze(2)
+        total = self.fit_count.take(code)
+        turn = (order.view(1, -1, 1) % total.view(by_rank).clamp(min=1)).view(num_rows, -1)
+        nearest = end - self.nth_fit.take(code * width + turn)
         running_max, running_at = torch.cummax(key, dim=1)
         last = end.clamp(min=0)
         anywhere = (end >= 0) & (running_max.gather(1, last) >= a)
         # Partial fix: the smallest b that fits (the largest drop of the hot rank).
-        first = torch.searchsorted(running_max, a).clamp(max=self.num_slots - 1)
+        # Every partner picked below has key >= a (a fitting b, or where the
+        # running maximum of key reaches a), except where no b fits at all.
+        has_room = fitting | anywhere
+        searched = torch.where(over & ~has_room.view(by_rank), a.view(by_rank), math.inf)
+        first = torch.searchsorted(running_max, searched.view(num_rows, -1))
+        has_partner = has_room | (first < self.num_slots)
         partner = torch.where(
-            fitting, nearest, torch.where(anywhere, running_at.gather(1, last), first)
+            fitting,
+            nearest,
+            torch.where(anywhere, running_at.gather(1, last), first.clamp_(max=self.num_slots - 1)),
         )
         b = self.weight.gather(1, partner)
         partner_rank = self.rank_of.gather(1, partner)
-        giver_rank = hot.repeat_interleave(slots, dim=1)
-        ok = (
-            (hot_load > self.limit * (1 + _EPS)).repeat_interleave(slots, dim=1)
-            & (b < a)
-            & (key.gather(1, partner) >= a)
-            & ~self.holds(partner_rank, own)
-            & ~self.holds(giver_rank, partner)
+        n = self.num_experts
+        own_expert = self.expert.gather(1, own)
+        partner_expert = self.expert.gather(1, partner)
+        # The partner rank holds the expert brought, or the hot rank the one taken.
+        clash = self.present.gather(1, partner_rank * n + own_expert)
+        clash |= self.present.gather(
+            1, ((hot * n).unsqueeze(2) + partner_expert.view(by_rank)).view(num_rows, -1)
         )
-        score = torch.where(fitting | anywhere, 2 - (a - b - need) / self.limit, (a - b) / need)
-        best, which = score.masked_fill(~ok, -math.inf).view(num_rows, num_hot, slots).max(dim=2)
+        ok = (has_partner & (b < a) & ~clash).view(by_rank).logical_and_(over)
+        gain = a - b
+        score = torch.where(
+            has_room,
+            2 - (gain.view(by_rank) - need.unsqueeze(2)).view(num_rows, -1) / self.limit,
+            (gain.view(by_rank) / need.unsqueeze(2)).view(num_rows, -1),
+        )
+        best, which = torch.where(ok, score.view(by_rank), -math.inf).max(dim=2)
         accept = best > -math.inf
-        pick = which.unsqueeze(2)
-
-        def chosen_of(values: torch.Tensor) -> torch.Tensor:
-            return values.view(num_rows, num_hot, slots).gather(2, pick).squeeze(2)
-
-        chosen = chosen_of(partner_rank)
+        pick = which + order * slots  # [A, H] index into [A, H * S]
+        chosen_partner = partner.gather(1, pick)
+        chosen = partner_rank.gather(1, pick)
         if num_hot > 1:
             # Claimants of one partner rank trade, hottest first, while what they
             # bring fits its room, they take different replicas and bring
             # different experts; the rest wait for the next round.
-            delta = chosen_of(a - b)
-            before = torch.ones(num_hot, num_hot, dtype=torch.bool).tril(diagonal=-1)
+            delta = gain.gather(1, pick)
             shared = (chosen.unsqueeze(2) == chosen.unsqueeze(1)) & accept.unsqueeze(1)
-            upto = shared & (before | torch.eye(num_hot, dtype=torch.bool))
-            accept &= (upto * delta.unsqueeze(1)).sum(dim=2) <= room_of_rank.gather(1, chosen)
-            taken = chosen_of(partner)
-            bringing = chosen_of(self.expert.gather(1, own))
-            clash = (taken.unsqueeze(2) == taken.unsqueeze(1)) | (
+            claimed = ((shared & upto) * delta.unsqueeze(1)).sum(dim=2)
+            accept &= claimed <= room_of_rank.gather(1, chosen)
+            bringing = own_expert.gather(1, pick)
+            clash = (chosen_partner.unsqueeze(2) == chosen_partner.unsqueeze(1)) | (
                 bringing.unsqueeze(2) == bringing.unsqueeze(1)
             )
             accept &= ~(shared & before & clash).any(dim=2)
             # The row's peak stays at least the hottest rank's load after its
             # best trade: trading on ranks already below that buys nothing.
             floor = hot_load[:, :1] - torch.where(accept[:, :1], delta[:, :1], 0.0)
-            if economical:
-                accept[:, 1:] &= hot_load[:, 1:] > floor
-        self.relax(hot_load[:, :1], accept[:, :1])
-        # Position of the chosen partner replica within its rank.
-        partner_slot = torch.empty_like(self.flat).scatter_(
-            1, self.flat, torch.arange(self.num_slots).expand(num_rows, -1) % slots
-        )
-        self.swap(accept, hot, which, chosen, chosen_of(partner_slot.gather(1, partner)), None)
+            accept[:, 1:] &= hot_load[:, 1:] > floor
+        # A row whose hottest rank found no trade at all relaxes its limit halfway to that rank.
+        stuck = over[:, :1, 0] & ~accept[:, :1]
+        self.limit = torch.where(stuck, self.limit + (hot_load[:, :1] - self.limit) / 2, self.limit)
+        if bool(accept.any()):
+            self.swap(accept, hot, own.gather(1, pick), chosen, chosen_partner)
 
     def swap(
         self,
         accept: torch.Tensor,
         giver: torch.Tensor,
-        give: torch.Tensor,
+        item_a: torch.Tensor,
         taker: torch.Tensor,
-        take: torch.Tensor,
-        shape: tuple[int, ...] | None,
+        item_b: torch.Tensor,
     ) -> None:
-        """Swap slot ``give`` of rank ``giver`` and slot ``take`` of ``taker`` where accepted."""
-        del shape
-        if not bool(accept.any()):
-            return
+        """Trade replica ``item_a`` of rank ``giver`` for ``item_b`` of ``taker`` where accepted."""
         row, pair = accept.nonzero(as_tuple=True)
-        slot_a = giver[row, pair] * self.slots + give[row, pair]
-        slot_b = taker[row, pair] * self.slots + take[row, pair]
-        item_a, item_b = self.flat[row, slot_a], self.flat[row, slot_b]
+        item_a, item_b = item_a[row, pair], item_b[row, pair]
+        rank_a, rank_b = giver[row, pair], taker[row, pair]
+        slot_a, slot_b = self.position[row, item_a], self.position[row, item_b]
         self.flat[row, slot_a] = item_b
         self.flat[row, slot_b] = item_a
-        rank_a, rank_b = giver[row, pair], taker[row, pair]
+        self.position[row, item_a] = slot_b
+        self.position[row, item_b] = slot_a
         self.rank_of[row, item_a] = rank_b
         self.rank_of[row, item_b] = rank_a
         moved = self.weight[row, item_a] - self.weight[row, item_b]
@@ -825,7 +812,7 @@ def _search_and_read(
         1, order, torch.arange(order.shape[1]).expand(num_rows, -1)
     )
     placed = item_of_slot.view(placed_slots.shape).contiguous()
-    _slack_search(placed, weight, expert, num_experts, target, max_rounds, economical=True)
+    _slack_search(placed, weight, expert, num_experts, target, max_rounds)
     return expert.gather(1, placed.view(num_rows, -1)).view(placed_slots.shape)
 
 
@@ -1062,6 +1049,28 @@ def _match_ranks(new: torch.Tensor, old: torch.Tensor, num_experts: int) -> torc
     return new.gather(1, source.unsqueeze(2).expand(-1, -1, slots))
 
 
+def _keep_stayer_slots(new_map: torch.Tensor, old: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """:func:`preserve_intra_rank_slots` of ``[L, P]`` maps, only where it can move something.
+
+    It works rank by rank, and on a rank whose old slots hold distinct
+    experts it leaves the slots as they are unless a changed slot holds an
+    expert the old rank had. Swaps and fills write into the slot they free,
+    so that is a small share of the ranks. Same result as applying it to
+    every rank.
+    """
+    num_layers, num_physical = new_map.shape
+    slots = num_physical // num_ranks
+    by_rank = new_map.reshape(num_layers * num_ranks, slots).clone()
+    old_by_rank = old.reshape(num_layers * num_ranks, slots)
+    held_before = (by_rank.unsqueeze(2) == old_by_rank.unsqueeze(1)).any(dim=2)
+    old_repeats = _repeats(old_by_rank.unsqueeze(1)).squeeze(1).any(dim=1, keepdim=True)
+    changed = ((held_before | old_repeats) & (by_rank != old_by_rank)).any(dim=1)
+    changed = changed.nonzero().squeeze(1)
+    if changed.numel() > 0:
+        by_rank[changed] = preserve_intra_rank_slots(by_rank[changed], old_by_rank[changed], 1)
+    return by_rank.view(num_layers, num_physical)
+
+
 def _settled(old: torch.Tensor, load: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``[X]`` rows whose old ``[X, K, S]`` placement is complete and already within ``target``.
 
@@ -1082,25 +1091,24 @@ def _settled(old: torch.Tensor, load: torch.Tensor, target: torch.Tensor) -> tor
 
 def _repair(
     rows: _Rows, old: torch.Tensor, tolerance: float, replan_gain: float, max_rounds: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Keep-and-repair plan for every row from the old ``[X, K, S]`` placement (``-1`` = free).
 
     Rows already within their target keep the old placement untouched.
-    Returns ``([X, K, S] expert ids, [X] bool rows replaced by a fresh plan)``.
+    Returns the ``[X, K, S]`` expert ids.
     """
     num_rows = rows.load.shape[0]
     _, hottest = replica_counts(rows.load, rows.num_slots, rows.cap)
     target = rows.target(hottest, tolerance)
-    replaced = torch.zeros(num_rows, dtype=torch.bool)
     todo = (~_settled(old, rows.load, target)).nonzero().squeeze(1)
     if todo.numel() == 0:
-        return old.clone(), replaced
+        return old.clone()
     if todo.numel() == num_rows:
         return _repair_rows(
             rows.load, old, hottest, target, rows, tolerance, replan_gain, max_rounds
         )
     placed = old.clone()
-    placed[todo], replaced[todo] = _repair_rows(
+    placed[todo] = _repair_rows(
         rows.load[todo],
         old[todo],
         hottest[todo],
@@ -1110,7 +1118,7 @@ def _repair(
         replan_gain,
         max_rounds,
     )
-    return placed, replaced
+    return placed
 
 
 def _repair_rows(
@@ -1122,7 +1130,7 @@ def _repair_rows(
     tolerance: float,
     replan_gain: float,
     max_rounds: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """:func:`_repair` for the ``[X', n]`` loads of the rows that need one (sizes from ``rows``)."""
     num_rows, n = load.shape
     old_count = _counts_of(_first_copies(old).view(num_rows, -1), n)
@@ -1151,7 +1159,6 @@ def _repair_rows(
             placed[retry[better]] = again[better]
             peak[retry[better]] = again_peak[better]
 
-    replaced = torch.zeros(num_rows, dtype=torch.bool)
     # A duplicate the swaps could not remove (when the row has room for none)
     # also calls for a fresh plan.
     stuck = _repeats(placed).flatten(1).any(dim=1) & (rows.slots <= n)
@@ -1165,8 +1172,7 @@ def _repair_rows(
             # Ranks are interchangeable: give each new rank's contents to the
             # old rank that already holds most of them.
             placed[index[better]] = _match_ranks(fresh[better], old[index[better]], n)
-            replaced[index[better]] = True
-    return placed, replaced
+    return placed
 
 
 def _repair_pass(
@@ -1258,6 +1264,20 @@ def _partitions(num_groups: int, num_nodes: int) -> tuple[torch.Tensor, torch.Te
     return layouts, member.permute(1, 0, 2).reshape(num_groups, -1)
 
 
+@functools.lru_cache(maxsize=16)
+def _layout_nodes(num_groups: int, num_nodes: int) -> torch.Tensor:
+    """Every layout of :func:`_layouts` as a ``[G * N, count]`` one-hot matrix.
+
+    Entry ``(g * N + k, l)`` is 1 where layout ``l`` puts group ``g`` on node
+    ``k``. Only called where :func:`_layouts` enumerated the layouts.
+    """
+    enumerated = _layouts(num_groups, num_nodes)
+    assert enumerated is not None
+    layouts = enumerated[0]
+    member = torch.nn.functional.one_hot(layouts, num_nodes).to(torch.float64)
+    return member.permute(1, 2, 0).reshape(num_groups * num_nodes, -1)
+
+
 def _heaviest_nodes(group_load: torch.Tensor, member: torch.Tensor, num_nodes: int) -> torch.Tensor:
     """``[L, G]`` group loads -> ``[L, count]`` heaviest node load of every layout."""
     return (group_load @ member).view(group_load.shape[0], -1, num_nodes).amax(dim=2)
@@ -1311,7 +1331,12 @@ def _group_layout(
     if change.numel() > 0:
         heaviest = _heaviest_nodes(group_load[change], member, num_nodes)
         good_enough = heaviest <= lightest[change] * (1 + tolerance)
-        staying = (layouts.unsqueeze(0) == old[change].unsqueeze(1)).sum(dim=2)
+        # Groups each layout leaves on their old node: one-hot old nodes (none
+        # for -1) times one-hot layouts, a small matrix product exact on these integers.
+        old_node = old[change]
+        old_member = torch.nn.functional.one_hot(old_node.clamp(min=0), num_nodes)
+        old_member = (old_member * (old_node >= 0).unsqueeze(2)).to(member.dtype)
+        staying = old_member.flatten(1) @ _layout_nodes(num_groups, num_nodes)
         # Most groups staying first; among equals, the lightest heaviest node.
         tie_break = heaviest / (heaviest.amax(dim=1, keepdim=True) + 1)
         score = torch.where(good_enough, staying - tie_break, -math.inf)
@@ -1428,12 +1453,11 @@ class MigrationAwarePolicy:
             slots,
             rows_per_layer=nodes,
         )
-        replaced = torch.zeros(num_layers * nodes, dtype=torch.bool)
         if old is None:
             placed, _ = _fresh(rows, self.tolerance * _FRESH_SHARE / slots**2, self.max_rounds)
         else:
             local_old = self._project(old, node_experts, num_logical, ranks_per_node, slots)
-            placed, replaced = _repair(
+            placed = _repair(
                 rows, local_old, self.tolerance / slots**2, self.replan_gain, self.max_rounds
             )
         new_map = flat_experts.gather(1, placed.view(num_layers * nodes, -1))
@@ -1441,8 +1465,7 @@ class MigrationAwarePolicy:
         if old is not None:
             # A replica swapped away and back, or a row replaced by a fresh
             # plan, may sit in another slot of its old rank: put stayers back.
-            del replaced
-            new_map = preserve_intra_rank_slots(new_map, old, num_ranks)
+            new_map = _keep_stayer_slots(new_map, old, num_ranks)
         return new_map
 
     def _node_experts(
