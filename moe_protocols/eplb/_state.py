@@ -224,8 +224,8 @@ class _ModelPlan:
     old_map: Tensor
     new_map: Tensor
     logical_maps: tuple[Tensor, Tensor]
-    summary: ModelRearrangement  # transfer figures are filled in after the commit
-    transfer: TransferPlan | None = None  # planned up front across ranks, else when staging
+    summary: ModelRearrangement  # transfer_seconds: planning so far; the rest after the commit
+    transfer: TransferPlan  # planned before staging, so a rank that cannot plan tells the others
 
 
 def _ep_problem(
@@ -743,7 +743,9 @@ class EplbState:
                 plan.summary,
                 bytes_moved=stats.bytes_moved,
                 layers_changed=stats.layers_changed,
-                transfer_seconds=transfer.seconds + time.perf_counter() - started,
+                transfer_seconds=(
+                    plan.summary.transfer_seconds + transfer.seconds + time.perf_counter() - started
+                ),
                 bytes_sent=stats.bytes_sent,
                 bytes_received=stats.bytes_received,
             )
@@ -810,14 +812,17 @@ class EplbState:
 
     def _transfer_plan(
         self, state: ModelEplbState, old_map: Tensor, new_map: Tensor
-    ) -> TransferPlan:
-        return plan_transfer(
+    ) -> tuple[TransferPlan, float]:
+        """This rank's plan of the weight move, and the seconds planning it took."""
+        started = time.perf_counter()
+        plan = plan_transfer(
             old_map,
             new_map,
             state.num_local_physical_experts,
             self._ep.rank,
             num_nodes=self._ep.num_nodes,
         )
+        return plan, time.perf_counter() - started
 
     def _layout_digest(self, state: ModelEplbState) -> int:
         weights = state.model.expert_weights
@@ -874,18 +879,9 @@ class EplbState:
     def _stage_plans(self, plans: Sequence[_ModelPlan]) -> list[StagedTransfer]:
         """Stage every plan: local copies in one process, a group-wide exchange across ranks."""
         if not self._ep.is_distributed:
-            return [self._stage(p.state, p.old_map, p.new_map) for p in plans]
+            return [self._stage(p.state, p.transfer) for p in plans]
         jobs = [
-            TransferJob(
-                p.state.model_name,
-                (
-                    p.transfer
-                    if p.transfer is not None
-                    else self._transfer_plan(p.state, p.old_map, p.new_map)
-                ),
-                p.state.model.expert_weights,
-            )
-            for p in plans
+            TransferJob(p.state.model_name, p.transfer, p.state.model.expert_weights) for p in plans
         ]
         return list(
             exchange_expert_weights(jobs, self._ep, options=self._transfer, device=self._device)
@@ -920,6 +916,7 @@ class EplbState:
         )
         before = expected_rank_loads(old_map, load, num_ranks)
         after = expected_rank_loads(new_map, load, num_ranks)
+        transfer, planning_seconds = self._transfer_plan(state, old_map, new_map)
         summary = ModelRearrangement(
             model_name=state.model_name,
             balancedness_before=layer_balancedness(before),
@@ -930,18 +927,16 @@ class EplbState:
             bytes_moved=0,
             layers_changed=0,
             policy_seconds=policy_seconds,
-            transfer_seconds=0.0,
+            transfer_seconds=planning_seconds,
             old_physical_to_logical_map=old_map,
             new_physical_to_logical_map=new_map,
         )
-        transfer = self._transfer_plan(state, old_map, new_map) if self._ep.is_distributed else None
         return _ModelPlan(
             state, old_map, new_map, self._logical_maps(state, new_map), summary, transfer
         )
 
-    def _stage(self, state: ModelEplbState, old_map: Tensor, new_map: Tensor) -> StagedTransfer:
+    def _stage(self, state: ModelEplbState, plan: TransferPlan) -> StagedTransfer:
         started = time.perf_counter()
-        plan = plan_transfer(old_map, new_map, state.num_local_physical_experts, self._ep.rank)
         staged = stage_transfer(plan, state.model.expert_weights)
         return attrs.evolve(staged, seconds=time.perf_counter() - started)
 
@@ -1067,7 +1062,7 @@ class EplbState:
             what=what,
         )
         old_map = state.physical_to_logical_map.to("cpu", copy=True)
-        transfer = self._transfer_plan(state, old_map, new_map) if self._ep.is_distributed else None
+        transfer, planning_seconds = self._transfer_plan(state, old_map, new_map)
         # Only the maps matter here; the figures are those of a rearrangement.
         summary = ModelRearrangement(
             model_name=model_name,
@@ -1079,7 +1074,7 @@ class EplbState:
             bytes_moved=0,
             layers_changed=0,
             policy_seconds=0.0,
-            transfer_seconds=0.0,
+            transfer_seconds=planning_seconds,
             old_physical_to_logical_map=old_map,
             new_physical_to_logical_map=new_map,
         )
