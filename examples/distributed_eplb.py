@@ -9,9 +9,12 @@ Run it on one machine (spawns the ranks itself, gloo on loopback)::
 
     python examples/distributed_eplb.py --ranks 2
 
-or under ``torchrun`` (one process per rank; NCCL when CUDA is available)::
+or under ``torchrun`` (one process per rank)::
 
     torchrun --nproc-per-node 4 examples/distributed_eplb.py
+
+Both use gloo on the CPU: ``ReferenceRunner`` keeps its EPLB maps on the CPU,
+so NCCL (GPU tensors) needs an ``EplbState`` built with ``device=`` directly.
 
 Rank 0 prints balancedness before and after each rearrangement, the bytes the
 ranks exchanged, and whether the EP group's outputs stayed bit-identical.
@@ -57,9 +60,6 @@ def skewed_batch(step: int) -> torch.Tensor:
 def serve(args: argparse.Namespace) -> None:
     """One EP rank's work; the process group is initialised."""
     ep = ExpertParallelContext.from_process_group()
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    )
     runner = ReferenceRunner(
         RunnerConfig(
             enable_eplb=True,
@@ -72,7 +72,7 @@ def serve(args: argparse.Namespace) -> None:
         )
     )
     model = tiny_vlm(ep=ep, num_experts=args.experts, num_redundant_experts=args.redundant)
-    runner.load_model(model.to(device))
+    runner.load_model(model)
     state = runner.eplb_state
     assert state is not None
     language_model = model.get_language_model()
@@ -82,7 +82,7 @@ def serve(args: argparse.Namespace) -> None:
         language_model.record_expert_load = False
         try:
             with torch.no_grad():
-                logits: torch.Tensor = model(skewed_batch(-1).to(device))
+                logits: torch.Tensor = model(skewed_batch(-1))
             return logits
         finally:
             language_model.record_expert_load = True
@@ -91,13 +91,13 @@ def serve(args: argparse.Namespace) -> None:
 
     seen = 0
     for step in range(args.steps):
-        runner.execute_model(skewed_batch(step).to(device))
+        runner.execute_model(skewed_batch(step))
         if state.num_rearrangements > seen:
             seen = state.num_rearrangements
             result = state.last_rearrangement
             assert result is not None
             summary = result[runner.config.model_name]
-            sent = torch.tensor([result.bytes_sent], device=device)
+            sent = torch.tensor([result.bytes_sent])
             ep.all_reduce_(sent)
             if ep.rank == 0:
                 print(
@@ -107,7 +107,7 @@ def serve(args: argparse.Namespace) -> None:
                     f"{int(sent.item()) / 2**20:.2f} MiB sent between ranks"
                 )
     after = outputs()
-    same = torch.tensor([int(torch.equal(before, after))], device=device)
+    same = torch.tensor([int(torch.equal(before, after))])
     ep.all_reduce_(same, op="min")
     if ep.rank == 0:
         print(f"{state.num_rearrangements} rearrangements on {ep.world_size} EP ranks")
@@ -141,10 +141,7 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if "RANK" in os.environ:  # under torchrun
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend, timeout=timedelta(seconds=60))
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
         try:
             serve(args)
         finally:
