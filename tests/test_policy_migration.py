@@ -255,6 +255,31 @@ def test_swap_search_bookkeeping_matches_the_placement(data: st.DataObject) -> N
         assert torch.equal(search.weight, weight[active])
 
 
+@pytest.mark.parametrize("newcomer", [0, 1])
+def test_open_search_gives_away_the_replica_that_costs_no_new_slot(newcomer: int) -> None:
+    # Rank 0 holds experts 0 and 1 (load 5 each) and must shed 3; rank 1 holds
+    # experts 2 and 3 (loads 1 and 2). Trading either heavy replica for expert 3
+    # fixes rank 0 equally well, but one of them only arrived in this repair:
+    # sending that one away refetches one slot fewer, and the search must see it.
+    weight = torch.tensor([[1.0, 2.0, 5.0, 5.0]], dtype=torch.float64)
+    expert = torch.tensor([[2, 3, 0, 1]])  # expert of each replica (sorted by load)
+    placed = torch.tensor([[2, 3, 0, 1]])  # replica in each slot: rank 0 = slots 0, 1
+    experts, ranks = 4, 2
+    held = torch.zeros(1, ranks * experts, dtype=torch.bool)
+    held[0, 1 - newcomer] = True  # rank 0 held the other heavy expert before
+    held[0, experts + 2] = held[0, experts + 3] = True  # rank 1 held experts 2 and 3
+    search = _Search(placed.clone(), ranks, weight, expert, experts, torch.tensor([7.0]), held)
+    assert search.narrow()
+    search.open_round()
+    rank0 = set(search.expert.gather(1, search.flat)[0, :2].tolist())
+    assert rank0 == {1 - newcomer, 3}
+    # Without a record of the old placement both trades look alike.
+    blind = _Search(placed.clone(), ranks, weight, expert, experts, torch.tensor([7.0]))
+    blind.narrow()
+    blind.open_round()
+    assert set(blind.expert.gather(1, blind.flat)[0, :2].tolist()) in ({0, 3}, {1, 3})
+
+
 @FAST
 @given(st.data())
 def test_no_placement_beats_the_lower_bound(data: st.DataObject) -> None:
