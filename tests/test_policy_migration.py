@@ -238,7 +238,9 @@ def test_swap_search_bookkeeping_matches_the_placement(data: st.DataObject) -> N
     slot_expert = ((torch.arange(slots) + shift) % experts).view(rows, -1)
     expert = torch.empty_like(placed).scatter_(1, placed, slot_expert)
     target = weight.sum(dim=1) / ranks * (1 + data.draw(st.floats(0, 0.2)))
-    search = _Search(placed.clone(), ranks, weight, expert, experts, target)
+    # The old placement that prices trades (any table will do for bookkeeping).
+    held = torch.rand(rows, ranks * experts, generator=gen) < 0.5
+    search = _Search(placed.clone(), ranks, weight, expert, experts, target, held)
     for _ in range(data.draw(st.integers(1, 6))):
         if not search.narrow():
             break
@@ -253,6 +255,8 @@ def test_swap_search_bookkeeping_matches_the_placement(data: st.DataObject) -> N
         present.scatter_(1, search.rank_of * experts + search.expert, True)
         assert torch.equal(search.present, present)
         assert torch.equal(search.weight, weight[active])
+        assert search.held is not None
+        assert torch.equal(search.held, held[active])
 
 
 @pytest.mark.parametrize("newcomer", [0, 1])

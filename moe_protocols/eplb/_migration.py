@@ -103,8 +103,9 @@ gives away the replica whose trade scores best: full fixes first, and
 ``_OPEN_COST_WEIGHT`` off the score for every slot the trade refetches
 beyond those it hands back to a rank that held them before the repair (a
 replica that only arrived in this repair costs nothing to send on; at equal
-balance this moved 2-3 points fewer slots on DeepSeek-V3 320x64/global and
-1.5-2 on 288x32/global after a 0.2 drift). Claimants of one partner rank
+balance this moved 1.4-2.9 points fewer slots on DeepSeek-V3 320x64/global
+and 1.3-1.9 on six of seven 288x32/global workloads after a 0.2 drift).
+Claimants of one partner rank
 trade hottest first while their trades fit its room. No trade puts an
 expert on a rank that holds it. A trade on a rank that stays below the
 hottest rank's level anyway is skipped (it would cost two slots for
@@ -844,7 +845,12 @@ def _search_and_read(
     max_rounds: int,
     held: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Slack-search a ``[X, K, S]`` placement of expert ids; returns the improved one."""
+    """Slack-search a ``[X, K, S]`` placement of expert ids; returns the improved one.
+
+    ``held`` (``[X, K * n]``, see :func:`_holding`): the placement before the
+    repair, so trades that refetch fewer slots are preferred; ``None`` for
+    fresh plans.
+    """
     num_rows = placed_slots.shape[0]
     flat = placed_slots.view(num_rows, -1)
     order = torch.sort(slot_load, dim=1, stable=True).indices
