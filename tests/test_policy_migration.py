@@ -354,6 +354,8 @@ def test_policy_is_a_built_in_selectable_by_name() -> None:
         ({"tolerance": float("nan")}, "tolerance"),
         ({"tolerance": float("inf")}, "tolerance"),
         ({"replan_gain": 2.0}, "replan_gain"),
+        ({"fresh_gain": -0.01}, "fresh_gain"),
+        ({"fresh_gain": "0.05"}, "fresh_gain"),
         ({"max_rounds": -1}, "max_rounds"),
         ({"max_rounds": True}, "max_rounds"),
     ],
@@ -493,6 +495,20 @@ def test_zipf_loads_with_more_heavy_replicas_than_ranks_beat_the_baseline() -> N
     )
 
 
+def test_fresh_gain_trades_balance_for_fewer_moved_slots() -> None:
+    # Zipf 1.1 rows whose repair stays above the bound: with fresh_gain 0 every
+    # such row takes the fresh plan if it is better at all (moving nearly all
+    # its slots); with fresh_gain 1 none does.
+    (eager_moved, eager_balance), (reluctant_moved, reluctant_balance) = _after_drift(
+        [MigrationAwarePolicy(fresh_gain=0.0), MigrationAwarePolicy(fresh_gain=1.0)],
+        attrs.evolve(ZIPF_GLOBAL, layers=4),
+        LoadDistribution("zipf", 1.1),
+        seed=91,
+    )
+    assert reluctant_moved < eager_moved
+    assert reluctant_balance < eager_balance
+
+
 @pytest.mark.parametrize("seed", [93, 94, 95])
 def test_heavy_replica_limit_keeps_counts_valid(seed: int) -> None:
     from moe_protocols.eplb._migration import _limit_heavy_replicas
@@ -524,23 +540,39 @@ def test_fresh_plan_ranks_are_matched_to_the_old_ranks() -> None:
     assert torch.equal(_match_ranks(shuffled, holey, 20), old)
 
 
-def test_tolerance_trades_balance_for_fewer_moved_slots() -> None:
-    shape = GLOBAL_LIKE
+def _after_drift(
+    policies: list[MigrationAwarePolicy], shape: Shape, dist: LoadDistribution, seed: int
+) -> list[tuple[int, float]]:
+    """Slots refetched and balancedness of each policy's rebalance after a 0.2 drift.
+
+    Each policy first plans the window before the drift, then rebalances from its own plan.
+    """
     windows = drift_sequence(
-        LoadDistribution("lognormal", 1.0).sample(shape.layers, shape.logical, seed=21),
+        dist.sample(shape.layers, shape.logical, seed=seed),
         Drift("lognormal", 0.2),
         1,
-        seed=22,
+        seed=seed + 1,
     )
     results = []
-    for tolerance in (0.0, 4.0):
-        policy = MigrationAwarePolicy(tolerance=tolerance)
+    for policy in policies:
         old = policy.rebalance_experts(windows[0], *shape.args)
         new = policy.rebalance_experts(windows[1], *shape.args, old)
         results.append(
-            (slots_refetched(old, new, shape.ranks), realised_balancedness(new, windows[1], 8))
+            (
+                slots_refetched(old, new, shape.ranks),
+                realised_balancedness(new, windows[1], shape.ranks),
+            )
         )
-    (tight_moved, tight_balance), (loose_moved, loose_balance) = results
+    return results
+
+
+def test_tolerance_trades_balance_for_fewer_moved_slots() -> None:
+    (tight_moved, tight_balance), (loose_moved, loose_balance) = _after_drift(
+        [MigrationAwarePolicy(tolerance=0.0), MigrationAwarePolicy(tolerance=4.0)],
+        GLOBAL_LIKE,
+        LoadDistribution("lognormal", 1.0),
+        seed=21,
+    )
     assert loose_moved < tight_moved
     assert loose_balance <= tight_balance
 
