@@ -107,18 +107,19 @@ found anywhere in the row with one binary search: the largest ``b`` that
 brings the hot rank to the limit while its own rank stays within it (a best
 fit; a running maximum of ``load(b) + room(rank of b)`` answers "does any
 ``b`` fit"), else the ``b`` that lowers the hot rank most. Each hot rank
-gives away the replica whose trade scores best: full fixes first, and
-``_OPEN_COST_WEIGHT`` off the score for every slot the trade refetches
-beyond those it hands back to a rank that held them before the repair (a
-replica that only arrived in this repair costs nothing to send on; at equal
-balance this moved 1.4-2.9 points fewer slots on DeepSeek-V3 320x64/global
-and 1.3-1.9 on six of seven 288x32/global workloads after a 0.2 drift).
-Claimants of one partner rank
-trade hottest first while their trades fit its room. No trade puts an
-expert on a rank that holds it. A trade on a rank that stays below the
-hottest rank's level anyway is skipped (it would cost two slots for
-nothing). A row whose hottest rank finds no trade at all relaxes its limit
-halfway to that rank's load.
+gives away the replica whose trade scores best: full fixes score between 1
+and 2 (the closer the fit, the higher), partial ones below 1 (the larger
+the drop, the higher), and every slot the trade refetches beyond those it
+hands back to a rank that held them before the repair costs
+``_OPEN_COST_WEIGHT`` (a replica that only arrived in this repair costs
+nothing to send on; at equal balance this moved 1.4-2.9 points fewer slots
+on DeepSeek-V3 320x64/global and 1.3-1.9 on six of seven 288x32/global
+workloads after a 0.2 drift). Claimants of one partner rank trade hottest
+first while their trades fit its room. No trade puts an expert on a rank
+that holds it. A trade on a rank that stays below the hottest rank's level
+anyway is skipped (it would cost two slots for nothing). A row whose
+hottest rank finds no trade at all relaxes its limit halfway to that rank's
+load.
 
 **Hierarchical variant** (``num_groups % num_nodes == 0``, as in the DeepSeek
 policy): whole expert groups stay on one node and every replica on its
@@ -165,9 +166,10 @@ _FRESH_SHARE: Final = 0.25
 # Paired rounds of a fresh plan, at most: on DeepSeek-V3 shapes rounds 7-16
 # added 0.02-0.3 % balancedness for about half of a fresh plan's time.
 _FRESH_ROUNDS: Final = 6
-# Open-search trades are scored by fit (full fixes in (1, 2], partial ones in
-# (0, 1)) minus this much per slot a trade refetches beyond those it returns
-# to an old holder: a full fix that moves no new slot beats one that moves two.
+# Open-search trades are scored by fit (full fixes between 1 and 2, partial
+# ones below 1) minus this much per slot a trade refetches beyond those it
+# returns to an old holder: of two equally good fixes, the one that refetches
+# no new slot wins by 0.5 over one that refetches two.
 _OPEN_COST_WEIGHT: Final = 0.25
 # Largest number of group-to-node layouts searched exhaustively.
 _MAX_LAYOUTS: Final = 5000
