@@ -420,18 +420,32 @@ def test_balanced_placement_on_unchanged_loads_is_returned_as_is() -> None:
     assert torch.equal(again, placed)
 
 
+def _drifted(
+    shape: Shape, dist: LoadDistribution, seed: int, spread: float = 0.2
+) -> list[torch.Tensor]:
+    """Two windows of loads: ``dist`` (seeded), then the same under a lognormal drift."""
+    return drift_sequence(
+        dist.sample(shape.layers, shape.logical, seed=seed),
+        Drift("lognormal", spread),
+        1,
+        seed=seed + 1,
+    )
+
+
+def _plan_then_rebalance(
+    policy: RebalancePolicy, windows: list[torch.Tensor], shape: Shape
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's plan for the first window, and its rebalance from it for the second."""
+    old = policy.rebalance_experts(windows[0], *shape.args)
+    return old, policy.rebalance_experts(windows[1], *shape.args, old)
+
+
 @pytest.mark.parametrize("shape", [DEEPSEEK_LIKE, GLOBAL_LIKE], ids=["hierarchical", "global"])
 def test_small_drift_moves_far_fewer_slots_than_the_baseline(shape: Shape) -> None:
-    windows = drift_sequence(
-        LoadDistribution("lognormal", 1.0).sample(shape.layers, shape.logical, seed=5),
-        Drift("lognormal", 0.05),
-        1,
-        seed=6,
-    )
+    windows = _drifted(shape, LoadDistribution("lognormal", 1.0), seed=5, spread=0.05)
     moved = {}
     for policy in (POLICY, DeepSeekPolicy()):
-        old = policy.rebalance_experts(windows[0], *shape.args)
-        new = policy.rebalance_experts(windows[1], *shape.args, old)
+        old, new = _plan_then_rebalance(policy, windows, shape)
         moved[policy.name] = slots_refetched(old, new, shape.ranks)
     assert moved["migration_aware"] * 3 <= moved["deepseek"]
 
@@ -439,17 +453,9 @@ def test_small_drift_moves_far_fewer_slots_than_the_baseline(shape: Shape) -> No
 @pytest.mark.parametrize("shape", [DEEPSEEK_LIKE, GLOBAL_LIKE], ids=["hierarchical", "global"])
 @pytest.mark.parametrize("seed", [11, 12])
 def test_plans_are_at_least_as_balanced_as_the_baseline(shape: Shape, seed: int) -> None:
-    windows = drift_sequence(
-        LoadDistribution("lognormal", 1.0).sample(shape.layers, shape.logical, seed=seed),
-        Drift("lognormal", 0.2),
-        1,
-        seed=seed + 1,
-    )
-    baseline = DeepSeekPolicy()
-    fresh = POLICY.rebalance_experts(windows[0], *shape.args)
-    baseline_fresh = baseline.rebalance_experts(windows[0], *shape.args)
-    repaired = POLICY.rebalance_experts(windows[1], *shape.args, fresh)
-    baseline_again = baseline.rebalance_experts(windows[1], *shape.args, baseline_fresh)
+    windows = _drifted(shape, LoadDistribution("lognormal", 1.0), seed=seed)
+    fresh, repaired = _plan_then_rebalance(POLICY, windows, shape)
+    baseline_fresh, baseline_again = _plan_then_rebalance(DeepSeekPolicy(), windows, shape)
     ranks = shape.ranks
     assert realised_balancedness(fresh, windows[0], ranks) >= realised_balancedness(
         baseline_fresh, windows[0], ranks
@@ -467,17 +473,9 @@ def test_zipf_loads_with_more_heavy_replicas_than_ranks_beat_the_baseline() -> N
     # replicas near the hottest-replica bound, more than there are ranks, so
     # some rank must hold two of them unless the counts change.
     shape = ZIPF_GLOBAL
-    windows = drift_sequence(
-        LoadDistribution("zipf", 1.1).sample(shape.layers, shape.logical, seed=91),
-        Drift("lognormal", 0.2),
-        1,
-        seed=92,
-    )
-    baseline = DeepSeekPolicy()
-    fresh = POLICY.rebalance_experts(windows[0], *shape.args)
-    baseline_fresh = baseline.rebalance_experts(windows[0], *shape.args)
-    repaired = POLICY.rebalance_experts(windows[1], *shape.args, fresh)
-    baseline_again = baseline.rebalance_experts(windows[1], *shape.args, baseline_fresh)
+    windows = _drifted(shape, LoadDistribution("zipf", 1.1), seed=91)
+    fresh, repaired = _plan_then_rebalance(POLICY, windows, shape)
+    baseline_fresh, baseline_again = _plan_then_rebalance(DeepSeekPolicy(), windows, shape)
     ranks = shape.ranks
     assert (
         realised_balancedness(fresh, windows[0], ranks)
@@ -547,16 +545,10 @@ def _after_drift(
 
     Each policy first plans the window before the drift, then rebalances from its own plan.
     """
-    windows = drift_sequence(
-        dist.sample(shape.layers, shape.logical, seed=seed),
-        Drift("lognormal", 0.2),
-        1,
-        seed=seed + 1,
-    )
+    windows = _drifted(shape, dist, seed)
     results = []
     for policy in policies:
-        old = policy.rebalance_experts(windows[0], *shape.args)
-        new = policy.rebalance_experts(windows[1], *shape.args, old)
+        old, new = _plan_then_rebalance(policy, windows, shape)
         results.append(
             (
                 slots_refetched(old, new, shape.ranks),
@@ -673,14 +665,8 @@ def test_sampled_balancedness_approaches_the_planned_one_with_many_tokens() -> N
 def test_rank_contents_match_after_reordering_only() -> None:
     # Intra-rank order is free: the policy's repaired plan keeps every stayer in place.
     shape = GLOBAL_LIKE
-    windows = drift_sequence(
-        LoadDistribution("lognormal", 1.0).sample(shape.layers, shape.logical, seed=71),
-        Drift("lognormal", 0.2),
-        1,
-        seed=72,
-    )
-    old = POLICY.rebalance_experts(windows[0], *shape.args)
-    new = POLICY.rebalance_experts(windows[1], *shape.args, old)
+    windows = _drifted(shape, LoadDistribution("lognormal", 1.0), seed=71)
+    old, new = _plan_then_rebalance(POLICY, windows, shape)
     slots = shape.physical // shape.ranks
     for layer in range(shape.layers):
         for rank in range(shape.ranks):
