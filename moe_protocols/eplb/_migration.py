@@ -1069,9 +1069,7 @@ def _match_ranks(new: torch.Tensor, old: torch.Tensor, num_experts: int) -> torc
     order at the end. ``-1`` in ``old`` is a free slot.
     """
     num_rows, num_ranks, slots = new.shape
-    held = torch.zeros(num_rows, num_ranks, num_experts + 1)
-    held.scatter_(2, torch.where(old >= 0, old, num_experts), 1.0)
-    held[:, :, num_experts] = 0
+    held = _holding(old, num_experts).view(num_rows, num_ranks, num_experts).to(torch.float32)
     # overlap[x, i, j]: experts of new rank i that old rank j holds.
     overlap = (
         held.transpose(1, 2)
