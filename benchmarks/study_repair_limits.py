@@ -83,7 +83,10 @@ def repair_layer(
         old: ``[P]`` expert in each slot (every expert at least once, none twice on a rank).
         num_ranks: ``R``; slot ``s`` is on rank ``s // (P / R)``.
         limit: ``U``, the load every rank should end within.
-        max_moves: safety bound on moves.
+        max_moves: safety bound on moves (running out counts as a stall).
+
+    Raises:
+        ValueError: ``old`` holds an expert twice on one rank, or misses one.
     """
     num_experts = weight.shape[0]
     num_slots = old.shape[0]
@@ -93,6 +96,8 @@ def repair_layer(
     np.add.at(holds, (rank_of, slots), 1.0)
     if holds.max() > 1:
         raise ValueError("the old placement holds an expert twice on one rank")
+    if (holds.sum(axis=0) == 0).any():
+        raise ValueError("the old placement misses an expert")
     # refetch[r, e] = 1 when rank r did not hold e before: holding it now costs a slot.
     refetch = (holds == 0).astype(np.int64)
     count = holds.sum(axis=0)
@@ -190,6 +195,8 @@ def repair_layer(
             count[a] -= 1
             count[b] += 1
             slots[first_index] = b
+    else:
+        stalled = True  # out of moves: report it like a stall
     return slots, stalled
 
 

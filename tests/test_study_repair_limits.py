@@ -71,6 +71,17 @@ def test_a_duplicate_in_the_old_placement_is_refused(study: ModuleType) -> None:
         study.repair_layer(np.array([1.0, 1.0]), np.array([0, 0, 1, 1]), 2, limit=1.0)
 
 
+def test_a_missing_expert_is_refused(study: ModuleType) -> None:
+    with pytest.raises(ValueError, match="misses"):
+        study.repair_layer(np.array([1.0, 1.0, 1.0]), np.array([0, 1, 1, 0]), 2, limit=1.0)
+
+
+def test_running_out_of_moves_counts_as_a_stall(study: ModuleType) -> None:
+    weight = np.array([2.0, 3.0, 1.0])
+    _, stalled = study.repair_layer(weight, np.array([0, 1, 2, 0]), 2, limit=3.5, max_moves=0)
+    assert stalled
+
+
 @pytest.mark.parametrize("seed", [3, 11])
 def test_drifted_layers_come_back_valid_and_within_target(study: ModuleType, seed: int) -> None:
     num_ranks, num_slots, num_experts = 8, 40, 32
