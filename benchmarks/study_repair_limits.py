@@ -53,6 +53,7 @@ from moe_protocols.eplb._bounds import (
     realised_balancedness,
 )
 from moe_protocols.eplb._deepseek import DeepSeekPolicy
+from moe_protocols.eplb._metrics import expected_rank_loads
 from moe_protocols.eplb._migration import MigrationAwarePolicy
 from moe_protocols.eplb.workloads import (
     STANDARD_DISTRIBUTIONS,
@@ -200,16 +201,6 @@ def repair_layer(
     return slots, stalled
 
 
-def peak_per_layer(placement: torch.Tensor, load: torch.Tensor, num_ranks: int) -> Floats:
-    """``[layers]`` max rank load of ``placement`` on ``load`` (even split over replicas)."""
-    count = torch.zeros_like(load).scatter_add_(
-        1, placement, torch.ones_like(placement, dtype=load.dtype)
-    )
-    item = (load / count).gather(1, placement)
-    rank_load = item.view(placement.shape[0], num_ranks, -1).sum(dim=2)
-    return rank_load.amax(dim=1).numpy()
-
-
 def study(shape: MoEShape, layers: int, targets: Sequence[str]) -> list[str]:
     """Markdown rows: one per workload and target."""
     args = (shape.num_physical, shape.num_groups, shape.num_nodes, shape.num_ranks)
@@ -219,15 +210,16 @@ def study(shape: MoEShape, layers: int, targets: Sequence[str]) -> list[str]:
         windows = drift_sequence(
             dist.sample(shape.num_layers, shape.num_logical, seed=seed), DRIFT, 2, seed=seed + 1
         )[:, :layers]  # layers are independent problems for both policies
-        old = MigrationAwarePolicy().rebalance_experts(windows[0], *args)
+        policy = MigrationAwarePolicy()
+        old = policy.rebalance_experts(windows[0], *args)
         load = windows[1]
-        ours = MigrationAwarePolicy().rebalance_experts(load, *args, old)
+        ours = policy.rebalance_experts(load, *args, old)
         deepseek = DeepSeekPolicy().rebalance_experts(load, *args)
         base_balance = realised_balancedness(deepseek, load, shape.num_ranks)
         ours_balance = realised_balancedness(ours, load, shape.num_ranks)
         ours_moved = migration_stats(old, ours, shape.num_ranks).fraction
         bound = max_rank_load_lower_bound(load, shape.num_physical, shape.num_ranks).numpy()
-        base_peak = peak_per_layer(deepseek, load, shape.num_ranks)
+        base_peak = expected_rank_loads(deepseek, load, shape.num_ranks).amax(dim=1).numpy()
         for target in targets:
             started = time.perf_counter()
             new = torch.empty_like(old)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moe_protocols.eplb._bounds import max_rank_load_lower_bound
+from moe_protocols.eplb._metrics import expected_rank_loads
 from moe_protocols.eplb._migration import MigrationAwarePolicy
 from moe_protocols.eplb.workloads import Drift, LoadDistribution, drift_sequence
 
@@ -34,8 +35,10 @@ def study() -> ModuleType:
 
 
 def _rank_loads(weight: np.ndarray, slots: np.ndarray, num_ranks: int) -> np.ndarray:
-    count = np.bincount(slots, minlength=weight.shape[0])
-    return (weight[slots] / count[slots]).reshape(num_ranks, -1).sum(axis=1)
+    placement = torch.from_numpy(slots).unsqueeze(0)
+    return expected_rank_loads(placement, torch.from_numpy(weight).unsqueeze(0), num_ranks)[
+        0
+    ].numpy()
 
 
 def test_one_retarget_fixes_what_no_swap_can(study: ModuleType) -> None:
