@@ -40,7 +40,9 @@ from moe_protocols.eplb import (
 )
 from moe_protocols.errors import (
     EplbConfigError,
+    EplbOwnershipError,
     EplbStateError,
+    ExpertLoadError,
     MappingError,
     ModelConfigError,
     ModelInputError,
@@ -67,7 +69,9 @@ __all__ = [
     "EplbConfig",
     "EplbConfigError",
     "EplbState",
+    "EplbOwnershipError",
     "EplbStateError",
+    "ExpertLoadError",
     "ExpertParallelContext",
     "LayerEplbRows",
     "MappingError",

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EplbConfigError",
+    "EplbOwnershipError",
     "EplbStateError",
+    "ExpertLoadError",
     "MappingError",
     "ModelConfigError",
     "ModelInputError",
@@ -65,6 +67,31 @@ class PolicyError(MoEProtocolsError, ValueError):
 
 class EplbStateError(MoEProtocolsError, RuntimeError):
     """An EPLB state operation was called in a state that does not allow it."""
+
+
+class EplbOwnershipError(EplbStateError):
+    """A model's MoE layers are already registered with another live EPLB state.
+
+    Registering them again would hand the layers other tensors and silently
+    detach the first state. ``owner_model_name`` is the name they are
+    registered under there; ``layers`` the indices of the shared MoE layers.
+    """
+
+    def __init__(self, message: str, *, owner_model_name: str, layers: Sequence[int]) -> None:
+        super().__init__(message)
+        self.owner_model_name = owner_model_name
+        self.layers: tuple[int, ...] = tuple(layers)
+
+
+class ExpertLoadError(EplbStateError):
+    """A MoE layer wrote a load row that cannot be real (negative counts); nothing was moved.
+
+    ``layers`` are the indices of the MoE layers whose rows are wrong.
+    """
+
+    def __init__(self, message: str, *, layers: Sequence[int]) -> None:
+        super().__init__(message)
+        self.layers: tuple[int, ...] = tuple(layers)
 
 
 class TransferError(MoEProtocolsError, RuntimeError):

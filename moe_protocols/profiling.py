@@ -28,9 +28,11 @@ from torch import Tensor
 from moe_protocols.eplb._mapping_io import Placement, save_placement
 from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
 from moe_protocols.eplb._metrics import balancedness, expected_rank_loads
+from moe_protocols.eplb._ownership import Claim, find_owner
 from moe_protocols.eplb._policy import DEFAULT_POLICIES, PolicyRegistry
 from moe_protocols.errors import (
     EplbConfigError,
+    EplbOwnershipError,
     EplbStateError,
     MappingError,
     MoEProtocolsError,
@@ -112,32 +114,35 @@ def record_expert_load(
         logical expert over all batches (physical slot counts are summed per
         logical expert).
 
-    The model's EPLB views are re-registered with a private load tensor and the
-    identity placement, so do not profile a model a live ``EplbState`` is
-    using. Adapter hooks are removed afterwards.
+    The model's layers are lent a private load tensor for the run. A model
+    that a live ``EplbState`` balances is profiled under that state's current
+    placement (copies of its maps), and its layers are handed back to the
+    state afterwards, so the state keeps recording and routing exactly as
+    before; a model nobody balances is profiled under the identity placement.
+    Adapter hooks are removed afterwards.
 
     Raises:
         NotMixtureOfExpertsError: no MixtureOfExperts is reachable from ``model``.
+        EplbOwnershipError: some, not all, of the model's MoE layers belong to a
+            live EPLB state registration of another model.
         EplbStateError: a layer's load hook never fired (its block was replaced,
             e.g. by a hub kernel), so its load would read zero.
     """
     moe = _resolve(model, view)
     run = forward if forward is not None else _default_forward
-    num_layers = moe.num_moe_layers
-    num_logical, num_physical = moe.num_logical_experts, moe.num_physical_experts
+    claim = find_owner(moe)
+    physical_to_logical, l2p, count = _borrowed_maps(moe, claim)
     device = _weights_device(moe)
-    physical_to_logical = initial_placement(num_layers, num_logical, num_physical)
-    l2p, count = compute_logical_maps(
-        physical_to_logical, num_logical, max_replicas(num_logical, num_physical)
+    load = torch.zeros(
+        moe.num_moe_layers, moe.num_physical_experts, dtype=torch.int64, device=device
     )
-    load = torch.zeros(num_layers, num_physical, dtype=torch.int64, device=device)
     target = moe.model
-    moe.set_eplb_state(
-        expert_load_view=load,
-        logical_to_physical_map=l2p.to(device),
-        logical_replica_count=count.to(device),
-    )
     try:
+        moe.set_eplb_state(
+            expert_load_view=load,
+            logical_to_physical_map=l2p.to(device),
+            logical_replica_count=count.to(device),
+        )
         with torch.no_grad():
             for batch in batches:
                 run(model, batch)
@@ -148,9 +153,41 @@ def record_expert_load(
         remove = getattr(target, "remove_hooks", None)
         if callable(remove):
             remove()
-    logical = torch.zeros(num_layers, num_logical, dtype=torch.int64)
-    logical.scatter_add_(1, physical_to_logical, load.cpu())
+        if claim is not None:
+            claim.owner.reattach(claim.model_name)
+    logical = torch.zeros(moe.num_moe_layers, moe.num_logical_experts, dtype=torch.int64)
+    physical = load.cpu()
+    logical.scatter_add_(
+        1, physical_to_logical.clamp(min=0), torch.where(physical_to_logical >= 0, physical, 0)
+    )
     return logical
+
+
+def _borrowed_maps(moe: MoEView, claim: Claim | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(physical_to_logical, logical_to_physical, replica_count)`` to profile ``moe`` with.
+
+    The identity placement for a model nobody balances; the owner's current
+    maps (copies) for a model a live EPLB state has registered, since its
+    weights sit where that state moved them.
+    """
+    num_layers = moe.num_moe_layers
+    num_logical, num_physical = moe.num_logical_experts, moe.num_physical_experts
+    if claim is None:
+        p2l = initial_placement(num_layers, num_logical, num_physical)
+        l2p, count = compute_logical_maps(p2l, num_logical, max_replicas(num_logical, num_physical))
+        return p2l, l2p, count
+    owner, name = claim.owner, claim.model_name
+    p2l = owner.physical_to_logical_map(name).cpu()
+    if len(claim.layers) != num_layers or tuple(p2l.shape) != (num_layers, num_physical):
+        raise EplbOwnershipError(
+            f"cannot profile {moe.model!r}: MoE layers {list(claim.layers)} of its "
+            f"{num_layers} are registered with {claim.describe()}, which is not this model; "
+            "profile the model that state registered, or release it first with "
+            f"remove_model({name!r})",
+            owner_model_name=name,
+            layers=claim.layers,
+        )
+    return p2l, owner.logical_to_physical_map(name), owner.logical_replica_count(name)
 
 
 def load_skew(load: Tensor) -> Tensor:

@@ -14,8 +14,8 @@ ranks, ``W`` window steps.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, TypeVar, final
 
 import attrs
@@ -25,7 +25,9 @@ from torch import Tensor
 from moe_protocols.conformance import check_conformance
 from moe_protocols.errors import (
     EplbConfigError,
+    EplbOwnershipError,
     EplbStateError,
+    ExpertLoadError,
     MappingError,
     MoEProtocolsError,
     NotMixtureOfExpertsError,
@@ -45,20 +47,21 @@ from ._distributed import (
 )
 from ._mapping_io import Placement, save_placement
 from ._maps import compute_logical_maps, initial_placement, max_replicas, validate_placement
-from ._metrics import balancedness as layer_balancedness
-from ._metrics import (
-    expected_rank_loads,
-    overall_balancedness,
-    rank_loads_from_physical,
-    slots_changed,
-    token_weighted_balancedness,
-)
+from ._metrics import expected_rank_loads, rank_loads_from_physical, slots_changed
+from ._ownership import find_owner, track_owner
 from ._policy import DEFAULT_POLICIES, PolicyRegistry, RebalancePolicy, check_policy_output
+from ._results import (
+    BalancednessStats,
+    ModelRearrangement,
+    RearrangementResult,
+    mean_with_data,
+    per_layer_with_data,
+)
 from ._transfer import StagedTransfer, TransferPlan, plan_transfer, stage_transfer
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Sequence
 
     from moe_protocols.protocols import MixtureOfExperts
 
@@ -125,95 +128,6 @@ class ModelEplbState:
     def max_replicas(self) -> int:
         """Last dimension of ``logical_to_physical_map`` (``P - E + 1``)."""
         return int(self.logical_to_physical_map.shape[2])
-
-
-@attrs.frozen(eq=False)
-class BalancednessStats:
-    """How evenly the load recorded in the current window spreads over the EP ranks."""
-
-    model_name: str
-    """Model the figures are for."""
-    rank_load: Tensor
-    """``[L, R]`` int64: tokens-expert assignments each rank served in the window (all ranks)."""
-    per_layer: Tensor
-    """``[L]`` float64: mean rank load / max rank load per layer (1.0 = perfect)."""
-    overall: float
-    """Mean of ``per_layer`` (every layer counts the same)."""
-    token_weighted: float
-    """``sum(mean) / sum(max)`` over layers: vLLM's logged figure."""
-    total_load: int
-    """Token-expert assignments in the window (0 = nothing recorded yet)."""
-
-
-@attrs.frozen(eq=False)
-class ModelRearrangement:
-    """What one rearrangement did to one model."""
-
-    model_name: str
-    """Model the figures are for."""
-    balancedness_before: Tensor
-    """``[L]`` float64: balancedness of the window's load under the old placement."""
-    balancedness_after: Tensor
-    """``[L]`` float64: balancedness the same load would have under the new placement (planned)."""
-    overall_balancedness_before: float
-    """Mean of ``balancedness_before``."""
-    overall_balancedness_after: float
-    """Mean of ``balancedness_after``."""
-    slots_changed: int
-    """``(layer, slot)`` positions, over all ranks, that hold a different expert now."""
-    bytes_moved: int
-    """Bytes written into this rank's expert weights (local copies and received rows)."""
-    layers_changed: int
-    """MoE layers with at least one slot changed on this rank."""
-    policy_seconds: float
-    """Wall time of the policy call."""
-    transfer_seconds: float
-    """Wall time of planning, staging and committing the weight move on this rank."""
-    old_physical_to_logical_map: Tensor
-    """``[L, P]`` int64 CPU copy of the placement before."""
-    new_physical_to_logical_map: Tensor
-    """``[L, P]`` int64 CPU copy of the placement after."""
-    bytes_sent: int = 0
-    """Bytes this rank sent to other EP ranks (0 in one process)."""
-    bytes_received: int = 0
-    """Bytes this rank received from other EP ranks (0 in one process)."""
-
-
-def _read_only(models: Mapping[str, ModelRearrangement]) -> Mapping[str, ModelRearrangement]:
-    return MappingProxyType(dict(models))
-
-
-@attrs.frozen(eq=False)
-class RearrangementResult:
-    """The outcome of one :meth:`EplbState.rearrange`, per registered model."""
-
-    models: Mapping[str, ModelRearrangement] = attrs.field(converter=_read_only)
-    """Per-model figures, keyed by model name, in registration order."""
-    policy: str
-    """Name of the policy that planned the placements."""
-
-    def __getitem__(self, model_name: str) -> ModelRearrangement:
-        return self.models[model_name]
-
-    @property
-    def slots_changed(self) -> int:
-        """Slots changed over all models."""
-        return sum(m.slots_changed for m in self.models.values())
-
-    @property
-    def bytes_moved(self) -> int:
-        """Bytes written on this rank over all models."""
-        return sum(m.bytes_moved for m in self.models.values())
-
-    @property
-    def bytes_sent(self) -> int:
-        """Bytes this rank sent to other EP ranks over all models."""
-        return sum(m.bytes_sent for m in self.models.values())
-
-    @property
-    def bytes_received(self) -> int:
-        """Bytes this rank received from other EP ranks over all models."""
-        return sum(m.bytes_received for m in self.models.values())
 
 
 @attrs.frozen(eq=False)
@@ -355,6 +269,9 @@ class EplbState:
         self._steps_taken = 0
         self._rearrangements = 0
         self._last: RearrangementResult | None = None
+        self._planned: dict[str, float] = {}
+        self._warned: set[tuple[str, tuple[int, ...]]] = set()
+        track_owner(self)
 
     # ------------------------------------------------------------ introspection
 
@@ -487,6 +404,8 @@ class EplbState:
                 ``MixtureOfExperts`` or has no MoE layers (carries the report).
             EplbConfigError: its redundant or physical counts disagree with the
                 config or the EP group.
+            EplbOwnershipError: the model's MoE layers are registered with a live
+                EPLB state already (this one or another; the message names it).
             EplbStateError: the name is taken, its counts disagree with an
                 already registered model, ``set_eplb_state`` failed, or the
                 expert weights it exposes do not match its counts.
@@ -503,6 +422,18 @@ class EplbState:
             )
         if model_name in self._models:
             raise EplbStateError(f"a model named {model_name!r} is already registered")
+        claim = find_owner(model)
+        if claim is not None:
+            raise EplbOwnershipError(
+                f"cannot register model {model_name!r} with EPLB: its MoE layers "
+                f"{list(claim.layers)} are already registered with {claim.describe()}. "
+                "Registering them again would hand the layers other tensors and silently "
+                "detach that state (its load would read zero and its next rearrangement "
+                f"would corrupt outputs). Release them first: remove_model({claim.model_name!r}) "
+                "or close() on that state",
+                owner_model_name=claim.model_name,
+                layers=claim.layers,
+            )
         problem = _ep_problem(model, self._config, self._ep)
         if problem is not None:
             raise EplbConfigError(f"model {model_name!r} {problem}")
@@ -524,17 +455,7 @@ class EplbState:
                     "models in one EPLB state must share their expert counts"
                 )
         state = self._allocate(model, model_name)
-        try:
-            model.set_eplb_state(
-                expert_load_view=state.expert_load_pass,
-                logical_to_physical_map=state.logical_to_physical_map,
-                logical_replica_count=state.logical_replica_count,
-            )
-        except Exception as exc:
-            raise EplbStateError(
-                f"model {model_name!r}: set_eplb_state rejected its EPLB tensors: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        self._wire(state)
         self._check_expert_weights(state)
         if self._ep.is_distributed:
             try:
@@ -542,6 +463,62 @@ class EplbState:
             except EplbConfigError as exc:
                 raise EplbConfigError(f"model {model_name!r}: {exc}") from exc
         self._models[model_name] = state
+
+    def remove_model(self, model_name: str) -> None:
+        """Release a registered model: this state stops balancing it and forgets its tensors.
+
+        Its layers keep the views they hold until someone registers them again,
+        which is now allowed. Nothing is moved: the model keeps its current
+        placement (save it first with :meth:`save_placement` to restore it
+        in a new state).
+
+        Raises:
+            EplbStateError: no model of that name is registered.
+        """
+        self.model_state(model_name)
+        del self._models[model_name]
+        self._planned.pop(model_name, None)
+
+    def close(self) -> None:
+        """Release every registered model (see :meth:`remove_model`); the state can be reused."""
+        self._models.clear()
+        self._planned.clear()
+
+    def __enter__(self) -> EplbState:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def reattach(self, model_name: str = "model") -> None:
+        """Hand the model's live EPLB tensors to its layers again, through ``set_eplb_state``.
+
+        For code that lent the layers to something else for a while (the
+        profiler does): afterwards the layers record into this state's load
+        pass and route by its maps, exactly as before.
+
+        Raises:
+            EplbStateError: no model of that name, or ``set_eplb_state`` failed.
+        """
+        state = self.model_state(model_name)
+        self._wire(state)
+
+    def _registered_models(self) -> list[tuple[str, MixtureOfExperts]]:
+        return [(name, state.model) for name, state in self._models.items()]
+
+    @staticmethod
+    def _wire(state: ModelEplbState) -> None:
+        try:
+            state.model.set_eplb_state(
+                expert_load_view=state.expert_load_pass,
+                logical_to_physical_map=state.logical_to_physical_map,
+                logical_replica_count=state.logical_replica_count,
+            )
+        except Exception as exc:
+            raise EplbStateError(
+                f"model {state.model_name!r}: set_eplb_state rejected its EPLB tensors: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def _allocate(self, model: MixtureOfExperts, model_name: str) -> ModelEplbState:
         num_layers = model.num_moe_layers
@@ -641,16 +618,24 @@ class EplbState:
             rank_load = rank_loads_from_physical(load, self._num_ranks)
             if self._ep.rank != 0:
                 continue
-            avg_tokens = float(rank_load.double().mean(dim=1).sum())
-            max_tokens = int(rank_load.amax(dim=1).sum())
+            stats = BalancednessStats.from_rank_load(state.model_name, rank_load.cpu())
+            if not stats.has_data:
+                logger.info(
+                    "EPLB step: %d for model %s: no load recorded in this step (no data), "
+                    "steps until the next rearrangement: %d",
+                    self._step,
+                    state.model_name,
+                    self.steps_until_rearrangement,
+                )
+                continue
             logger.info(
                 "EPLB step: %d for model %s: avg_tokens=%.2f, max_tokens=%d, "
                 "balancedness=%.4f, steps until the next rearrangement: %d",
                 self._step,
                 state.model_name,
-                avg_tokens,
-                max_tokens,
-                token_weighted_balancedness(rank_load),
+                float(rank_load.double().mean(dim=1).sum()),
+                int(rank_load.amax(dim=1).sum()),
+                stats.token_weighted,
                 self.steps_until_rearrangement,
             )
 
@@ -658,35 +643,29 @@ class EplbState:
         """Balancedness of the load recorded in the current window, summed over EP ranks.
 
         Uses the measured per-slot load, so replicas count where they really ran.
-        An all-reduce: call on every EP rank.
+        A window without load has no balancedness: the figures are NaN and
+        ``has_data`` is False (never a perfect 1.0). An all-reduce: call on
+        every EP rank.
         """
         state = self.model_state(model_name)
         physical = self._ep.all_reduce_(state.expert_load_window.sum(dim=0, dtype=torch.int64))
         rank_load = rank_loads_from_physical(physical, self._num_ranks).cpu()
-        return BalancednessStats(
-            model_name=model_name,
-            rank_load=rank_load,
-            per_layer=layer_balancedness(rank_load),
-            overall=overall_balancedness(rank_load),
-            token_weighted=token_weighted_balancedness(rank_load),
-            total_load=int(physical.sum()),
-        )
+        return BalancednessStats.from_rank_load(model_name, rank_load)
 
     # ------------------------------------------------------------ rearrangement
 
-    def _logical_load(self, state: ModelEplbState) -> Tensor:
-        """``[L, E]`` int64: the window's load scattered onto logical ids, summed over ranks."""
+    def _window_load(self, state: ModelEplbState) -> Tensor:
+        """``[L, P]`` int64 on CPU: the window's load per physical slot, summed over ranks.
+
+        Physical, not logical, so that the realised balancedness can be measured
+        per slot and a bad row can be traced to its slot; every rank gets the
+        same tensor, so every rank takes the same decisions from it.
+        """
         physical = state.expert_load_window.sum(dim=0, dtype=torch.int64)
-        p2l = state.physical_to_logical_map
-        valid = p2l >= 0  # empty slots (-1) carry no expert
-        load = torch.zeros(
-            state.num_layers, state.num_logical_experts, dtype=torch.int64, device=p2l.device
-        )
-        load.scatter_add_(1, p2l.clamp(min=0), torch.where(valid, physical, 0))
         return self._collective(
             f"all-reducing the expert load of model {state.model_name!r}",
-            lambda: self._ep.all_reduce_(load),
-        )
+            lambda: self._ep.all_reduce_(physical),
+        ).cpu()
 
     def rearrange(self) -> RearrangementResult:
         """Plan a new placement for every model from the window's load, move weights, commit maps.
@@ -719,7 +698,7 @@ class EplbState:
         distributed = self._ep.is_distributed
         if distributed:
             self._check_lockstep()
-        loads = [self._logical_load(state).cpu() for state in self._models.values()]
+        loads = [self._window_load(state) for state in self._models.values()]
         plans: list[_ModelPlan] = []
         failure: Exception | None = None
         try:
@@ -753,16 +732,44 @@ class EplbState:
             self._clear_load(state)
         self._window_step = 0
         self._rearrangements += 1
+        for summary in results.values():
+            if summary.skipped is None:
+                self._planned[summary.model_name] = summary.overall_balancedness_after
         result = RearrangementResult(models=results, policy=self._policy.name)
         self._last = result
         if self._ep.rank == 0:
-            logger.info(
-                "Rearranged experts in %.2f s (%d slots changed, %d bytes moved on rank 0).",
-                sum(m.policy_seconds + m.transfer_seconds for m in results.values()),
-                result.slots_changed,
-                result.bytes_moved,
-            )
+            self._log_rearrangement(result)
         return result
+
+    def _warn_once(self, key: tuple[str, tuple[int, ...]], message: str, *args: object) -> None:
+        if key in self._warned:
+            logger.debug(message, *args)
+            return
+        self._warned.add(key)
+        logger.warning(message, *args)
+
+    def _log_rearrangement(self, result: RearrangementResult) -> None:
+        for summary in result.models.values():
+            name = summary.model_name
+            if summary.skipped is not None:
+                self._warn_once(
+                    (name, ()), "EPLB did not rearrange model %r: %s", name, summary.skipped
+                )
+                continue
+            if summary.layers_without_load:
+                self._warn_once(
+                    (name, summary.layers_without_load),
+                    "EPLB: MoE layers %s of model %r recorded no load in the window while "
+                    "other layers did; their placement is kept. Check that these layers add "
+                    "their routed tokens to their row of expert_load_view",
+                    list(summary.layers_without_load),
+                    name,
+                )
+            logger.info(
+                "EPLB rearranged experts in %.2f s: %s",
+                summary.policy_seconds + summary.transfer_seconds,
+                summary,
+            )
 
     # ------------------------------------------------------------ across ranks
 
@@ -889,11 +896,85 @@ class EplbState:
 
     # ------------------------------------------------------------ planning
 
-    def _plan_model(self, state: ModelEplbState, load: Tensor) -> _ModelPlan:
-        """Ask the policy for a new placement of one model; check it, derive maps and figures."""
+    @staticmethod
+    def _check_load(state: ModelEplbState, physical: Tensor) -> None:
+        """Refuse a window that no real layer could have recorded (negative counts)."""
+        negative = physical < 0
+        if not bool(negative.any()):
+            return
+        layers = sorted({int(i) for i in negative.nonzero()[:, 0]})
+        layer, slot = (int(i) for i in negative.nonzero()[0])
+        raise ExpertLoadError(
+            f"model {state.model_name!r}: MoE layer(s) {layers} recorded negative load in "
+            f"this window (layer {layer}, slot {slot}: {int(physical[layer, slot])} summed "
+            "over the window and the EP ranks). A layer must add the number of tokens routed "
+            "to each physical slot into its row of the expert_load_view handed to "
+            "set_eplb_state; nothing was moved",
+            layers=layers,
+        )
+
+    def _plan_model(self, state: ModelEplbState, physical: Tensor) -> _ModelPlan:
+        """Ask the policy for a new placement of one model; check it, derive maps and figures.
+
+        ``physical`` is the window's ``[L, P]`` load summed over ranks. With no
+        load at all, the policy is not called and nothing moves; a layer
+        without load keeps its placement (a plan on zeros is a guess).
+        """
+        self._check_load(state, physical)
         num_ranks, num_nodes = self._num_ranks, self._num_nodes
         old_map = state.physical_to_logical_map.to("cpu", copy=True)
+        load = torch.zeros(state.num_layers, state.num_logical_experts, dtype=torch.int64)
+        # Empty slots (-1) carry no expert.
+        load.scatter_add_(1, old_map.clamp(min=0), torch.where(old_map >= 0, physical, 0))
+        has_load = physical.sum(dim=1) > 0
+        total = int(physical.sum())
+        skipped: str | None = None
         started = time.perf_counter()
+        if total == 0:
+            skipped = (
+                f"no load was recorded in the window ({self._config.window_size} steps); "
+                "are its MoE layers adding their routed tokens to the expert_load_view "
+                "handed to set_eplb_state?"
+            )
+            new_map = old_map.clone()
+        else:
+            new_map = self._ask_policy(state, load, old_map, num_nodes, num_ranks)
+            # A layer that recorded nothing keeps its placement.
+            new_map[~has_load] = old_map[~has_load]
+        policy_seconds = time.perf_counter() - started
+        before = per_layer_with_data(expected_rank_loads(old_map, load, num_ranks), has_load)
+        after = per_layer_with_data(expected_rank_loads(new_map, load, num_ranks), has_load)
+        realised = rank_loads_from_physical(physical, num_ranks)
+        previous = self._planned.get(state.model_name)
+        transfer, planning_seconds = self._transfer_plan(state, old_map, new_map)
+        summary = ModelRearrangement(
+            model_name=state.model_name,
+            balancedness_before=before,
+            balancedness_after=after,
+            overall_balancedness_before=mean_with_data(before),
+            overall_balancedness_after=mean_with_data(after),
+            slots_changed=slots_changed(old_map, new_map),
+            bytes_moved=0,
+            layers_changed=0,
+            policy_seconds=policy_seconds if skipped is None else 0.0,
+            transfer_seconds=planning_seconds,
+            old_physical_to_logical_map=old_map,
+            new_physical_to_logical_map=new_map,
+            total_load=total,
+            realised_balancedness=mean_with_data(per_layer_with_data(realised, has_load)),
+            previous_planned_balancedness=previous,
+            skipped=skipped,
+            layers_without_load=(
+                () if skipped is not None else tuple(int(i) for i in (~has_load).nonzero()[:, 0])
+            ),
+        )
+        return _ModelPlan(
+            state, old_map, new_map, self._logical_maps(state, new_map), summary, transfer
+        )
+
+    def _ask_policy(
+        self, state: ModelEplbState, load: Tensor, old_map: Tensor, num_nodes: int, num_ranks: int
+    ) -> Tensor:
         try:
             proposed = self._policy.rebalance_experts(
                 load,
@@ -910,29 +991,8 @@ class EplbState:
                 f"policy {self._policy.name!r} failed for model {state.model_name!r}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        policy_seconds = time.perf_counter() - started
-        new_map = check_policy_output(
+        return check_policy_output(
             self._policy.name, proposed, load, state.num_physical_experts, num_ranks
-        )
-        before = expected_rank_loads(old_map, load, num_ranks)
-        after = expected_rank_loads(new_map, load, num_ranks)
-        transfer, planning_seconds = self._transfer_plan(state, old_map, new_map)
-        summary = ModelRearrangement(
-            model_name=state.model_name,
-            balancedness_before=layer_balancedness(before),
-            balancedness_after=layer_balancedness(after),
-            overall_balancedness_before=overall_balancedness(before),
-            overall_balancedness_after=overall_balancedness(after),
-            slots_changed=slots_changed(old_map, new_map),
-            bytes_moved=0,
-            layers_changed=0,
-            policy_seconds=policy_seconds,
-            transfer_seconds=planning_seconds,
-            old_physical_to_logical_map=old_map,
-            new_physical_to_logical_map=new_map,
-        )
-        return _ModelPlan(
-            state, old_map, new_map, self._logical_maps(state, new_map), summary, transfer
         )
 
     def _stage(self, state: ModelEplbState, plan: TransferPlan) -> StagedTransfer:
@@ -1024,6 +1084,7 @@ class EplbState:
         staged.commit()
         self._commit_maps(plan.state, plan.new_map, plan.logical_maps)
         self._clear_load(plan.state)
+        self._planned.pop(model_name, None)
 
     def _mapping_plan(
         self, model_name: str, physical_to_logical_map: Tensor | Placement
@@ -1066,10 +1127,10 @@ class EplbState:
         # Only the maps matter here; the figures are those of a rearrangement.
         summary = ModelRearrangement(
             model_name=model_name,
-            balancedness_before=torch.zeros(0, dtype=torch.float64),
-            balancedness_after=torch.zeros(0, dtype=torch.float64),
-            overall_balancedness_before=0.0,
-            overall_balancedness_after=0.0,
+            balancedness_before=torch.full((state.num_layers,), math.nan, dtype=torch.float64),
+            balancedness_after=torch.full((state.num_layers,), math.nan, dtype=torch.float64),
+            overall_balancedness_before=math.nan,
+            overall_balancedness_after=math.nan,
             slots_changed=slots_changed(old_map, new_map),
             bytes_moved=0,
             layers_changed=0,
