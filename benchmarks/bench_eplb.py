@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import torch
 
@@ -30,10 +30,12 @@ from moe_protocols.eplb import (
     expected_rank_loads,
     initial_placement,
 )
-from moe_protocols.models import TinyMoEForCausalLM, tiny_moe
+from moe_protocols.models import TinyMoEConfig, TinyMoEForCausalLM, tiny_moe
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from moe_protocols.eplb._fingerprint import IntegrityMode
 
 # DeepSeek-V3 / R1 serving shape (vLLM's EPLB docstring example).
 DS_LAYERS, DS_EXPERTS, DS_SLOTS, DS_RANKS, DS_NODES, DS_GROUPS = 58, 256, 288, 32, 4, 8
@@ -108,6 +110,50 @@ def bench_step(repeats: int) -> tuple[float, float]:
     return plain_seconds, rearrange_seconds
 
 
+INTEGRITY_SHAPES: Final = {
+    "tiny_moe (2 MoE layers, 12 slots, 24 KiB/expert)": TinyMoEConfig(num_redundant_experts=4),
+    "wide (2 MoE layers, 20 slots, 6 MiB/expert)": TinyMoEConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_layers=3,
+        num_experts=16,
+        num_redundant_experts=4,
+    ),
+}
+
+
+def bench_integrity(repeats: int, config: TinyMoEConfig) -> dict[str, float]:
+    """Median seconds of a rearranging ``step()`` per integrity mode, interleaved.
+
+    Every mode gets its own copy of the model and the same sequence of skewed
+    loads, so each plans and moves the same placements.
+    """
+    modes: tuple[IntegrityMode, ...] = ("off", "sampled", "full")
+    steps: dict[str, Callable[[], None]] = {}
+    for mode in modes:
+        state = EplbState(
+            EplbConfig(num_redundant_experts=config.num_redundant_experts, step_interval=1),
+            num_ranks=4,
+            integrity=mode,
+        )
+        state.add_model(TinyMoEForCausalLM(config))
+        g = torch.Generator().manual_seed(1)
+
+        def step(state: EplbState = state, g: torch.Generator = g) -> None:
+            load = state.model_state().expert_load_pass
+            load.copy_(torch.randint(0, 1000, load.shape, generator=g, dtype=torch.int32))
+            state.step()
+
+        steps[mode] = step
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            started = time.perf_counter()
+            steps[mode]()
+            times[mode].append(time.perf_counter() - started)
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
 def bench_policy(repeats: int) -> tuple[float, float, float, int]:
     """DeepSeekPolicy on DeepSeek-V3's shape: (median s, balancedness before, after, moved)."""
     load = zipf_load(DS_LAYERS, DS_EXPERTS, tokens=200_000, exponent=1.1, seed=0)
@@ -141,6 +187,10 @@ def main() -> None:
     plain_fwd, recording_fwd = bench_forward(repeats=5 * scale)
     plain_step, rearrange_step = bench_step(repeats=20 * scale)
     policy_seconds, before, after, moved = bench_policy(repeats=2 if args.quick else 10)
+    integrity = {
+        name: bench_integrity(3 if args.quick else 30, config)
+        for name, config in INTEGRITY_SHAPES.items()
+    }
 
     rows = [
         ("tiny_moe forward, no EPLB (ms)", f"{plain_fwd * 1e3:.3f}"),
@@ -156,6 +206,16 @@ def main() -> None:
         ("  planned balancedness before -> after", f"{before:.3f} -> {after:.3f}"),
         ("  slots changed", f"{moved} / {DS_LAYERS * DS_SLOTS}"),
     ]
+    for name, seconds in integrity.items():
+        off = seconds["off"]
+        rows.append((f"rearranging step(), {name}, integrity off (ms)", f"{off * 1e3:.2f}"))
+        for mode in ("sampled", "full"):
+            rows.append(
+                (
+                    f"  integrity {mode!r} (ms, overhead)",
+                    f"{seconds[mode] * 1e3:.2f} {seconds[mode] / off - 1:+.1%}",
+                )
+            )
     width = max(len(name) for name, _ in rows)
     print(f"torch {torch.__version__}, 1 thread, medians")
     for name, value in rows:

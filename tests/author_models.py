@@ -24,13 +24,15 @@ class AuthorMoELayer(nn.Module):
         *,
         records: bool = True,
         load_sign: int = 1,
+        replicas: bool = True,
     ) -> None:
         super().__init__()
         self.top_k, self.slots, self.records, self.load_sign = top_k, slots, records, load_sign
         self.router = nn.Linear(hidden, num_experts, bias=False)
         experts = torch.randn(num_experts, hidden, hidden) * 0.3
         extra = torch.arange(slots - num_experts) % num_experts
-        self.w = nn.Parameter(torch.cat([experts, experts[extra]]))
+        redundant = experts[extra] if replicas else torch.randn(len(extra), hidden, hidden)
+        self.w = nn.Parameter(torch.cat([experts, redundant]))
         self.load: Tensor | None = None
         self.l2p: Tensor | None = None
         self.count: Tensor | None = None
@@ -77,6 +79,7 @@ class AuthorMoELM(nn.Module):
         vocab: int = 64,
         silent_layers: tuple[int, ...] = (),
         negative_layers: tuple[int, ...] = (),
+        independent_replicas: tuple[int, ...] = (),
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -91,6 +94,7 @@ class AuthorMoELM(nn.Module):
                 top_k,
                 records=i not in silent_layers,
                 load_sign=-1 if i in negative_layers else 1,
+                replicas=i not in independent_replicas,
             )
             for i in range(layers)
         )

@@ -11,8 +11,14 @@ import torch
 from author_models import AuthorMoELM, AuthorVLM, tokens
 
 from moe_protocols import MoEView
-from moe_protocols.eplb import EplbConfig, EplbState
-from moe_protocols.errors import EplbOwnershipError, EplbStateError, ExpertLoadError
+from moe_protocols.eplb import EplbConfig, EplbState, _transfer
+from moe_protocols.errors import (
+    EplbConfigError,
+    EplbOwnershipError,
+    EplbStateError,
+    ExpertLoadError,
+    TransferError,
+)
 from moe_protocols.profiling import record_expert_load
 from moe_protocols.runner import ReferenceRunner, RunnerConfig
 
@@ -290,3 +296,108 @@ def test_a_rearrangement_reports_realised_and_planned_balancedness(
     assert "realised" in line
     assert "planned" in line
     assert "B written" in line  # bytes in human units
+
+
+# ------------------------------------------------------------------ fingerprints
+
+
+def test_redundant_slots_that_are_not_replicas_are_refused() -> None:
+    lm = AuthorMoELM(independent_replicas=(1,))
+    state = EplbState(CONFIG, num_ranks=4)
+    with pytest.raises(EplbStateError, match=r"MoE layer 1, slot 8 .*logical expert 0"):
+        state.add_model(lm)
+    assert state.model_names == ()
+    EplbState(CONFIG, num_ranks=4, integrity="off").add_model(lm)  # the check can be turned off
+
+
+def test_an_unknown_integrity_mode_is_a_config_error() -> None:
+    with pytest.raises(EplbConfigError, match="integrity must be one of"):
+        EplbState(CONFIG, integrity="most")  # type: ignore[arg-type]
+
+
+def test_a_staged_row_of_the_wrong_expert_is_refused_before_the_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lm = AuthorMoELM()
+    state = register(lm)
+    serve(lm, state)
+    before = snapshot(state, lm)
+    real = _transfer._stage_layer
+
+    def torn(plan: object, weights: object) -> object:
+        staged = real(plan, weights)  # type: ignore[arg-type]
+        staged.rows[0][0].add_(1.0)  # a bug that stages a row of other bytes
+        return staged
+
+    monkeypatch.setattr(_transfer, "_stage_layer", torn)
+    with pytest.raises(TransferError, match="nothing was committed") as info:
+        state.rearrange()
+    assert info.value.layer is not None
+    assert snapshot(state, lm) == before
+
+
+def test_a_commit_that_lands_in_the_wrong_slot_is_rolled_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lm = AuthorMoELM()
+    state = register(lm)
+    serve(lm, state)
+    before = snapshot(state, lm)
+    real = _transfer._StagedLayer.commit
+
+    def misplaced(self: _transfer._StagedLayer, weights: list[torch.Tensor]) -> None:
+        real(self, weights)
+        # A commit bug: one written slot ends up with the row meant for another.
+        first, last = self.written_slots[0], self.written_slots[-1]
+        weights[0][first].copy_(weights[0][last] + 1.0)
+
+    monkeypatch.setattr(_transfer._StagedLayer, "commit", misplaced)
+    with pytest.raises(TransferError, match="written to local slot"):
+        state.rearrange()
+    assert snapshot(state, lm) == before  # weights put back, maps never committed
+
+
+@pytest.mark.parametrize("kind", ["expanded", "overlapping", "shared"])
+def test_expert_weights_that_alias_are_refused_at_registration(kind: str) -> None:
+    lm = AuthorMoELM()
+    layer = lm.layers[1]
+    slots, hidden = layer.w.shape[0], layer.w.shape[1]
+    if kind == "expanded":
+        aliased = layer.w.detach()[:1].expand(slots, -1, -1)
+    elif kind == "overlapping":
+        base = torch.randn(slots * hidden * hidden)
+        aliased = base.as_strided((slots, hidden, hidden), (hidden * hidden // 2, hidden, 1))
+    else:
+        aliased = lm.layers[0].w.detach()
+    lm.expert_weights[1] = [aliased]
+    with pytest.raises(EplbStateError, match="share memory"):
+        EplbState(CONFIG, num_ranks=4, integrity="off").add_model(lm)
+
+
+def test_moves_that_keep_every_fingerprint_pass_in_every_mode() -> None:
+    for mode in ("sampled", "full"):
+        lm, reference = AuthorMoELM(), AuthorMoELM()
+        state = EplbState(CONFIG, num_ranks=4, integrity=mode)  # type: ignore[arg-type]
+        state.add_model(lm)
+        serve(lm, state)
+        assert state.rearrange().slots_changed > 0
+        for _ in range(2):
+            serve(lm, state)
+            state.rearrange()
+        with torch.no_grad():
+            assert torch.allclose(lm(tokens(seed=4)), reference(tokens(seed=4)), atol=1e-5)
+
+
+def test_changed_weights_are_refused_until_the_fingerprints_are_refreshed() -> None:
+    lm = AuthorMoELM()
+    state = register(lm)
+    serve(lm, state)
+    with torch.no_grad():
+        for layer in lm.layers:
+            layer.w.mul_(1.5)  # a legitimate weight update, applied to every replica
+    before = snapshot(state, lm)
+    with pytest.raises(TransferError, match="does not hold the bytes"):
+        state.rearrange()
+    assert snapshot(state, lm) == before
+    state.refresh_fingerprints()
+    assert state.rearrange().slots_changed > 0

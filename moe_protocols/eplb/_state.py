@@ -32,6 +32,7 @@ from moe_protocols.errors import (
     MoEProtocolsError,
     NotMixtureOfExpertsError,
     PolicyError,
+    TransferError,
 )
 from moe_protocols.parallel import ExpertParallelContext
 
@@ -45,6 +46,15 @@ from ._distributed import (
     layout_digest,
     receive_budget,
 )
+from ._fingerprint import INTEGRITY_MODES, IntegrityMode
+from ._integrity import (
+    UndoRows,
+    aliasing_problem,
+    build_table,
+    check_staged,
+    check_written,
+    slot_digests,
+)
 from ._mapping_io import Placement, save_placement
 from ._maps import compute_logical_maps, initial_placement, max_replicas, validate_placement
 from ._metrics import expected_rank_loads, rank_loads_from_physical, slots_changed
@@ -57,7 +67,13 @@ from ._results import (
     mean_with_data,
     per_layer_with_data,
 )
-from ._transfer import StagedTransfer, TransferPlan, plan_transfer, stage_transfer
+from ._transfer import (
+    StagedTransfer,
+    TransferPlan,
+    TransferStats,
+    plan_transfer,
+    stage_transfer,
+)
 
 if TYPE_CHECKING:
     import os
@@ -211,6 +227,7 @@ class EplbState:
         num_ranks: int | None = None,
         num_nodes: int | None = None,
         transfer: TransferOptions = _DEFAULT_TRANSFER,
+        integrity: IntegrityMode = "sampled",
     ) -> None:
         """Create an empty state; ``config.policy`` is looked up in ``policies`` now.
 
@@ -226,11 +243,23 @@ class EplbState:
         same. In one process it is unused. ``device`` is also where the small
         tensors the ranks agree with live (a GPU for NCCL, the CPU for gloo).
 
+        ``integrity`` says how moved weights are checked against per-expert
+        fingerprints (``_integrity.py``): ``"sampled"`` (default) fingerprints
+        a bounded sample of each moved row, ``"full"`` every byte of every
+        slot of a changed layer, ``"off"`` nothing. Every rank must pass the same.
+
         Raises:
             EplbConfigError: the policy name is unknown (the message lists the
                 known ones), ``device`` is not a torch device, or the placement
-                topology does not fit the EP group.
+                topology does not fit the EP group, or ``integrity`` is not a mode.
         """
+        if integrity not in INTEGRITY_MODES:
+            raise EplbConfigError(
+                f"EplbState: integrity must be one of {', '.join(map(repr, INTEGRITY_MODES))}, "
+                f"got {integrity!r}"
+            )
+        self._integrity: IntegrityMode = integrity
+        self._tables: dict[str, Tensor] = {}
         ranks = ep.world_size if num_ranks is None else num_ranks
         nodes = ep.num_nodes if num_nodes is None else num_nodes
         for name, value in (("num_ranks", ranks), ("num_nodes", nodes)):
@@ -411,6 +440,9 @@ class EplbState:
                 expert weights it exposes do not match its counts.
             EplbConfigError: (several EP ranks) ``transfer.buffer_bytes`` cannot
                 hold one expert row of the model.
+            EplbStateError: (one process, integrity checks on) a redundant slot
+                does not hold the same bytes as its expert. Across ranks this is
+                checked at the first rearrangement or ``update_mapping``.
         Nothing is registered when any of these is raised.
         """
         report = check_conformance(model, path=model_name)
@@ -462,6 +494,9 @@ class EplbState:
                 receive_budget(state.model.expert_weights, self._transfer)
             except EplbConfigError as exc:
                 raise EplbConfigError(f"model {model_name!r}: {exc}") from exc
+        elif self._integrity != "off":
+            # Across ranks the table needs every rank's slots: built at the first move.
+            self._tables[model_name] = self._fingerprint_table(state, self._local_digests(state))
         self._models[model_name] = state
 
     def remove_model(self, model_name: str) -> None:
@@ -478,11 +513,13 @@ class EplbState:
         self.model_state(model_name)
         del self._models[model_name]
         self._planned.pop(model_name, None)
+        self._tables.pop(model_name, None)
 
     def close(self) -> None:
         """Release every registered model (see :meth:`remove_model`); the state can be reused."""
         self._models.clear()
         self._planned.clear()
+        self._tables.clear()
 
     def __enter__(self) -> EplbState:
         return self
@@ -502,6 +539,133 @@ class EplbState:
         """
         state = self.model_state(model_name)
         self._wire(state)
+
+    @property
+    def integrity(self) -> IntegrityMode:
+        """How moved weights are checked against the experts' fingerprints."""
+        return self._integrity
+
+    def refresh_fingerprints(self, model_name: str = "model") -> None:
+        """Fingerprint the model's experts again, after its weights were legitimately changed.
+
+        The fingerprints are taken once, so a model whose served weights are
+        replaced in place (a weight update, e.g. in RL training) must be
+        refreshed before its next rearrangement, or the move is refused.
+        Every slot of an expert must hold the same bytes. Across ranks this is
+        a collective: call it on every rank.
+
+        Raises:
+            EplbStateError: no model of that name, or two replicas of an expert differ.
+        """
+        state = self.model_state(model_name)
+        if self._integrity == "off":
+            return
+        table = self._fingerprint_table(state, self._gathered_digests(state))
+        self._tables[model_name] = table
+
+    def _local_digests(self, state: ModelEplbState) -> Tensor:
+        return slot_digests(state.model.expert_weights, self._integrity)
+
+    def _gathered_digests(self, state: ModelEplbState) -> Tensor:
+        """``[L, P]`` fingerprints of every slot of every rank (a collective across ranks)."""
+        local = self._local_digests(state)
+        if not self._ep.is_distributed:
+            return local
+        num_local = state.num_local_physical_experts
+        everything = torch.zeros(
+            state.num_layers, state.num_physical_experts, dtype=torch.int64, device=self._device
+        )
+        first = self._ep.rank * num_local
+        everything[:, first : first + num_local] = local.to(self._device)
+        return self._collective(
+            f"gathering the expert fingerprints of model {state.model_name!r}",
+            lambda: self._ep.all_reduce_(everything),
+        ).cpu()
+
+    @staticmethod
+    def _fingerprint_table(state: ModelEplbState, digests: Tensor) -> Tensor:
+        return build_table(
+            state.model_name,
+            digests,
+            state.physical_to_logical_map,
+            state.num_logical_experts,
+            state.num_local_physical_experts,
+        )
+
+    def _ensure_tables(self, plans: Sequence[_ModelPlan]) -> None:
+        """Across ranks, fingerprint the models that have not been yet (every rank calls it)."""
+        if self._integrity == "off":
+            return
+        for plan in plans:
+            name = plan.state.model_name
+            if name not in self._tables:
+                self._tables[name] = self._fingerprint_table(
+                    plan.state, self._gathered_digests(plan.state)
+                )
+
+    def _group_failure(self, failure: Exception | None, what: str) -> int | None:
+        """Across ranks, the lowest rank that failed (this one included), or ``None``."""
+        if not self._ep.is_distributed:
+            return None if failure is None else self._ep.rank
+        verdict = self._collective(
+            what,
+            lambda: agree(self._ep, failed_at=None if failure is None else 0, device=self._device),
+        )
+        return verdict.failed_rank
+
+    def _commit(
+        self, plans: Sequence[_ModelPlan], staged: Sequence[StagedTransfer]
+    ) -> list[tuple[TransferStats, float]]:
+        """Check the staged rows, commit weights, check what was written, then commit maps.
+
+        Returns each plan's stats and commit seconds. A fingerprint mismatch on
+        any rank raises ``TransferError`` on every rank with the weights as
+        they were (rows written by the commit are put back) and the maps unchanged.
+        """
+        pairs = list(zip(plans, staged, strict=True))
+        mode = self._integrity
+        undo: list[UndoRows] = []
+        if mode != "off":
+            # Before any live byte changes; the undo below relies on these rows.
+            self._verify(pairs, check_staged, "checking the staged expert rows", undo)
+        if mode != "off":
+            undo = [UndoRows.capture(transfer) for _, transfer in pairs]
+        results: list[tuple[TransferStats, float]] = []
+        for _, transfer in pairs:
+            started = time.perf_counter()
+            results.append((transfer.commit(), time.perf_counter() - started))
+        if mode != "off":
+            self._verify(pairs, check_written, "checking the committed expert rows", undo)
+        for plan, _ in pairs:
+            self._commit_maps(plan.state, plan.new_map, plan.logical_maps)
+        return results
+
+    def _verify(
+        self,
+        pairs: Sequence[tuple[_ModelPlan, StagedTransfer]],
+        check: Callable[[str, StagedTransfer, Tensor, Tensor, IntegrityMode], None],
+        what: str,
+        undo: Sequence[UndoRows],
+    ) -> None:
+        failure: Exception | None = None
+        try:
+            for plan, transfer in pairs:
+                name = plan.state.model_name
+                check(name, transfer, self._tables[name], plan.new_map, self._integrity)
+        except Exception as exc:
+            failure = exc
+        failed_rank = self._group_failure(failure, what)
+        if failed_rank is None:
+            return
+        for rows in undo:
+            rows.restore()
+        if failure is not None:
+            raise failure
+        raise TransferError(
+            f"EP rank {failed_rank} found expert rows that do not hold their expert's bytes "
+            f"while {what} (see its error); EP rank {self._ep.rank} committed nothing",
+            rank=failed_rank,
+        )
 
     def _registered_models(self) -> list[tuple[str, MixtureOfExperts]]:
         return [(name, state.model) for name, state in self._models.items()]
@@ -562,6 +726,12 @@ class EplbState:
                         f"model {name!r}: expert_weights[{layer}][{k}] has shape "
                         f"{tuple(tensor.shape)}; dim 0 must be the {local} local expert slots"
                     )
+        problem = aliasing_problem(weights)
+        if problem is not None:
+            raise EplbStateError(
+                f"model {name!r}: {problem}. A move writes every slot in place, so a write to "
+                "one slot would change another: give each expert slot its own memory"
+            )
 
     # ------------------------------------------------------------ per step
 
@@ -710,21 +880,17 @@ class EplbState:
             failure = exc
         if distributed:
             self._agree_on_plans(plans, failure)
+            self._ensure_tables(plans)
         staged = self._stage_plans(plans)
+        committed = self._commit(plans, staged)
 
-        # Commit: plain in-place copies of tensors whose shapes were fixed above.
         results: dict[str, ModelRearrangement] = {}
-        for plan, transfer in zip(plans, staged, strict=True):
-            started = time.perf_counter()
-            stats = transfer.commit()
-            self._commit_maps(plan.state, plan.new_map, plan.logical_maps)
+        for plan, transfer, (stats, commit_seconds) in zip(plans, staged, committed, strict=True):
             results[plan.state.model_name] = attrs.evolve(
                 plan.summary,
                 bytes_moved=stats.bytes_moved,
                 layers_changed=stats.layers_changed,
-                transfer_seconds=(
-                    plan.summary.transfer_seconds + transfer.seconds + time.perf_counter() - started
-                ),
+                transfer_seconds=plan.summary.transfer_seconds + transfer.seconds + commit_seconds,
                 bytes_sent=stats.bytes_sent,
                 bytes_received=stats.bytes_received,
             )
@@ -1080,9 +1246,10 @@ class EplbState:
                     f"EP ranks disagree on the expert weight layout of model {model_name!r} "
                     f"or on their transfer options. EP rank {self._ep.rank} changed nothing"
                 )
-        (staged,) = self._stage_plans([plan])
-        staged.commit()
-        self._commit_maps(plan.state, plan.new_map, plan.logical_maps)
+        if distributed:
+            self._ensure_tables([plan])
+        staged = self._stage_plans([plan])
+        self._commit([plan], staged)
         self._clear_load(plan.state)
         self._planned.pop(model_name, None)
 

@@ -354,6 +354,18 @@ class _StagedLayer:
     rows: tuple[tuple[Tensor, ...], ...]
     from_slots: tuple[tuple[int, int], ...] = ()
     from_rows: tuple[tuple[int, int], ...] = ()
+    stacked: tuple[Tensor, ...] | None = None
+    """Per weight tensor, ``rows`` as one ``[len(destinations), ...]`` tensor when they were
+    staged that way (``rows`` are then views of it), so they can be checked in one go."""
+
+    @property
+    def written_slots(self) -> tuple[int, ...]:
+        """Every local slot the commit writes, in the order it writes them."""
+        return (
+            *self.destinations,
+            *(d for d, _ in self.from_slots),
+            *(d for d, _ in self.from_rows),
+        )
 
     @property
     def nbytes(self) -> int:
@@ -384,9 +396,11 @@ def _stage_layer(plan: LayerTransferPlan, weights: Sequence[Tensor]) -> _StagedL
     sources = torch.tensor([c.source_slot for c in plan.copies], dtype=torch.int64)
     # index_select returns new storage, so later writes to the live weights
     # cannot change what was staged, even when a slot is both source and destination.
-    picked = [w.index_select(0, sources.to(w.device)).unbind(0) for w in weights]
-    rows = tuple(zip(*picked, strict=True))
-    return _StagedLayer(plan.layer, tuple(c.destination for c in plan.copies), rows)
+    stacked = tuple(w.index_select(0, sources.to(w.device)) for w in weights)
+    rows = tuple(zip(*(t.unbind(0) for t in stacked), strict=True))
+    return _StagedLayer(
+        plan.layer, tuple(c.destination for c in plan.copies), rows, stacked=stacked
+    )
 
 
 def _check_weights(plan: TransferPlan, expert_weights: Sequence[Sequence[Tensor]]) -> None:
@@ -424,6 +438,11 @@ class StagedTransfer:
     """Bytes this rank received from other ranks while staging."""
     seconds: float = 0.0
     """Wall time spent staging (reading, sending, receiving) on this rank."""
+
+    @property
+    def layers(self) -> tuple[_StagedLayer, ...]:
+        """What the commit writes, per changed layer."""
+        return self._layers
 
     @property
     def bytes_staged(self) -> int:

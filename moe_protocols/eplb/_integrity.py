@@ -1,0 +1,262 @@
+"""Checks that every slot holds the bytes of its logical expert, before and after each move.
+
+``EplbState`` keeps, per registered model, a ``[L, E]`` table of each logical
+expert's fingerprint (:func:`~moe_protocols.eplb._fingerprint.row_digests`),
+taken when the model is first balanced. The weights of an expert never change
+while it is served; only where it lives does, so the table stays valid through
+every move and the expected fingerprint of a slot is that of the expert the
+map says it holds. Around each commit:
+
+1. the rows staged for the commit are fingerprinted and compared with the
+   expert each destination slot is to hold (a wrong or torn row is refused
+   before any live byte changes);
+2. the rows the commit will overwrite are kept, the commit runs, and the
+   written slots are fingerprinted again (a write that landed elsewhere, e.g.
+   into an aliased view, is caught); on a mismatch the kept rows are written
+   back, so nothing is committed.
+
+In ``"full"`` mode, step 2 also re-reads every local slot of every changed
+layer. When the table is built, every replica must match its expert: a
+redundant slot that was never a copy of its expert is refused, naming the EP
+rank that holds it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+import attrs
+import torch
+from torch import Tensor
+
+from moe_protocols.errors import EplbStateError, TransferError
+
+from ._fingerprint import IntegrityMode, row_digests
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._transfer import StagedTransfer
+
+__all__ = [
+    "UndoRows",
+    "aliasing_problem",
+    "build_table",
+    "check_staged",
+    "check_written",
+    "slot_digests",
+]
+
+
+def _overlaps_itself(tensor: Tensor) -> bool:
+    """Whether two elements of ``tensor`` share memory (strides that fold back, or 0)."""
+    dims = sorted(
+        (
+            (stride, size)
+            for stride, size in zip(tensor.stride(), tensor.shape, strict=True)
+            if size > 1
+        ),
+        reverse=True,
+    )
+    for (stride, _), (inner_stride, inner_size) in itertools.pairwise(dims):
+        if stride < inner_stride * inner_size:
+            return True
+    return any(stride == 0 for stride, _ in dims)
+
+
+def aliasing_problem(expert_weights: Sequence[Sequence[Tensor]]) -> str | None:
+    """Why the expert weights cannot be written slot by slot safely, or ``None``.
+
+    Refused: a tensor whose elements share memory (an ``expand``-ed or
+    overlapping ``as_strided`` view) and two tensors whose memory overlaps
+    (one weight used twice, or views into one buffer that overlap).
+    """
+    spans: list[tuple[int, int, str]] = []
+    for layer, tensors in enumerate(expert_weights):
+        for k, tensor in enumerate(tensors):
+            where = f"expert_weights[{layer}][{k}]"
+            if tensor.numel() == 0:
+                continue
+            if _overlaps_itself(tensor):
+                return f"{where} (strides {tensor.stride()}) has slots that share memory"
+            start = tensor.data_ptr()
+            last = sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride(), strict=True))
+            spans.append((start, start + (last + 1) * tensor.element_size(), where))
+    spans.sort()
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+        if start < end:
+            return f"{first} and {second} share memory"
+    return None
+
+
+def slot_digests(expert_weights: Sequence[Sequence[Tensor]], mode: IntegrityMode) -> Tensor:
+    """``[L, P_local]`` int64 fingerprints of every local slot of every layer."""
+    return torch.stack([row_digests(weights, mode=mode) for weights in expert_weights])
+
+
+def build_table(
+    model_name: str,
+    digests: Tensor,
+    physical_to_logical_map: Tensor,
+    num_logical: int,
+    num_local: int,
+) -> Tensor:
+    """``[L, E]`` expert fingerprints from every slot's ``[L, P]`` ones (all ranks).
+
+    Raises:
+        EplbStateError: two slots of one expert hold different bytes (the
+            message names the layer, both slots, the expert and the EP ranks).
+    """
+    p2l = physical_to_logical_map.to("cpu", torch.int64)
+    num_layers, num_physical = p2l.shape
+    # The lowest slot of each expert is its reference.
+    slots = torch.arange(num_physical).expand(num_layers, -1)
+    first = torch.full((num_layers, num_logical), num_physical, dtype=torch.int64)
+    first.scatter_reduce_(1, p2l.clamp(min=0), torch.where(p2l >= 0, slots, num_physical), "amin")
+    table = digests.gather(1, first.clamp(max=num_physical - 1))
+    expected = table.gather(1, p2l.clamp(min=0))
+    wrong = (expected != digests) & (p2l >= 0)
+    if bool(wrong.any()):
+        layer, slot = (int(i) for i in wrong.nonzero()[0])
+        expert = int(p2l[layer, slot])
+        reference = int(first[layer, expert])
+        raise EplbStateError(
+            f"model {model_name!r}: MoE layer {layer}, slot {slot} (EP rank "
+            f"{slot // num_local}) should hold logical expert {expert} but its weights differ "
+            f"from slot {reference} (EP rank {reference // num_local}), which holds the same "
+            f"expert ({int(wrong.sum())} slots differ in all). Redundant slots must start as "
+            "exact copies of their expert's weights, and every rank must hold the same "
+            "weights for the same expert; nothing was balanced"
+        )
+    return table
+
+
+def _expected(
+    table: Tensor, new_map: Tensor, layer: int, slots: Sequence[int], first_slot: int
+) -> Tensor:
+    physical = torch.tensor([first_slot + s for s in slots], dtype=torch.int64)
+    return table[layer].gather(0, new_map[layer].gather(0, physical))
+
+
+def check_staged(
+    model_name: str,
+    staged: StagedTransfer,
+    table: Tensor,
+    new_map: Tensor,
+    mode: IntegrityMode,
+) -> None:
+    """Compare each staged row with the expert its destination is to hold.
+
+    Raises:
+        TransferError: a staged row is not its expert's (rank and layer named).
+    """
+    rank, num_local = staged.plan.rank, staged.plan.num_local_physical_experts
+    for layer in staged.layers:
+        if not layer.rows:
+            continue
+        # One row at a time: stacking them would copy every staged byte once more.
+        got = torch.cat(
+            [row_digests([r.unsqueeze(0) for r in row], mode=mode) for row in layer.rows]
+        )
+        want = _expected(table, new_map, layer.layer, layer.destinations, rank * num_local)
+        _raise_on_mismatch(
+            model_name, "staged for", rank, layer.layer, layer.destinations, got, want
+        )
+
+
+def _raise_on_mismatch(
+    model_name: str,
+    what: str,
+    rank: int,
+    layer: int,
+    slots: Sequence[int],
+    got: Tensor,
+    want: Tensor,
+) -> None:
+    wrong = (got != want).nonzero()
+    if wrong.numel() == 0:
+        return
+    slot = slots[int(wrong[0, 0])]
+    raise TransferError(
+        f"model {model_name!r}: the row {what} local slot {slot} of MoE layer {layer} on EP "
+        f"rank {rank} does not hold the bytes of the expert the new placement gives it "
+        f"({wrong.shape[0]} such rows in this layer); nothing was committed",
+        rank=rank,
+        layer=layer,
+    )
+
+
+@attrs.frozen(eq=False)
+class UndoRows:
+    """The old contents of the slots a commit overwrites, so a bad commit can be undone.
+
+    A written slot that is also the source of a staged local copy needs no
+    copy of its own: the staged row *is* its old content (the commit never
+    writes staged rows). Only the other written slots (an expert this rank
+    drops, a slot refilled from another rank) are copied.
+    """
+
+    staged: StagedTransfer
+    rows: tuple[tuple[tuple[int, ...], tuple[Tensor, ...]], ...]
+    """Per staged layer: the copied slots and, per weight tensor, their old rows."""
+    reused: tuple[tuple[tuple[int, int], ...], ...]
+    """Per staged layer: ``(slot, staged row index)`` of slots whose old rows were staged."""
+
+    @classmethod
+    def capture(cls, staged: StagedTransfer) -> UndoRows:
+        """Keep what the commit of ``staged`` will overwrite (copying as little as possible)."""
+        plans = {layer.layer: layer for layer in staged.plan.layers}
+        local = staged.plan.is_local_only
+        kept, reused = [], []
+        for layer in staged.layers:
+            weights = staged.expert_weights[layer.layer]
+            # In one process, staged row i is the old content of copies[i].source_slot.
+            sources = (
+                {c.source_slot: i for i, c in enumerate(plans[layer.layer].copies)} if local else {}
+            )
+            written = dict.fromkeys(layer.written_slots)
+            again = tuple((slot, sources[slot]) for slot in written if slot in sources)
+            copied = tuple(slot for slot in written if slot not in sources)
+            index = torch.tensor(copied, dtype=torch.int64)
+            old = tuple(w.index_select(0, index.to(w.device)) for w in weights)
+            kept.append((copied, old))
+            reused.append(again)
+        return cls(staged, tuple(kept), tuple(reused))
+
+    def restore(self) -> None:
+        """Write the old rows back (in place, under ``no_grad``)."""
+        with torch.no_grad():
+            for layer, (copied, old), again in zip(
+                self.staged.layers, self.rows, self.reused, strict=True
+            ):
+                weights = self.staged.expert_weights[layer.layer]
+                for k, weight in enumerate(weights):
+                    if copied:
+                        index = torch.tensor(copied, dtype=torch.int64, device=weight.device)
+                        weight.index_copy_(0, index, old[k])
+                    for slot, row in again:
+                        weight[slot].copy_(layer.rows[row][k])
+
+
+def check_written(
+    model_name: str,
+    staged: StagedTransfer,
+    table: Tensor,
+    new_map: Tensor,
+    mode: IntegrityMode,
+) -> None:
+    """After a commit: every written slot (every local slot of a changed layer in
+    ``"full"`` mode) holds its expert's bytes.
+
+    Raises:
+        TransferError: a slot does not (rank and layer named).
+    """
+    rank, num_local = staged.plan.rank, staged.plan.num_local_physical_experts
+    for layer in staged.layers:
+        weights = staged.expert_weights[layer.layer]
+        slots = range(num_local) if mode == "full" else layer.written_slots
+        index = torch.tensor(list(slots), dtype=torch.int64)
+        got = row_digests(weights, index, mode=mode)
+        want = _expected(table, new_map, layer.layer, list(slots), rank * num_local)
+        _raise_on_mismatch(model_name, "written to", rank, layer.layer, list(slots), got, want)
