@@ -20,6 +20,7 @@ Two modes (:data:`IntegrityMode`):
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Final, Literal
 
 import torch
@@ -64,21 +65,32 @@ def _words(rows: Tensor) -> Tensor:
     return data.view(torch.int32)
 
 
-def _positions(width: int, mode: IntegrityMode, device: torch.device) -> Tensor:
+@functools.lru_cache(maxsize=64)
+def _plan(
+    width: int, mode: IntegrityMode, device: torch.device
+) -> tuple[tuple[Tensor, Tensor], ...]:
+    """``(positions, coefficients)`` chunks of the words a digest of ``width`` words reads."""
     if mode == "sampled" and width > SAMPLED_WORDS:
-        return torch.linspace(0, width - 1, SAMPLED_WORDS, device=device).long()
-    return torch.arange(width, dtype=torch.int64, device=device)
+        positions = torch.linspace(0, width - 1, SAMPLED_WORDS, device=device).long()
+    else:
+        positions = torch.arange(width, dtype=torch.int64, device=device)
+    step = _CHUNK_ELEMENTS // 64
+    return tuple(
+        (where, _coefficients(where))
+        for where in (positions[i : i + step] for i in range(0, positions.numel(), step))
+    )
 
 
-def _digest_words(words: Tensor, positions: Tensor) -> Tensor:
-    """``[n]`` int64 digests of ``words[:, positions]``, in bounded chunks."""
-    count = words.shape[0]
+def _digest_words(words: Tensor, mode: IntegrityMode) -> Tensor:
+    """``[n]`` int64 digests of the words of each row that ``mode`` reads."""
+    count, width = words.shape
     digest = torch.zeros(count, dtype=torch.int64, device=words.device)
-    step = max(1, _CHUNK_ELEMENTS // max(count, 1))
-    for start in range(0, positions.numel(), step):
-        where = positions[start : start + step]
-        chunk = words.index_select(1, where).to(torch.int64)
-        digest += (chunk * _coefficients(where)).sum(dim=1)
+    for where, coeff in _plan(width, mode, words.device):
+        if where.numel() == width:
+            chunk = words.to(torch.int64)
+        else:
+            chunk = words.index_select(1, where).to(torch.int64)
+        digest += chunk.mul_(coeff).sum(dim=1)
     return digest
 
 
@@ -96,8 +108,7 @@ def row_digests(
         words = _words(weight)
         if slots is not None:
             words = words.index_select(0, slots.to(words.device)) if mode == "full" else words
-        positions = _positions(words.shape[1], mode, words.device)
-        digest = _digest_words(words, positions)
+        digest = _digest_words(words, mode)
         if slots is not None and mode != "full":
             digest = digest.index_select(0, slots.to(digest.device))
         digest = digest.cpu()

@@ -155,10 +155,13 @@ def check_staged(
     for layer in staged.layers:
         if not layer.rows:
             continue
-        # One row at a time: stacking them would copy every staged byte once more.
-        got = torch.cat(
-            [row_digests([r.unsqueeze(0) for r in row], mode=mode) for row in layer.rows]
-        )
+        if layer.stacked is not None:
+            got = row_digests(layer.stacked, mode=mode)
+        else:
+            # One row at a time: stacking them would copy every staged byte once more.
+            got = torch.cat(
+                [row_digests([r.unsqueeze(0) for r in row], mode=mode) for row in layer.rows]
+            )
         want = _expected(table, new_map, layer.layer, layer.destinations, rank * num_local)
         _raise_on_mismatch(
             model_name, "staged for", rank, layer.layer, layer.destinations, got, want
