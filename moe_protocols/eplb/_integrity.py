@@ -194,44 +194,71 @@ def _raise_on_mismatch(
 class UndoRows:
     """The old contents of the slots a commit overwrites, so a bad commit can be undone.
 
-    A written slot that is also the source of a staged local copy needs no
-    copy of its own: the staged row *is* its old content (the commit never
-    writes staged rows). Only the other written slots (an expert this rank
-    drops, a slot refilled from another rank) are copied.
+    Copied only where they would be lost: a written slot whose old expert is
+    also staged (the source of a local copy: staged rows are never written
+    by the commit) or still held by a local slot the commit does not touch is
+    restored from there. Only the rest (an expert this rank drops entirely)
+    is copied before the commit.
     """
 
     staged: StagedTransfer
     rows: tuple[tuple[tuple[int, ...], tuple[Tensor, ...]], ...]
     """Per staged layer: the copied slots and, per weight tensor, their old rows."""
-    reused: tuple[tuple[tuple[int, int], ...], ...]
+    from_staged: tuple[tuple[tuple[int, int], ...], ...]
     """Per staged layer: ``(slot, staged row index)`` of slots whose old rows were staged."""
+    from_slots: tuple[tuple[tuple[int, int], ...], ...]
+    """Per staged layer: ``(slot, untouched slot)`` holding the same old expert."""
 
     @classmethod
-    def capture(cls, staged: StagedTransfer) -> UndoRows:
-        """Keep what the commit of ``staged`` will overwrite (copying as little as possible)."""
+    def capture(cls, staged: StagedTransfer, old_map: Tensor) -> UndoRows:
+        """Keep what the commit of ``staged`` will overwrite; ``old_map`` is ``[L, P]`` before."""
         plans = {layer.layer: layer for layer in staged.plan.layers}
-        local = staged.plan.is_local_only
-        kept, reused = [], []
+        local_only = staged.plan.is_local_only
+        num_local = staged.plan.num_local_physical_experts
+        first = staged.plan.rank * num_local
+        kept, reused, spared = [], [], []
         for layer in staged.layers:
             weights = staged.expert_weights[layer.layer]
-            # In one process, staged row i is the old content of copies[i].source_slot.
-            sources = (
-                {c.source_slot: i for i, c in enumerate(plans[layer.layer].copies)} if local else {}
+            old_row = old_map[layer.layer, first : first + num_local].tolist()
+            # In one process, staged row i is the old content of copies[i].source_slot,
+            # i.e. a row of that slot's old expert.
+            staged_expert = (
+                {old_row[c.source_slot]: i for i, c in enumerate(plans[layer.layer].copies)}
+                if local_only
+                else {}
             )
             written = dict.fromkeys(layer.written_slots)
-            again = tuple((slot, sources[slot]) for slot in written if slot in sources)
-            copied = tuple(slot for slot in written if slot not in sources)
+            # An empty slot (-1) holds arbitrary bytes: it is copied, never reconstructed.
+            staged_expert.pop(-1, None)
+            untouched = {old_row[s]: s for s in range(num_local) if s not in written}
+            untouched.pop(-1, None)
+            again = tuple(
+                (slot, staged_expert[old_row[slot]])
+                for slot in written
+                if old_row[slot] in staged_expert
+            )
+            rest = [slot for slot in written if old_row[slot] not in staged_expert]
+            kept_by = tuple(
+                (slot, untouched[old_row[slot]]) for slot in rest if old_row[slot] in untouched
+            )
+            copied = tuple(slot for slot in rest if old_row[slot] not in untouched)
             index = torch.tensor(copied, dtype=torch.int64)
-            old = tuple(w.index_select(0, index.to(w.device)) for w in weights)
+            old = tuple(w.index_select(0, index.to(w.device)) for w in weights) if copied else ()
             kept.append((copied, old))
             reused.append(again)
-        return cls(staged, tuple(kept), tuple(reused))
+            spared.append(kept_by)
+        return cls(staged, tuple(kept), tuple(reused), tuple(spared))
+
+    @property
+    def bytes_copied(self) -> int:
+        """Bytes copied out of the live weights to make the undo possible."""
+        return sum(r.numel() * r.element_size() for _, rows in self.rows for r in rows)
 
     def restore(self) -> None:
         """Write the old rows back (in place, under ``no_grad``)."""
         with torch.no_grad():
-            for layer, (copied, old), again in zip(
-                self.staged.layers, self.rows, self.reused, strict=True
+            for layer, (copied, old), again, spared in zip(
+                self.staged.layers, self.rows, self.from_staged, self.from_slots, strict=True
             ):
                 weights = self.staged.expert_weights[layer.layer]
                 for k, weight in enumerate(weights):
@@ -240,6 +267,8 @@ class UndoRows:
                         weight.index_copy_(0, index, old[k])
                     for slot, row in again:
                         weight[slot].copy_(layer.rows[row][k])
+                    for slot, source in spared:
+                        weight[slot].copy_(weight[source])
 
 
 def check_written(

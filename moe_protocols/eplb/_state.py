@@ -629,7 +629,7 @@ class EplbState:
             # Before any live byte changes; the undo below relies on these rows.
             self._verify(pairs, check_staged, "checking the staged expert rows", undo)
         if mode != "off":
-            undo = [UndoRows.capture(transfer) for _, transfer in pairs]
+            undo = [UndoRows.capture(transfer, plan.old_map) for plan, transfer in pairs]
         results: list[tuple[TransferStats, float]] = []
         for _, transfer in pairs:
             started = time.perf_counter()
