@@ -275,6 +275,17 @@ def two_ranks(ep: ExpertParallelContext, record: Record) -> None:
         state.step(is_dummy=True)
     attempt(record, "out_of_lockstep", state, state.rearrange)
 
+    # Rank 1's copy of a replicated expert diverged: every rank refuses to move.
+    diverged = build_model(ep)
+    checked = EplbState(eplb_config(), ep=ep)
+    checked.add_model(diverged)
+    if ep.rank == 1:
+        with torch.no_grad():
+            diverged.expert_weights[0][0][-1].add_(1.0)  # its last slot: a redundant replica
+    checked.model_state().expert_load_pass.copy_(rank_load(ep.rank))
+    checked.step()
+    attempt(record, "diverged_replica", checked, checked.rearrange)
+
 
 def four_ranks(ep: ExpertParallelContext, record: Record) -> None:
     """Two nodes, one-row batches staged in host memory; a failing rank; a hung rank."""

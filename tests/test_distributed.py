@@ -246,6 +246,16 @@ def test_ranks_out_of_lockstep_refuse_to_rearrange(two: list[RankResult]) -> Non
         assert result.values["out_of_lockstep.changed"] == []
 
 
+def test_a_rank_whose_replica_diverged_is_named_by_every_rank(two: list[RankResult]) -> None:
+    for result in two:
+        error = result.values["diverged_replica"]
+        assert isinstance(error, dict)
+        assert error["type"] == "EplbStateError"
+        assert "MoE layer 0" in error["message"]
+        assert "(EP rank 1)" in error["message"]
+        assert result.values["diverged_replica.changed"] == []
+
+
 @pytest.mark.distributed
 def test_a_rank_failing_mid_transfer_leaves_every_rank_as_it_was_and_is_named(
     four: list[RankResult],
