@@ -39,6 +39,7 @@ from moe_protocols.eplb import (
     save_placement,
 )
 from moe_protocols.errors import (
+    CollectiveTimeoutError,
     EplbConfigError,
     EplbStateError,
     MappingError,
@@ -48,6 +49,7 @@ from moe_protocols.errors import (
     NotMixtureOfExpertsError,
     PolicyError,
     TransferError,
+    TransferTimeoutError,
     WorkloadError,
 )
 from moe_protocols.guards import is_mixture_of_experts, is_moe_layer, supports_language_model
@@ -65,6 +67,7 @@ __all__ = [
     "ConformanceReport",
     "DeepSeekPolicy",
     "EplbConfig",
+    "CollectiveTimeoutError",
     "EplbConfigError",
     "EplbState",
     "EplbStateError",
@@ -93,6 +96,7 @@ __all__ = [
     "TraceEntry",
     "TraceOutcome",
     "TransferError",
+    "TransferTimeoutError",
     "UnwrapStep",
     "WorkloadError",
     "__version__",

@@ -33,6 +33,7 @@ from moe_protocols.errors import (
 )
 from moe_protocols.parallel import ExpertParallelContext
 
+from ._deadline import Deadline, Phase, run_phase
 from ._distributed import (
     GroupVerdict,
     TransferJob,
@@ -684,8 +685,9 @@ class EplbState:
         )
         load.scatter_add_(1, p2l.clamp(min=0), torch.where(valid, physical, 0))
         return self._collective(
+            "load reduce",
             f"all-reducing the expert load of model {state.model_name!r}",
-            lambda: self._ep.all_reduce_(load),
+            lambda wait: self._ep.all_reduce_(load, wait=wait),
         )
 
     def rearrange(self) -> RearrangementResult:
@@ -766,18 +768,11 @@ class EplbState:
 
     # ------------------------------------------------------------ across ranks
 
-    def _collective(self, what: str, run: Callable[[], _T]) -> _T:
-        """Run a collective; a backend failure (e.g. a timeout) becomes an EplbStateError."""
-        try:
-            return run()
-        except MoEProtocolsError:
-            raise
-        except Exception as exc:
-            raise EplbStateError(
-                f"EP rank {self._ep.rank}: {what} over the EP group failed "
-                f"({type(exc).__name__}: {exc}); a peer failed, hung or is out of lockstep. "
-                "Nothing changed on this rank"
-            ) from exc
+    def _collective(self, phase: Phase, what: str, run: Callable[[Deadline], _T]) -> _T:
+        """Run ``run(deadline)``; a failure names the ranks that did not arrive (see _deadline)."""
+        return run_phase(
+            self._ep, phase, what, run, device=self._device, hook=self._transfer.phase_hook
+        )
 
     def _check_lockstep(self) -> None:
         """Check that every rank made the same number of steps and rearrangements."""
@@ -786,8 +781,9 @@ class EplbState:
             [v for c in counts for v in (c, -c)], dtype=torch.int64, device=self._device
         )
         self._collective(
+            "lockstep check",
             "checking that the EP ranks are in lockstep",
-            lambda: self._ep.all_reduce_(values, op="max"),
+            lambda wait: self._ep.all_reduce_(values, op="max", wait=wait),
         )
         most_steps, fewest_steps, most_rearr, fewest_rearr = (
             v if i % 2 == 0 else -v for i, v in enumerate(values.tolist())
@@ -828,15 +824,19 @@ class EplbState:
         weights = state.model.expert_weights
         return layout_digest(weights, receive_budget(weights, self._transfer))
 
-    def _agree(self, failure: Exception | None, digests: Sequence[int], what: str) -> GroupVerdict:
+    def _agree(
+        self, failure: Exception | None, digests: Sequence[int], phase: Phase, what: str
+    ) -> GroupVerdict:
         """One agreement round; this rank's own failure is re-raised as is."""
         verdict = self._collective(
+            phase,
             what,
-            lambda: agree(
+            lambda wait: agree(
                 self._ep,
                 failed_at=None if failure is None else 0,
                 digests=digests,
                 device=self._device,
+                wait=wait,
             ),
         )
         if failure is not None:
@@ -855,7 +855,7 @@ class EplbState:
                 ]
             except Exception as exc:
                 failure = exc
-        verdict = self._agree(failure, digests, "agreeing on the new placements")
+        verdict = self._agree(failure, digests, "plan agreement", "agreeing on the new placements")
         if verdict.failed_rank is not None:
             raise EplbStateError(
                 f"EP rank {verdict.failed_rank} failed to plan the new placements (see its "
@@ -1003,7 +1003,9 @@ class EplbState:
                     digests = [digest(plan.new_map.tolist()), self._layout_digest(plan.state)]
                 except Exception as exc:
                     failure = exc
-            verdict = self._agree(failure, digests, "agreeing on the placement to restore")
+            verdict = self._agree(
+                failure, digests, "placement agreement", "agreeing on the placement to restore"
+            )
             if verdict.failed_rank is not None:
                 raise MappingError(
                     f"EP rank {verdict.failed_rank} rejected the placement for model "
