@@ -21,6 +21,15 @@ the store is written only after a failure. That relies on a failed group
 staying failed (gloo closes its connections, a dead peer never comes back), so
 a group reports at most once: replace it, and the dead rank, before the next
 rearrangement.
+
+Limits. A rank that dies *inside* the commit vote's all-reduce, after its
+vote left, may let some survivors finish the vote (and commit) while others
+raise: no all-reduce is atomic. When the store lives in the dead process (a
+``tcp://`` rendezvous hosted by rank 0 rather than by an agent), the survivors
+cannot name it: ``missing_ranks`` is empty and the message says the store was
+unreachable. On NCCL a work past its deadline is abandoned, not aborted;
+NCCL's watchdog aborts the communicator at the group's timeout. Only gloo is
+tested here.
 """
 
 from __future__ import annotations

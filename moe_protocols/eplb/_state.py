@@ -706,15 +706,26 @@ class EplbState:
         all-reduce); then rows cross ranks and a final vote commits them on
         every rank or on none.
 
+        Every collective has a deadline (``ep.collective_timeout``, else the
+        process group's timeout; see ``_deadline.py``): a rank that dies or
+        hangs is named by every other rank instead of stalling them.
+
         Raises:
             EplbStateError: no model is registered; or, across ranks, the ranks
-                are out of lockstep, computed different placements, another
-                rank failed to plan, or a collective failed (e.g. timed out).
+                are out of lockstep, computed different placements or another
+                rank failed to plan.
+            CollectiveTimeoutError: (an ``EplbStateError``) across ranks, on
+                every rank that arrived, when a rank did not arrive at a
+                collective before the deadline (it died, hung or its connection
+                dropped): ``missing_ranks`` names it, ``phase`` where the group
+                broke. The process group is unusable afterwards.
             PolicyError: the policy failed or returned an invalid placement.
             TransferError: staging the weights failed on some rank (``rank``
-                and ``layer`` name the first failure; ``rank`` is ``None`` on a
-                rank that lost contact with the group, e.g. by a timeout).
-        On any of these, weights, maps and window are unchanged on every rank.
+                and ``layer`` name the first failure); a ``TransferTimeoutError``
+                (also a ``CollectiveTimeoutError``) when a rank went missing in
+                the exchange or the commit vote (``rank``: the missing one).
+        On any of these, weights, maps, window and counters are unchanged on
+        every rank that raises.
         """
         if not self._models:
             raise EplbStateError("EplbState.rearrange() called before any model was registered")
@@ -979,9 +990,12 @@ class EplbState:
         on every rank or on none, as in :meth:`rearrange`.
 
         Raises:
-            EplbStateError: no model of that name; across ranks, also a
-                collective that failed (e.g. timed out), or weight layouts or
-                transfer options that differ between ranks.
+            EplbStateError: no model of that name; across ranks, also weight
+                layouts or transfer options that differ between ranks.
+            CollectiveTimeoutError: (an ``EplbStateError``) across ranks, a rank
+                did not arrive at the placement agreement, the exchange or the
+                commit vote before the deadline (a ``TransferTimeoutError``,
+                also a ``TransferError``, in the last two); see :meth:`rearrange`.
             MappingError: the placement is malformed or does not fit the model;
                 across ranks, also when another rank rejected its placement or
                 the ranks were given different placements.
