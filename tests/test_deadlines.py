@@ -161,3 +161,22 @@ def test_polling_gives_up_at_the_deadline() -> None:
     with pytest.raises(TimeoutError, match=r"no answer within 0\.3 s"):
         wait_for(FakeWork(done_after=None), 0.3)
     assert 0.3 <= time.monotonic() - started < 2.0
+
+
+def test_the_deadline_is_read_from_the_process_groups_timeout() -> None:
+    dist.init_process_group(
+        "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=7)
+    )
+    try:
+        assert deadline(ExpertParallelContext.from_process_group()) == timedelta(seconds=7)
+        short = dist.new_group(timeout=timedelta(seconds=2))
+        assert deadline(ExpertParallelContext.from_process_group(short)) == timedelta(seconds=2)
+        # torch's clock overflows on a huge timeout and gives up at once: capped.
+        huge = dist.new_group(timeout=timedelta(days=10_000))
+        assert deadline(ExpertParallelContext.from_process_group(huge)) == MAX_COLLECTIVE_TIMEOUT
+        override = ExpertParallelContext.from_process_group(
+            short, collective_timeout=timedelta(milliseconds=250)
+        )
+        assert deadline(override) == timedelta(milliseconds=250)
+    finally:
+        dist.destroy_process_group()
