@@ -59,21 +59,27 @@ def _check_nodes(
         )
 
 
-def _check_timeout(
-    instance: ExpertParallelContext, attribute: attrs.Attribute[timedelta | None], value: object
-) -> None:
+def _to_timeout(value: timedelta | None) -> timedelta | None:
+    """``collective_timeout`` as a ``timedelta`` (from anything with ``total_seconds()``)."""
     if value is None:
-        return
-    if not isinstance(value, timedelta):
+        return None
+    total = getattr(value, "total_seconds", None)
+    seconds = total() if callable(total) else None
+    if not isinstance(seconds, float):
         raise EplbConfigError(
             "ExpertParallelContext.collective_timeout must be None or a datetime.timedelta, "
             f"got {type(value).__name__} {value!r}"
         )
-    if not MIN_COLLECTIVE_TIMEOUT <= value <= MAX_COLLECTIVE_TIMEOUT:
+    if (
+        not MIN_COLLECTIVE_TIMEOUT.total_seconds()
+        <= seconds
+        <= MAX_COLLECTIVE_TIMEOUT.total_seconds()
+    ):
         raise EplbConfigError(
             f"ExpertParallelContext.collective_timeout must be between {MIN_COLLECTIVE_TIMEOUT} "
             f"and {MAX_COLLECTIVE_TIMEOUT}, got {value!r}"
         )
+    return timedelta(seconds=seconds)
 
 
 @attrs.frozen
@@ -93,7 +99,7 @@ class ExpertParallelContext:
     rank: int = attrs.field(default=0, validator=_check_rank)
     num_nodes: int = attrs.field(default=1, validator=[attrs.validators.ge(1), _check_nodes])
     group: ProcessGroup | None = attrs.field(default=None, eq=False)
-    collective_timeout: timedelta | None = attrs.field(default=None, validator=_check_timeout)
+    collective_timeout: timedelta | None = attrs.field(default=None, converter=_to_timeout)
 
     @classmethod
     def from_process_group(

@@ -107,6 +107,23 @@ def test_a_bad_collective_timeout_is_rejected(value: object) -> None:
         ExpertParallelContext(collective_timeout=value)  # type: ignore[arg-type]
 
 
+class Span:
+    """A duration that is not a ``timedelta`` but says its seconds (as pandas' Timedelta does)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def total_seconds(self) -> float:
+        return self.seconds
+
+
+def test_a_timeout_that_says_its_seconds_is_taken_as_a_timedelta() -> None:
+    ep = ExpertParallelContext(collective_timeout=Span(1.5))  # type: ignore[arg-type]
+    assert ep.collective_timeout == timedelta(seconds=1.5)
+    with pytest.raises(EplbConfigError, match="between"):
+        ExpertParallelContext(collective_timeout=Span(float("nan")))  # type: ignore[arg-type]
+
+
 def test_a_bad_phase_hook_is_rejected() -> None:
     with pytest.raises(EplbConfigError, match="phase_hook"):
         TransferOptions(phase_hook=3)  # type: ignore[arg-type]

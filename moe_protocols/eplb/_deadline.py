@@ -88,10 +88,10 @@ def _group_timeout(group: dist.ProcessGroup | None, device: torch.device) -> tim
         pg = group if group is not None else dist.group.WORLD
         # Private but stable since torch 2.0: the backend's options hold the timeout.
         backend = pg._get_backend(device)  # type: ignore[union-attr]
-        timeout = backend.options._timeout
-    except Exception:
+        seconds = float(backend.options._timeout.total_seconds())
+        return timedelta(seconds=seconds)
+    except Exception:  # no such backend or options, or beyond timedelta's range
         return None
-    return timeout if isinstance(timeout, timedelta) else None
 
 
 def deadline(ep: ExpertParallelContext, device: torch.device | str = "cpu") -> timedelta:
@@ -136,7 +136,7 @@ class Deadline:
         try:
             pg = ep.group if ep.group is not None else dist.group.WORLD
             backend = pg._get_backend(torch.device(device))  # type: ignore[union-attr]
-            self._gloo = isinstance(backend, dist.ProcessGroupGloo)
+            self._gloo = backend.name() == "gloo"
         except Exception:
             self._gloo = False
 
