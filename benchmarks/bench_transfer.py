@@ -24,6 +24,13 @@ row) over a few MoE layers:
    ``staging_device`` mode, many small batches), the commit's time (it also
    makes the local copies that need no staging), and the staging memory.
 
+4. **deadlines**: the agreement all-reduce a rearrangement issues (7 int64
+   values), as a plain blocking ``dist.all_reduce`` and through ``run_phase``
+   with its deadline (phase hook check, the deadline read from the group,
+   ``async_op=True`` and ``work.wait(timeout)``), interleaved; and the
+   pure-Python part alone. Nothing touches the store unless a rank fails, so
+   that is the whole cost per collective.
+
 After the timed runs the last staged transfer is committed and every slot is
 checked to hold its new expert (each expert's rows carry its id). Defaults:
 4 MoE layers of 32 experts + 8 redundant slots (1.4 GiB of weights over all
@@ -53,6 +60,7 @@ from moe_protocols.eplb import (
     remote_fetches_required,
 )
 from moe_protocols.eplb import exchange_expert_weights as exchange
+from moe_protocols.eplb._deadline import Deadline, deadline, run_phase
 from moe_protocols.parallel import ExpertParallelContext
 
 if TYPE_CHECKING:
@@ -86,6 +94,9 @@ class Report(TypedDict):
     local_layer_mib: float
     wrong_rows: int
     repeats: int
+    agree_plain_us: float
+    agree_deadline_us: float
+    deadline_setup_us: float
 
 
 def zipf_load(layers: int, experts: int, tokens: int, seed: int) -> torch.Tensor:
@@ -141,6 +152,32 @@ def worker(
             results.put(report)
     finally:
         dist.destroy_process_group()
+
+
+def per_call_us(run: Callable[[], object], calls: int) -> float:
+    """Microseconds per ``run()`` on this rank, over ``calls`` calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def deadline_costs(ep: ExpertParallelContext, repeats: int) -> tuple[float, float, float]:
+    """Median us per agreement all-reduce, plain and with its deadline; and the setup alone."""
+    values = torch.zeros(7, dtype=torch.int64)
+    variants: list[Callable[[], object]] = [
+        lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX),
+        lambda: run_phase(
+            ep, "plan agreement", "benchmarking", lambda wait: ep.all_reduce_(values, wait=wait)
+        ),
+    ]
+    samples: list[list[float]] = [[], []]
+    for repeat in range(3 * repeats):
+        for i in (repeat % 2, 1 - repeat % 2):
+            dist.barrier()
+            samples[i].append(per_call_us(variants[i], 200))
+    setup = per_call_us(lambda: Deadline(ep, deadline(ep)), 1000)
+    return statistics.median(samples[0]), statistics.median(samples[1]), setup
 
 
 def measure(ep: ExpertParallelContext, args: argparse.Namespace) -> Report:
@@ -214,6 +251,7 @@ def measure(ep: ExpertParallelContext, args: argparse.Namespace) -> Report:
     bad = torch.tensor([wrong], dtype=torch.int64)
     ep.all_reduce_(bad)
 
+    plain_us, deadline_us, setup_us = deadline_costs(ep, args.repeats)
     minimum = remote_fetches_required(old, new, local) * row_bytes
     median = {name: statistics.median(samples) for name, samples in runs.items()}
     moved = int(counts[0])
@@ -235,6 +273,9 @@ def measure(ep: ExpertParallelContext, args: argparse.Namespace) -> Report:
         "local_layer_mib": local * row_bytes / MiB,
         "wrong_rows": int(bad),
         "repeats": args.repeats,
+        "agree_plain_us": plain_us,
+        "agree_deadline_us": deadline_us,
+        "deadline_setup_us": setup_us,
     }
 
 
@@ -290,6 +331,11 @@ def show(r: Report) -> None:
         f"  memory per rank: staging up to {r['peak_staging_mib']:.1f} MiB (the changed rows; "
         f"one layer of local weights is {r['local_layer_mib']:.1f} MiB); commit "
         f"{r['commit_s'] * 1e3:.1f} ms; wrong rows after commit: {r['wrong_rows']}"
+    )
+    print(
+        f"  agreement all-reduce: {r['agree_plain_us']:.0f} us plain, "
+        f"{r['agree_deadline_us']:.0f} us with its deadline (rank 0, median); "
+        f"deadline setup alone {r['deadline_setup_us']:.1f} us"
     )
 
 

@@ -39,6 +39,7 @@ from moe_protocols.eplb import (
     save_placement,
 )
 from moe_protocols.errors import (
+    CollectiveTimeoutError,
     EplbConfigError,
     EplbOwnershipError,
     EplbStateError,
@@ -50,6 +51,7 @@ from moe_protocols.errors import (
     NotMixtureOfExpertsError,
     PolicyError,
     TransferError,
+    TransferTimeoutError,
     WorkloadError,
 )
 from moe_protocols.guards import is_mixture_of_experts, is_moe_layer, supports_language_model
@@ -67,6 +69,7 @@ __all__ = [
     "ConformanceReport",
     "DeepSeekPolicy",
     "EplbConfig",
+    "CollectiveTimeoutError",
     "EplbConfigError",
     "EplbState",
     "EplbOwnershipError",
@@ -97,6 +100,7 @@ __all__ = [
     "TraceEntry",
     "TraceOutcome",
     "TransferError",
+    "TransferTimeoutError",
     "UnwrapStep",
     "WorkloadError",
     "__version__",

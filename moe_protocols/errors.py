@@ -7,13 +7,14 @@ path to it, and what is missing or wrong, so the error alone tells the story.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NotRequired, TypedDict, Unpack
 
 if TYPE_CHECKING:
     from moe_protocols.adapters._trace import ResolutionTrace
     from moe_protocols.conformance import ConformanceReport
 
 __all__ = [
+    "CollectiveTimeoutError",
     "EplbConfigError",
     "EplbOwnershipError",
     "EplbStateError",
@@ -25,6 +26,7 @@ __all__ = [
     "NotMixtureOfExpertsError",
     "PolicyError",
     "TransferError",
+    "TransferTimeoutError",
     "WorkloadError",
 ]
 
@@ -104,6 +106,48 @@ class TransferError(MoEProtocolsError, RuntimeError):
         super().__init__(message)
         self.rank = rank
         self.layer = layer
+
+
+class _TimeoutDetails(TypedDict):
+    phase: str
+    missing_ranks: Sequence[int]
+    deadline_s: float
+    layer: NotRequired[int | None]
+
+
+class CollectiveTimeoutError(EplbStateError):
+    """An EP rank did not arrive at a collective of an EPLB operation before its deadline.
+
+    Raised on every rank that did arrive, with nothing changed there.
+    ``phase`` is the phase the group broke in (the earliest any surviving rank
+    reported: ``"lockstep check"``, ``"load reduce"``, ``"plan agreement"``,
+    ``"placement agreement"``, ``"exchange"`` or ``"commit vote"``);
+    ``missing_ranks`` the EP ranks that did not report within the deadline
+    (empty when every other rank did, so this rank was the late one, or when
+    the process group's store could not be reached); ``deadline_s`` the
+    deadline in seconds; ``layer`` the first MoE layer of the batch this rank
+    stopped at in the exchange, else ``None``. The process group is unusable
+    afterwards.
+    """
+
+    def __init__(self, message: str, **details: Unpack[_TimeoutDetails]) -> None:
+        super().__init__(message)
+        self.phase = details["phase"]
+        self.missing_ranks: tuple[int, ...] = tuple(details["missing_ranks"])
+        self.deadline_s = details["deadline_s"]
+        self.layer = details.get("layer")
+
+
+class TransferTimeoutError(CollectiveTimeoutError, TransferError):
+    """A :class:`CollectiveTimeoutError` in the weight exchange or the commit vote.
+
+    Also a :class:`TransferError`: ``rank`` is the lowest missing rank (``None``
+    when ``missing_ranks`` is empty), ``layer`` as in :class:`CollectiveTimeoutError`.
+    """
+
+    def __init__(self, message: str, **details: Unpack[_TimeoutDetails]) -> None:
+        super().__init__(message, **details)
+        self.rank = min(self.missing_ranks, default=None)
 
 
 class ModelConfigError(MoEProtocolsError, ValueError):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import signal
 import time
 import traceback
 from datetime import timedelta
@@ -38,7 +40,9 @@ from moe_protocols.models import TinyMoEForCausalLM, tiny_moe
 from moe_protocols.parallel import ExpertParallelContext
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
+
+    from moe_protocols.eplb._deadline import Phase
 
 # The model every scenario balances: 16 experts + 8 redundant slots over 3 MoE
 # layers: 12 slots per rank on 2 ranks, 6 on 4.
@@ -49,6 +53,7 @@ NUM_MOE_LAYERS: Final = 3
 STEP_INTERVAL: Final = 4
 GROUP_TIMEOUT_S: Final = 30.0
 HANG_TIMEOUT_S: Final = 2.0
+DEADLINE_S: Final = 1.0  # the process-group timeout of the deadline scenarios
 # Tokens routed to hot experts by each rank, per step (every other expert gets BASE_LOAD).
 HOT_EXPERTS: Final = {0: {0: 400, 1: 300}, 1: {5: 500}, 2: {9: 250, 3: 90}, 3: {0: 200, 12: 350}}
 BASE_LOAD: Final = 3
@@ -118,6 +123,8 @@ class Record:
             "message": str(exc),
             "rank": getattr(exc, "rank", None),
             "layer": getattr(exc, "layer", None),
+            "phase": getattr(exc, "phase", None),
+            "missing_ranks": list(getattr(exc, "missing_ranks", ())),
         }
 
     def save(self, directory: Path, rank: int) -> None:
@@ -317,7 +324,8 @@ def four_ranks(ep: ExpertParallelContext, record: Record) -> None:
     # Rank 1 hangs at MoE layer 1 longer than the EPLB group's timeout.
     short = dist.new_group(timeout=timedelta(seconds=HANG_TIMEOUT_S))
     hung_ep = ExpertParallelContext.from_process_group(short, num_nodes=2)
-    hang = FaultSwitch(hang_at=(1, 1), hang_seconds=2 * HANG_TIMEOUT_S)
+    # Longer than the deadline plus the deadline the others wait for its report.
+    hang = FaultSwitch(hang_at=(1, 1), hang_seconds=3 * HANG_TIMEOUT_S)
     hung_state = EplbState(eplb_config(), ep=hung_ep, transfer=TransferOptions(fault_hook=hang))
     hung_state.add_model(build_model(hung_ep))
     started = time.monotonic()
@@ -334,9 +342,124 @@ def four_ranks(ep: ExpertParallelContext, record: Record) -> None:
     record.values["default_group_after_hang"] = float(alive)
 
 
+@attrs.define
+class KillAt:
+    """A phase hook: SIGKILL this process the ``occurrence``-th time ``rank`` enters ``phase``."""
+
+    phase: Phase
+    rank: int
+    occurrence: int = 1
+    seen: int = 0
+
+    def __call__(self, phase: Phase, rank: int) -> None:
+        if (phase, rank) != (self.phase, self.rank):
+            return
+        self.seen += 1
+        if self.seen == self.occurrence:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@attrs.frozen
+class DeadlineCase:
+    """One rank killed at one phase of a rearrangement (or of ``update_mapping``)."""
+
+    phase: Phase
+    occurrence: int = 1
+    """Which entry into the phase kills (the exchange enters once per agreement and per P2P)."""
+    restore: bool = False
+    """Kill in ``update_mapping`` instead of ``rearrange``."""
+    override: bool = False
+    """Deadline from ``ExpertParallelContext.collective_timeout``; the group's timeout is long."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.phase.replace(' ', '_')}_{self.occurrence}"
+
+
+DEADLINE_CASES: Final = (
+    DeadlineCase("lockstep check"),
+    DeadlineCase("load reduce", override=True),
+    DeadlineCase("plan agreement"),
+    DeadlineCase("exchange"),  # before the first batch's agreement
+    DeadlineCase("exchange", occurrence=2),  # after it, before posting the batch's rows
+    DeadlineCase("commit vote"),
+    DeadlineCase("placement agreement", restore=True),
+)
+DEADLINE_SURVIVORS: Final = (3, 4)
+"""Global ranks that survive every case; each case's group adds one victim to them."""
+DEADLINE_VICTIMS: Final = (0, 1, 2, 5, 6, 7, 8)
+"""Global rank killed in each case: EP rank 0 of its group in the first three, EP rank 2 after."""
+DEADLINE_WORLD: Final = len(DEADLINE_SURVIVORS) + len(DEADLINE_VICTIMS)
+
+
+def eplb_counters(state: EplbState) -> list[object]:
+    """The counters a failed rearrangement must leave alone."""
+    return [
+        state.steps_taken,
+        state.step_counter,
+        state.window_step,
+        state.num_rearrangements,
+        state.last_rearrangement is None,
+    ]
+
+
+def _kill_case(index: int, group: dist.ProcessGroup, record: Record) -> None:
+    """Run case ``index`` on its 3-rank group; its victim dies, the survivors record the error."""
+    case = DEADLINE_CASES[index]
+    ranks = sorted({*DEADLINE_SURVIVORS, DEADLINE_VICTIMS[index]})
+    timeout = timedelta(seconds=DEADLINE_S) if case.override else None
+    ep = ExpertParallelContext.from_process_group(group, collective_timeout=timeout)
+    victim = ranks.index(DEADLINE_VICTIMS[index])
+    options = TransferOptions(phase_hook=KillAt(case.phase, victim, case.occurrence))
+    state = EplbState(eplb_config(), ep=ep, transfer=options)
+    state.add_model(build_model(ep))
+    if not case.restore:
+        for _ in range(STEP_INTERVAL - 1):
+            state.model_state().expert_load_pass.copy_(rank_load(ep.rank))
+            state.step()
+    # All three start the operation together: the deadline is for the victim's death,
+    # not for this process's setup.
+    ready = group.get_group_store()
+    ready.set(f"ready{ep.rank}", "1")
+    ready.wait([f"ready{r}" for r in range(ep.world_size)], timedelta(seconds=60))
+    counters = eplb_counters(state)
+    action: Callable[[], object] = state.rearrange
+    if case.restore:
+        action = lambda: state.update_mapping("model", shuffled_placement(seed=3))  # noqa: E731
+    started = time.monotonic()
+    record.values[f"{case.name}.started"] = time.time()
+    attempt(record, case.name, state, action)
+    record.values[f"{case.name}.seconds"] = time.monotonic() - started
+    record.values[f"{case.name}.counters"] = [counters, eplb_counters(state)]
+    record.values[f"{case.name}.ranks"] = [ep.rank, victim]
+
+
+def deadlines(ep: ExpertParallelContext, record: Record) -> None:
+    """Each case: a group of the two survivors and one victim, killed at the case's phase."""
+    groups = [
+        dist.new_group(
+            sorted({*DEADLINE_SURVIVORS, victim}),
+            timeout=timedelta(seconds=60 * DEADLINE_S if case.override else DEADLINE_S),
+        )
+        for case, victim in zip(DEADLINE_CASES, DEADLINE_VICTIMS, strict=True)
+    ]
+    turns = dist.group.WORLD.get_group_store()  # type: ignore[union-attr]
+    if ep.rank in DEADLINE_VICTIMS:
+        # Wait until the survivors are done with the earlier cases: a collective
+        # would otherwise pass its deadline before the phase this rank dies in.
+        index = DEADLINE_VICTIMS.index(ep.rank)
+        turns.wait([f"turn{index}"], timedelta(seconds=120))
+        _kill_case(index, groups[index], record)  # returns only if the kill did not happen
+        return
+    for index, group in enumerate(groups):
+        turns.set(f"turn{index}", "go")
+        _kill_case(index, group, record)
+
+
 SCENARIOS: Final[dict[str, Callable[[ExpertParallelContext, Record], None]]] = {
     "two_ranks": two_ranks,
     "four_ranks": four_ranks,
+    "deadlines": deadlines,
 }
 
 
@@ -375,14 +498,23 @@ class GroupFailed(Exception):
 
 
 def run_group(
-    scenario: str, world: int, directory: Path, *, timeout_s: float = 120.0
+    scenario: str,
+    world: int,
+    directory: Path,
+    *,
+    timeout_s: float = 120.0,
+    killed: Collection[int] = (),
 ) -> list[RankResult]:
     """Run ``scenario`` on ``world`` spawned gloo ranks; return each rank's record.
 
+    The ranks in ``killed`` must die by SIGKILL (the scenario kills them);
+    the records of the others are returned, in rank order.
+
     Raises:
         GroupFailed: a rank raised (its traceback is in the message), exited
-            abnormally, or the group did not finish within ``timeout_s`` (the
-            stragglers are terminated).
+            abnormally (or, in ``killed``, did not die by SIGKILL), or the
+            group did not finish within ``timeout_s`` (the stragglers are
+            terminated).
     """
     directory.mkdir(parents=True, exist_ok=True)
     store = dist.TCPStore(  # type: ignore[attr-defined]  # public, not re-exported
@@ -400,7 +532,7 @@ def run_group(
     deadline = time.monotonic() + timeout_s
     try:
         while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-            if any(p.exitcode not in (None, 0) for p in procs):
+            if any(p.exitcode not in (None, 0) for r, p in enumerate(procs) if r not in killed):
                 break  # one rank failed: the others would only wait for it
             time.sleep(0.05)
     finally:
@@ -420,7 +552,9 @@ def run_group(
             problems.append(f"rank {rank} raised:\n{error.read_text()}")
         elif rank in stragglers:
             problems.append(f"rank {rank} did not finish within {timeout_s} s (terminated)")
-        elif proc.exitcode != 0:
+        elif rank in killed and proc.exitcode != -signal.SIGKILL:
+            problems.append(f"rank {rank} was to die by SIGKILL, exited with code {proc.exitcode}")
+        elif rank not in killed and proc.exitcode != 0:
             problems.append(f"rank {rank} exited with code {proc.exitcode}")
     if problems:
         raise GroupFailed(f"scenario {scenario!r} on {world} ranks failed:\n" + "\n".join(problems))
@@ -431,6 +565,7 @@ def run_group(
             load_file(str(directory / f"rank{rank}.safetensors")),
         )
         for rank in range(world)
+        if rank not in killed
     ]
 
 

@@ -278,9 +278,14 @@ def test_a_hung_peer_makes_the_others_time_out_and_keep_their_state(
     for result in four:
         error = result.values["hung_peer"]
         assert isinstance(error, dict)
-        assert error["type"] == "TransferError"
-        assert error["rank"] is None  # a collective timeout does not say who is missing
-        assert "lost contact with the EP group" in error["message"]
+        assert error["type"] == "TransferTimeoutError"
+        assert error["phase"] == "exchange"
+        if result.rank == 1:  # the hung rank: every other rank reported in before it
+            assert (error["missing_ranks"], error["rank"]) == ([], None)
+            assert "this rank is the one that fell" in error["message"]
+        else:
+            assert (error["missing_ranks"], error["rank"]) == ([1], 1)
+            assert "EP rank 1 did not arrive in the exchange phase" in error["message"]
         assert result.values["hung_peer.changed"] == []
         assert result.values["default_group_after_hang"] == 4.0
     # Every rank names the batch it stopped at: the one holding layer 1, or an earlier one.

@@ -97,3 +97,13 @@ def test_weights_that_do_not_alias_pass_the_aliasing_check() -> None:
     assert aliasing_problem(weights_for(torch.arange(SLOTS).remainder(EXPERTS)[None])) is None
     transposed = torch.randn(4, 5, 6).transpose(1, 2)
     assert aliasing_problem([[transposed]]) is None
+
+
+def test_interleaved_halves_of_one_fused_weight_do_not_alias() -> None:
+    fused = torch.randn(4, 6, 3)  # [slots, 2 * intermediate, hidden]: gate and up
+    assert aliasing_problem([[fused[:, :3], fused[:, 3:]]]) is None
+    assert aliasing_problem([[fused[..., :2], fused[..., 1:]]]) is not None  # column 1 twice
+    flat = torch.randn(4 * 6)
+    evens, odds = flat[0::2].view(4, 3), flat[1::2].view(4, 3)
+    assert aliasing_problem([[evens], [odds]]) is None
+    assert aliasing_problem([[flat[:12].view(4, 3)], [flat[9:21].view(4, 3)]]) is not None

@@ -34,6 +34,7 @@ from moe_protocols.adapters._hf import (
     discover_hf_moe,
 )
 from moe_protocols.conformance import check_conformance
+from moe_protocols.eplb import EplbConfig, EplbState
 from moe_protocols.errors import EplbStateError, MappingError, NotMixtureOfExpertsError
 from moe_protocols.guards import is_mixture_of_experts
 
@@ -554,3 +555,18 @@ def test_library_module_does_not_import_transformers() -> None:
             if isinstance(node, ast.ImportFrom)
         }
         assert "transformers" not in imported
+
+
+def test_every_family_registers_with_an_eplb_state(family: tuple[Family, nn.Module]) -> None:
+    # The fused gate/up weights are two interleaved views of one tensor that share
+    # no element: registration must accept them, and the state must then record.
+    spec, model = family
+    view = MoEView.require(model, steps=STEPS)
+    with EplbState(EplbConfig()) as state:
+        state.add_model(view)
+        with torch.no_grad():
+            spec.run(model, _ids())
+        state.step()
+        recorded = int(state.expert_load_window().sum())
+    assert recorded == TOKENS * spec.top_k * spec.num_moe_layers
+    view.model.remove_hooks()  # type: ignore[attr-defined]  # the adapter's own method

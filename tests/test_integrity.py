@@ -401,3 +401,37 @@ def test_changed_weights_are_refused_until_the_fingerprints_are_refreshed() -> N
     assert snapshot(state, lm) == before
     state.refresh_fingerprints()
     assert state.rearrange().slots_changed > 0
+
+
+def test_an_inference_tensor_is_refused_before_anything_is_written() -> None:
+    with torch.inference_mode():
+        lm = AuthorMoELM()
+    state = register(lm)
+    serve(lm, state)
+    before = snapshot(state, lm)
+    with pytest.raises(TransferError, match="inference tensor"):
+        state.rearrange()
+    assert snapshot(state, lm) == before
+
+
+@pytest.mark.parametrize("integrity", ["sampled", "off"])
+def test_a_commit_that_fails_part_way_is_rolled_back(
+    monkeypatch: pytest.MonkeyPatch, integrity: str
+) -> None:
+    lm = AuthorMoELM()
+    state = EplbState(CONFIG, num_ranks=4, integrity=integrity)  # type: ignore[arg-type]
+    state.add_model(lm)
+    serve(lm, state)
+    before = snapshot(state, lm)
+    real = _transfer._StagedLayer.commit
+
+    def fails_on_the_last_layer(self: _transfer._StagedLayer, weights: list[torch.Tensor]) -> None:
+        real(self, weights)
+        if self.layer == 2:
+            raise RuntimeError("device lost")
+
+    monkeypatch.setattr(_transfer._StagedLayer, "commit", fails_on_the_last_layer)
+    with pytest.raises(TransferError, match="put back") as info:
+        state.rearrange()
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert snapshot(state, lm) == before

@@ -34,11 +34,15 @@ rank's local expert weights, typically much less. With ``staging_device`` set
 (e.g. host memory for GPU weights), rows are received into a buffer of
 ``buffer_bytes`` on the weights' device and copied to the staging device.
 
-Timeouts are the process group's (``init_process_group(timeout=...)`` or
-``new_group(timeout=...)``). A rank whose collective or P2P op times out, or
-whose peer closed the connection, cannot know who failed; it raises at once,
-without voting, and since the vote needs every rank, no rank commits. gloo
-closes the connection after a timeout, so that group is unusable afterwards.
+Every agreement and every batch's P2P wait has a deadline (see
+``_deadline.py``): ``ExpertParallelContext.collective_timeout``, else the
+process group's timeout. A rank whose collective or P2P op fails or passes the
+deadline (a peer died, hung or closed the connection) does not vote: it
+reports in through the group's store, and every rank that reported raises a
+:class:`~moe_protocols.errors.TransferTimeoutError` naming the missing ranks
+and the phase (``"exchange"`` for the per-batch agreements and P2P, ``"commit
+vote"`` for the last agreement). Since the vote needs every rank, no rank
+commits. The group is unusable afterwards (gloo closes its connections).
 """
 
 from __future__ import annotations
@@ -46,15 +50,16 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import attrs
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_protocols.errors import EplbConfigError, TransferError
+from moe_protocols.errors import EplbConfigError, TransferError, TransferTimeoutError
 
+from ._deadline import Deadline, PhaseHook, run_phase
 from ._transfer import (
     ExpertTransfer,
     LayerTransferPlan,
@@ -115,11 +120,13 @@ def _check_buffer_bytes(
 
 
 def _check_hook(
-    instance: TransferOptions, attribute: attrs.Attribute[FaultHook | None], value: object
+    instance: TransferOptions,
+    attribute: attrs.Attribute[Any],
+    value: object,
 ) -> None:
     if value is not None and not callable(value):
         raise EplbConfigError(
-            f"TransferOptions.fault_hook must be None or callable, got {type(value).__name__}"
+            f"TransferOptions.{attribute.name} must be None or callable, got {type(value).__name__}"
         )
 
 
@@ -142,6 +149,9 @@ class TransferOptions:
     buffer on the weights' device and copied there."""
     fault_hook: FaultHook | None = attrs.field(default=None, validator=_check_hook, eq=False)
     """Fault injection for tests (see :data:`FaultHook`)."""
+    phase_hook: PhaseHook | None = attrs.field(default=None, validator=_check_hook, eq=False)
+    """Fault injection for tests, called before each collective of a multi-rank rearrangement
+    or ``update_mapping`` with the phase and the EP rank (see ``PhaseHook``)."""
 
 
 @attrs.frozen(eq=False)
@@ -196,19 +206,21 @@ def agree(
     failed_at: int | None,
     digests: Sequence[int] = (),
     device: torch.device | str = "cpu",
+    wait: Deadline | None = None,
 ) -> GroupVerdict:
     """One all-reduce: whether any rank failed (and the first one), and whether digests match.
 
     A collective: call on every rank with the same number of ``digests``.
     ``failed_at`` is this rank's failure step (``0 <= failed_at < 2**32``) or
-    ``None``. Raises whatever ``torch.distributed`` raises (e.g. a timeout).
+    ``None``; ``wait`` bounds the wait (``None``: the group's timeout).
+    Raises whatever ``torch.distributed`` raises (e.g. a timeout).
     """
     rank, world = ep.rank, ep.world_size
     code = world << _SHIFT if failed_at is None else (rank << _SHIFT) | failed_at
     # MAX of the negated code is MIN of the code: the lowest failing rank wins.
     values = [-code, *digests, *(-d for d in digests)]
     tensor = torch.tensor(values, dtype=torch.int64, device=device)
-    ep.all_reduce_(tensor, op="max")
+    ep.all_reduce_(tensor, op="max", wait=wait)
     reduced = tensor.tolist()
     best = -reduced[0]
     n = len(digests)
@@ -477,22 +489,21 @@ class _Exchange:
     def vote(self, before: int) -> None:
         """Agree on whether any rank failed so far; raise the same error everywhere if one did."""
         rank = self.ep.rank
-        try:
-            verdict = agree(
+        where, layer = self.where(before)
+        verdict = run_phase(
+            self.ep,
+            "commit vote" if before >= len(self.steps) else "exchange",
+            f"agreeing {where} whether every rank staged its rows",
+            lambda wait: agree(
                 self.ep,
                 failed_at=None if self.failure is None else self.failure[0],
                 device=self.device,
-            )
-        except Exception as exc:
-            where, layer = self.where(before)
-            raise TransferError(
-                f"EP rank {rank} lost contact with the EP group {where} "
-                f"({type(exc).__name__}: {exc}); a peer failed, hung or timed out. Nothing was "
-                "committed here, and no rank commits without this rank's vote; the process "
-                "group may be unusable (gloo closes its connections after a timeout)",
-                rank=None,
-                layer=layer,
-            ) from exc
+                wait=wait,
+            ),
+            device=self.device,
+            hook=self.options.phase_hook,
+            layer=layer,
+        )
         if verdict.failed_at is None:
             return
         where, layer = self.where(verdict.failed_at)
@@ -552,12 +563,27 @@ class _Exchange:
                 for target in targets:
                     ops.append(dist.P2POp(dist.irecv, target, peer, ep.group))
                     counters.received += target.numel()
-        works = dist.batch_isend_irecv(ops) if ops else []
+        where, layer = self.where(batch.first_step)
+        works = run_phase(
+            ep,
+            "exchange",
+            f"posting the rows {where}",
+            lambda _: dist.batch_isend_irecv(ops) if ops else [],
+            device=self.device,
+            hook=self.options.phase_hook,
+            layer=layer,
+        )
         for index in batch.new_steps:
             step = self.steps[index]
             _copy_local_rows(self.prepared[index], job.expert_weights[step.layer])
-        for work in works:
-            work.wait()
+        run_phase(
+            ep,
+            "exchange",
+            f"exchanging the rows {where}",
+            lambda wait: wait.all(works),
+            device=self.device,
+            layer=layer,
+        )
         for prepared, row_index, targets in buffered:
             for row, target in zip(prepared.staged.rows[row_index], targets, strict=True):
                 _byte_row(row).copy_(target)
@@ -594,6 +620,8 @@ class _Exchange:
                 self.vote(batch.first_step)
                 try:
                     self.send_and_receive(batch, budgets[owner])
+                except TransferTimeoutError:
+                    raise  # the group broke: no vote can follow
                 except Exception as exc:
                     self.failure = (batch.first_step, exc)
                 self.counters[owner].seconds += time.perf_counter() - started
@@ -632,10 +660,13 @@ def exchange_expert_weights(
     Raises:
         TransferError: on every rank when any rank failed to stage (``rank`` and
             ``layer`` name the first failure; on the failing rank ``__cause__``
-            is its exception), or on a rank whose communication failed or timed
-            out (``rank`` is ``None``: a collective does not say who is
-            missing; ``layer`` is the first layer of the batch it was about to
-            exchange). No rank has written anything: all keep their old weights.
+            is its exception). No rank has written anything: all keep their old
+            weights.
+        TransferTimeoutError: (a ``TransferError``) on every rank that arrived,
+            when a rank did not arrive at an agreement or P2P wait before the
+            deadline or its connection dropped: ``missing_ranks`` and ``rank``
+            name it, ``phase`` is ``"exchange"`` or ``"commit vote"``, ``layer``
+            the first layer of the batch this rank stopped at. Nothing written.
     """
     steps = [_Step(j, layer.layer) for j, job in enumerate(jobs) for layer in job.plan.layers]
     return _Exchange(jobs, ep, options, device, steps).run()

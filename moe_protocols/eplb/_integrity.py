@@ -24,7 +24,7 @@ rank that holds it.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import torch
@@ -44,6 +44,7 @@ __all__ = [
     "aliasing_problem",
     "build_table",
     "check_staged",
+    "check_writable",
     "check_written",
     "slot_digests",
 ]
@@ -65,14 +66,54 @@ def _overlaps_itself(tensor: Tensor) -> bool:
     return any(stride == 0 for stride, _ in dims)
 
 
+_EXACT_CHECK_ELEMENTS: Final = 1 << 25
+"""Largest row (in elements) whose memory the exact overlap check enumerates; past it,
+two tensors whose spans interleave are assumed not to share elements (the check after
+every commit would still catch a write that changed a neighbour)."""
+
+
+def _offsets(tensor: Tensor) -> Tensor:
+    """Sorted element offsets of ``tensor`` from its first element, in elements (int64 CPU)."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride).flatten()
+    return offsets.sort().values
+
+
+def _share_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors whose byte spans overlap really share an element."""
+    size = a.element_size()
+    delta = b.data_ptr() - a.data_ptr()
+    if b.element_size() != size or delta % size != 0:
+        return True  # elements that straddle each other: no exact answer, refuse
+    delta //= size
+    if a.dim() == 0 or b.dim() == 0 or a.shape[0] != b.shape[0] or a.stride(0) != b.stride(0):
+        if max(a.numel(), b.numel()) > _EXACT_CHECK_ELEMENTS:
+            return False
+        return bool(torch.isin(_offsets(b) + delta, _offsets(a)).any())
+    # Same slot stride: row i of a meets row j of b only where offsets differ by (j - i) * stride.
+    if max(a[0].numel(), b[0].numel()) > _EXACT_CHECK_ELEMENTS:
+        return False
+    rows_a, rows_b = _offsets(a[0]), _offsets(b[0])
+    stride, slots = a.stride(0), a.shape[0]
+    low, high = -int(rows_b[-1]), int(rows_a[-1])
+    for shift in range(-(slots - 1), slots):
+        offset = delta + shift * stride
+        if low <= offset <= high and bool(torch.isin(rows_b + offset, rows_a).any()):
+            return True
+    return False
+
+
 def aliasing_problem(expert_weights: Sequence[Sequence[Tensor]]) -> str | None:
     """Why the expert weights cannot be written slot by slot safely, or ``None``.
 
     Refused: a tensor whose elements share memory (an ``expand``-ed or
-    overlapping ``as_strided`` view) and two tensors whose memory overlaps
-    (one weight used twice, or views into one buffer that overlap).
+    overlapping ``as_strided`` view) and two tensors that share an element
+    (one weight used twice, or overlapping views into one buffer). Views that
+    interleave without sharing an element (the gate and up halves of one
+    fused weight) are fine.
     """
-    spans: list[tuple[int, int, str]] = []
+    spans: list[tuple[int, int, str, Tensor]] = []
     for layer, tensors in enumerate(expert_weights):
         for k, tensor in enumerate(tensors):
             where = f"expert_weights[{layer}][{k}]"
@@ -82,11 +123,15 @@ def aliasing_problem(expert_weights: Sequence[Sequence[Tensor]]) -> str | None:
                 return f"{where} (strides {tensor.stride()}) has slots that share memory"
             start = tensor.data_ptr()
             last = sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride(), strict=True))
-            spans.append((start, start + (last + 1) * tensor.element_size(), where))
-    spans.sort()
-    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
-        if start < end:
-            return f"{first} and {second} share memory"
+            spans.append((start, start + (last + 1) * tensor.element_size(), where, tensor))
+    spans.sort(key=lambda span: span[0])
+    active: list[tuple[int, int, str, Tensor]] = []
+    for span in spans:
+        active = [other for other in active if other[1] > span[0]]
+        for other in active:
+            if _share_elements(other[3], span[3]):
+                return f"{other[2]} and {span[2]} share memory"
+        active.append(span)
     return None
 
 
@@ -188,6 +233,34 @@ def _raise_on_mismatch(
         rank=rank,
         layer=layer,
     )
+
+
+def check_writable(model_name: str, staged: StagedTransfer) -> None:
+    """Refuse, before the commit, weights that an in-place copy cannot write.
+
+    Raises:
+        TransferError: an inference tensor outside inference mode, or a weight
+            whose rows alias (rank and layer named).
+    """
+    inference_mode = torch.is_inference_mode_enabled()
+    for layer in staged.layers:
+        for k, weight in enumerate(staged.expert_weights[layer.layer]):
+            problem = None
+            if weight.is_inference() and not inference_mode:
+                problem = (
+                    "is an inference tensor (created under torch.inference_mode()), which "
+                    "cannot be written in place outside it; create the model's weights "
+                    "outside inference mode or rearrange inside it"
+                )
+            elif _overlaps_itself(weight):
+                problem = f"(strides {weight.stride()}) has slots that share memory"
+            if problem is not None:
+                raise TransferError(
+                    f"model {model_name!r}: expert_weights[{layer.layer}][{k}] {problem}; "
+                    "nothing was committed",
+                    rank=staged.plan.rank,
+                    layer=layer.layer,
+                )
 
 
 @attrs.frozen(eq=False)

@@ -36,6 +36,7 @@ from moe_protocols.errors import (
 )
 from moe_protocols.parallel import ExpertParallelContext
 
+from ._deadline import Deadline, Phase, run_phase
 from ._distributed import (
     GroupVerdict,
     TransferJob,
@@ -52,6 +53,7 @@ from ._integrity import (
     aliasing_problem,
     build_table,
     check_staged,
+    check_writable,
     check_written,
     slot_digests,
 )
@@ -578,8 +580,9 @@ class EplbState:
         first = self._ep.rank * num_local
         everything[:, first : first + num_local] = local.to(self._device)
         return self._collective(
+            "fingerprint gather",
             f"gathering the expert fingerprints of model {state.model_name!r}",
-            lambda: self._ep.all_reduce_(everything),
+            lambda wait: self._ep.all_reduce_(everything, wait=wait),
         ).cpu()
 
     @staticmethod
@@ -603,13 +606,16 @@ class EplbState:
                     plan.state, self._gathered_digests(plan.state)
                 )
 
-    def _group_failure(self, failure: Exception | None, what: str) -> int | None:
+    def _group_failure(self, failure: Exception | None, phase: Phase, what: str) -> int | None:
         """Across ranks, the lowest rank that failed (this one included), or ``None``."""
         if not self._ep.is_distributed:
             return None if failure is None else self._ep.rank
         verdict = self._collective(
+            phase,
             what,
-            lambda: agree(self._ep, failed_at=None if failure is None else 0, device=self._device),
+            lambda wait: agree(
+                self._ep, failed_at=None if failure is None else 0, device=self._device, wait=wait
+            ),
         )
         return verdict.failed_rank
 
@@ -623,38 +629,69 @@ class EplbState:
         they were (rows written by the commit are put back) and the maps unchanged.
         """
         pairs = list(zip(plans, staged, strict=True))
-        mode = self._integrity
-        undo: list[UndoRows] = []
-        if mode != "off":
-            # Before any live byte changes; the undo below relies on these rows.
-            self._verify(pairs, check_staged, "checking the staged expert rows", undo)
-        if mode != "off":
-            undo = [UndoRows.capture(transfer, plan.old_map) for plan, transfer in pairs]
+        # Before any live byte changes: the staged rows (the undo relies on them)
+        # and whether every weight can be written at all.
+        self._verify(pairs, self._precheck, "staged check", "checking the staged expert rows")
+        undo = [UndoRows.capture(transfer, plan.old_map) for plan, transfer in pairs]
         results: list[tuple[TransferStats, float]] = []
-        for _, transfer in pairs:
-            started = time.perf_counter()
-            results.append((transfer.commit(), time.perf_counter() - started))
-        if mode != "off":
-            self._verify(pairs, check_written, "checking the committed expert rows", undo)
+        failure: Exception | None = None
+        try:
+            for _, transfer in pairs:
+                started = time.perf_counter()
+                results.append((transfer.commit(), time.perf_counter() - started))
+        except Exception as exc:
+            failure = TransferError(
+                f"EP rank {self._ep.rank}: writing the staged rows into the live expert "
+                f"weights failed ({type(exc).__name__}: {exc}); the rows written so far were "
+                "put back and nothing was committed",
+                rank=self._ep.rank,
+            )
+            failure.__cause__ = exc
+        self._verify(
+            pairs,
+            self._postcheck,
+            "commit check",
+            "checking the committed expert rows",
+            undo,
+            failure,
+        )
         for plan, _ in pairs:
             self._commit_maps(plan.state, plan.new_map, plan.logical_maps)
         return results
 
+    def _precheck(self, name: str, transfer: StagedTransfer, new_map: Tensor) -> None:
+        check_writable(name, transfer)
+        if self._integrity != "off":
+            check_staged(name, transfer, self._tables[name], new_map, self._integrity)
+
+    def _postcheck(self, name: str, transfer: StagedTransfer, new_map: Tensor) -> None:
+        if self._integrity != "off":
+            check_written(name, transfer, self._tables[name], new_map, self._integrity)
+
     def _verify(
         self,
         pairs: Sequence[tuple[_ModelPlan, StagedTransfer]],
-        check: Callable[[str, StagedTransfer, Tensor, Tensor, IntegrityMode], None],
+        check: Callable[[str, StagedTransfer, Tensor], None],
+        phase: Phase,
         what: str,
-        undo: Sequence[UndoRows],
+        undo: Sequence[UndoRows] = (),
+        failure: Exception | None = None,
     ) -> None:
-        failure: Exception | None = None
+        """Run ``check`` on every transfer and agree across ranks; on any failure put
+        ``undo`` back and raise (this rank's error, or one naming the failed rank)."""
+        if failure is None:
+            try:
+                for plan, transfer in pairs:
+                    check(plan.state.model_name, transfer, plan.new_map)
+            except Exception as exc:
+                failure = exc
         try:
-            for plan, transfer in pairs:
-                name = plan.state.model_name
-                check(name, transfer, self._tables[name], plan.new_map, self._integrity)
-        except Exception as exc:
-            failure = exc
-        failed_rank = self._group_failure(failure, what)
+            failed_rank = self._group_failure(failure, phase, what)
+        except MoEProtocolsError:
+            # A peer vanished after the commit: this rank must not keep half a move.
+            for rows in undo:
+                rows.restore()
+            raise
         if failed_rank is None:
             return
         for rows in undo:
@@ -662,8 +699,8 @@ class EplbState:
         if failure is not None:
             raise failure
         raise TransferError(
-            f"EP rank {failed_rank} found expert rows that do not hold their expert's bytes "
-            f"while {what} (see its error); EP rank {self._ep.rank} committed nothing",
+            f"EP rank {failed_rank} failed while {what} (see its error); EP rank "
+            f"{self._ep.rank} committed nothing",
             rank=failed_rank,
         )
 
@@ -833,8 +870,9 @@ class EplbState:
         """
         physical = state.expert_load_window.sum(dim=0, dtype=torch.int64)
         return self._collective(
+            "load reduce",
             f"all-reducing the expert load of model {state.model_name!r}",
-            lambda: self._ep.all_reduce_(physical),
+            lambda wait: self._ep.all_reduce_(physical, wait=wait),
         ).cpu()
 
     def rearrange(self) -> RearrangementResult:
@@ -853,15 +891,26 @@ class EplbState:
         all-reduce); then rows cross ranks and a final vote commits them on
         every rank or on none.
 
+        Every collective has a deadline (``ep.collective_timeout``, else the
+        process group's timeout; see ``_deadline.py``): a rank that dies or
+        hangs is named by every other rank instead of stalling them.
+
         Raises:
             EplbStateError: no model is registered; or, across ranks, the ranks
-                are out of lockstep, computed different placements, another
-                rank failed to plan, or a collective failed (e.g. timed out).
+                are out of lockstep, computed different placements or another
+                rank failed to plan.
+            CollectiveTimeoutError: (an ``EplbStateError``) across ranks, on
+                every rank that arrived, when a rank did not arrive at a
+                collective before the deadline (it died, hung or its connection
+                dropped): ``missing_ranks`` names it, ``phase`` where the group
+                broke. The process group is unusable afterwards.
             PolicyError: the policy failed or returned an invalid placement.
             TransferError: staging the weights failed on some rank (``rank``
-                and ``layer`` name the first failure; ``rank`` is ``None`` on a
-                rank that lost contact with the group, e.g. by a timeout).
-        On any of these, weights, maps and window are unchanged on every rank.
+                and ``layer`` name the first failure); a ``TransferTimeoutError``
+                (also a ``CollectiveTimeoutError``) when a rank went missing in
+                the exchange or the commit vote (``rank``: the missing one).
+        On any of these, weights, maps, window and counters are unchanged on
+        every rank that raises.
         """
         if not self._models:
             raise EplbStateError("EplbState.rearrange() called before any model was registered")
@@ -939,18 +988,11 @@ class EplbState:
 
     # ------------------------------------------------------------ across ranks
 
-    def _collective(self, what: str, run: Callable[[], _T]) -> _T:
-        """Run a collective; a backend failure (e.g. a timeout) becomes an EplbStateError."""
-        try:
-            return run()
-        except MoEProtocolsError:
-            raise
-        except Exception as exc:
-            raise EplbStateError(
-                f"EP rank {self._ep.rank}: {what} over the EP group failed "
-                f"({type(exc).__name__}: {exc}); a peer failed, hung or is out of lockstep. "
-                "Nothing changed on this rank"
-            ) from exc
+    def _collective(self, phase: Phase, what: str, run: Callable[[Deadline], _T]) -> _T:
+        """Run ``run(deadline)``; a failure names the ranks that did not arrive (see _deadline)."""
+        return run_phase(
+            self._ep, phase, what, run, device=self._device, hook=self._transfer.phase_hook
+        )
 
     def _check_lockstep(self) -> None:
         """Check that every rank made the same number of steps and rearrangements."""
@@ -959,8 +1001,9 @@ class EplbState:
             [v for c in counts for v in (c, -c)], dtype=torch.int64, device=self._device
         )
         self._collective(
+            "lockstep check",
             "checking that the EP ranks are in lockstep",
-            lambda: self._ep.all_reduce_(values, op="max"),
+            lambda wait: self._ep.all_reduce_(values, op="max", wait=wait),
         )
         most_steps, fewest_steps, most_rearr, fewest_rearr = (
             v if i % 2 == 0 else -v for i, v in enumerate(values.tolist())
@@ -1001,15 +1044,19 @@ class EplbState:
         weights = state.model.expert_weights
         return layout_digest(weights, receive_budget(weights, self._transfer))
 
-    def _agree(self, failure: Exception | None, digests: Sequence[int], what: str) -> GroupVerdict:
+    def _agree(
+        self, failure: Exception | None, digests: Sequence[int], phase: Phase, what: str
+    ) -> GroupVerdict:
         """One agreement round; this rank's own failure is re-raised as is."""
         verdict = self._collective(
+            phase,
             what,
-            lambda: agree(
+            lambda wait: agree(
                 self._ep,
                 failed_at=None if failure is None else 0,
                 digests=digests,
                 device=self._device,
+                wait=wait,
             ),
         )
         if failure is not None:
@@ -1028,7 +1075,7 @@ class EplbState:
                 ]
             except Exception as exc:
                 failure = exc
-        verdict = self._agree(failure, digests, "agreeing on the new placements")
+        verdict = self._agree(failure, digests, "plan agreement", "agreeing on the new placements")
         if verdict.failed_rank is not None:
             raise EplbStateError(
                 f"EP rank {verdict.failed_rank} failed to plan the new placements (see its "
@@ -1205,9 +1252,12 @@ class EplbState:
         on every rank or on none, as in :meth:`rearrange`.
 
         Raises:
-            EplbStateError: no model of that name; across ranks, also a
-                collective that failed (e.g. timed out), or weight layouts or
-                transfer options that differ between ranks.
+            EplbStateError: no model of that name; across ranks, also weight
+                layouts or transfer options that differ between ranks.
+            CollectiveTimeoutError: (an ``EplbStateError``) across ranks, a rank
+                did not arrive at the placement agreement, the exchange or the
+                commit vote before the deadline (a ``TransferTimeoutError``,
+                also a ``TransferError``, in the last two); see :meth:`rearrange`.
             MappingError: the placement is malformed or does not fit the model;
                 across ranks, also when another rank rejected its placement or
                 the ranks were given different placements.
@@ -1229,7 +1279,9 @@ class EplbState:
                     digests = [digest(plan.new_map.tolist()), self._layout_digest(plan.state)]
                 except Exception as exc:
                     failure = exc
-            verdict = self._agree(failure, digests, "agreeing on the placement to restore")
+            verdict = self._agree(
+                failure, digests, "placement agreement", "agreeing on the placement to restore"
+            )
             if verdict.failed_rank is not None:
                 raise MappingError(
                     f"EP rank {verdict.failed_rank} rejected the placement for model "
