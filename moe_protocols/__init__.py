@@ -4,7 +4,8 @@ The contract (``MixtureOfExperts``, ``MoELayer``), the guards and conformance
 reports that check it, ``MoEView`` (finds the MoE model behind any chain of
 wrappers and implements the contract by delegation), and an engine-agnostic
 EPLB (``EplbState``, rebalancing policies, expert-weight transfer) that
-consumes it. Reference models live in ``moe_protocols.models``.
+consumes it, and ``verify_eplb_integration``, the self-test of a model's EPLB
+integration. Reference models live in ``moe_protocols.models``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from moe_protocols.errors import (
     NotMixtureOfExpertsError,
     PolicyError,
     TransferError,
+    VerificationInputError,
     WorkloadError,
 )
 from moe_protocols.guards import is_mixture_of_experts, is_moe_layer, supports_language_model
@@ -57,6 +59,12 @@ from moe_protocols.layer_views import LayerEplbRows, layer_eplb_rows
 from moe_protocols.parallel import ExpertParallelContext
 from moe_protocols.protocols import MixtureOfExperts, MoELayer, SupportsLanguageModel
 from moe_protocols.runner import ReferenceRunner, RunnerConfig
+from moe_protocols.verification import (
+    CheckStatus,
+    VerificationCheck,
+    VerificationReport,
+    verify_eplb_integration,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -64,6 +72,7 @@ __all__ = [
     "DEFAULT_POLICIES",
     "DEFAULT_UNWRAP_STEPS",
     "BalancednessStats",
+    "CheckStatus",
     "ConformanceReport",
     "DeepSeekPolicy",
     "EplbConfig",
@@ -98,6 +107,9 @@ __all__ = [
     "TraceOutcome",
     "TransferError",
     "UnwrapStep",
+    "VerificationCheck",
+    "VerificationInputError",
+    "VerificationReport",
     "WorkloadError",
     "__version__",
     "check_conformance",
@@ -108,4 +120,5 @@ __all__ = [
     "load_placement",
     "save_placement",
     "supports_language_model",
+    "verify_eplb_integration",
 ]

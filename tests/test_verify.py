@@ -1,0 +1,431 @@
+"""verify_eplb_integration: the self-test a model author runs before serving with EPLB.
+
+The models here are written the way an outside author would write them: plain
+``nn.Module``\\ s that implement the protocol members by hand, not the
+project's reference models. Each buggy variant carries one mistake that
+``verify`` must name, with the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from moe_protocols import (
+    CheckStatus,
+    VerificationCheck,
+    VerificationInputError,
+    VerificationReport,
+    verify_eplb_integration,
+)
+from moe_protocols.models import tiny_moe, tiny_vlm
+
+# ---------------------------------------------------------------- an outside author's model
+
+
+class AuthorMoELayer(nn.Module):
+    """Linear experts ``[slots, hidden, hidden]``, routed logical -> replica -> slot."""
+
+    exposes_top_k = True
+
+    def __init__(self, hidden: int, experts: int, redundant: int, top_k: int, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.k = top_k
+        if self.exposes_top_k:
+            self.top_k = top_k
+        self.num_experts = experts
+        self.router = nn.Parameter(torch.randn(experts, hidden, generator=generator))
+        logical = torch.randn(experts, hidden, hidden, generator=generator) * hidden**-0.5
+        slots = list(range(experts)) + [i % experts for i in range(redundant)]
+        self.weight = nn.Parameter(logical[slots].clone())
+        self.load: Tensor | None = None
+        self.l2p: Tensor | None = None
+        self.replicas: Tensor | None = None
+
+    def get_expert_weights(self) -> list[Tensor]:
+        return [self.weight.data]
+
+    def keep(self, load: Tensor, l2p: Tensor, count: Tensor) -> None:
+        self.load, self.l2p, self.replicas = load, l2p, count
+
+    def set_eplb_state(
+        self,
+        moe_layer_idx: int,
+        expert_load_view: Tensor,
+        logical_to_physical_map: Tensor,
+        logical_replica_count: Tensor,
+    ) -> None:
+        self.keep(
+            expert_load_view[moe_layer_idx],
+            logical_to_physical_map[moe_layer_idx],
+            logical_replica_count[moe_layer_idx],
+        )
+
+    def record(self, slots: Tensor) -> None:
+        assert self.load is not None
+        self.load.index_add_(
+            0, slots.reshape(-1), torch.ones_like(slots.reshape(-1), dtype=self.load.dtype)
+        )
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        scores = (hidden @ self.router.T).softmax(dim=-1)
+        weights, ids = scores.topk(self.k, dim=-1)
+        if self.l2p is None or self.replicas is None:
+            slots = ids
+        else:
+            token = torch.arange(hidden.shape[0]).unsqueeze(1)
+            slots = self.l2p[ids, token % self.replicas[ids]]
+            self.record(slots)
+        per_pair = torch.einsum("th,tkhd->tkd", hidden, self.weight[slots])
+        return hidden + (per_pair * weights.unsqueeze(-1)).sum(dim=1)
+
+
+class AuthorMoEModel(nn.Module):
+    """A tiny MoE LM implementing ``MixtureOfExperts`` member by member."""
+
+    def __init__(
+        self,
+        *,
+        layer: Callable[..., AuthorMoELayer] = AuthorMoELayer,
+        buggy_layer: int | None = None,
+        vocab: int = 50,
+        hidden: int = 8,
+        experts: int = 4,
+        redundant: int = 2,
+        top_k: int = 2,
+        num_layers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(
+            (layer if i == buggy_layer else AuthorMoELayer)(hidden, experts, redundant, top_k, i)
+            for i in range(num_layers)
+        )
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        self.expert_weights: list[list[Tensor]] = []
+        self.moe_layers = list(self.layers)
+        self.num_moe_layers = num_layers
+        self.num_expert_groups = 1
+        self.num_logical_experts = experts
+        self.num_physical_experts = experts + redundant
+        self.num_local_physical_experts = experts + redundant
+        self.num_routed_experts = experts
+        self.num_shared_experts = 0
+        self.num_redundant_experts = redundant
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_eplb_state(
+        self,
+        expert_load_view: Tensor,
+        logical_to_physical_map: Tensor,
+        logical_replica_count: Tensor,
+    ) -> None:
+        self.expert_weights = [layer.get_expert_weights() for layer in self.layers]
+        for i, layer in enumerate(self.layers):
+            layer.set_eplb_state(
+                i, expert_load_view, logical_to_physical_map, logical_replica_count
+            )
+
+    def update_physical_experts_metadata(
+        self, num_physical_experts: int, num_local_physical_experts: int
+    ) -> None:
+        if num_physical_experts != self.num_physical_experts:
+            raise ValueError("cannot change the slot count")
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        hidden = self.embed(input_ids)
+        batch, seq, width = hidden.shape
+        flat = hidden.reshape(batch * seq, width)
+        for layer in self.layers:
+            flat = layer(flat)
+        return self.head(flat).view(batch, seq, -1)
+
+
+class CopiesMapsLayer(AuthorMoELayer):
+    """Bug: keeps copies of the maps, so it never sees EPLB's moves."""
+
+    def keep(self, load: Tensor, l2p: Tensor, count: Tensor) -> None:
+        super().keep(load, l2p.clone(), count.clone())
+
+
+class IndependentReplicasLayer(AuthorMoELayer):
+    """Bug: redundant slots start with their own random weights instead of replicas."""
+
+    def __init__(self, hidden: int, experts: int, redundant: int, top_k: int, seed: int) -> None:
+        super().__init__(hidden, experts, redundant, top_k, seed)
+        with torch.no_grad():
+            self.weight[experts:] = torch.randn(redundant, hidden, hidden)
+
+
+class DoubleCountingLayer(AuthorMoELayer):
+    """Bug: counts every assignment twice."""
+
+    def record(self, slots: Tensor) -> None:
+        super().record(slots)
+        super().record(slots)
+
+
+class SilentLayer(AuthorMoELayer):
+    """Bug: never writes its load row."""
+
+    def record(self, slots: Tensor) -> None:
+        pass
+
+
+def _state_bytes(model: nn.Module) -> dict[str, bytes]:
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {
+        name: bytes(t.detach().contiguous().view(torch.uint8).reshape(-1).tolist())
+        for name, t in tensors.items()
+    }
+
+
+def _failures(report: VerificationReport, name: str) -> list[VerificationCheck]:
+    return [c for c in report.named(name) if c.status is CheckStatus.FAILED]
+
+
+@pytest.fixture
+def snapshot_guard() -> Iterator[Callable[[nn.Module], None]]:
+    """Register a model; afterwards assert every parameter/buffer is back, bit for bit."""
+    watched: list[tuple[nn.Module, dict[str, bytes]]] = []
+    yield lambda model: watched.append((model, _state_bytes(model)))
+    for model, before in watched:
+        assert _state_bytes(model) == before
+
+
+# ---------------------------------------------------------------- correct models pass
+
+
+def test_a_correct_outside_model_passes_every_check(
+    snapshot_guard: Callable[[nn.Module], None],
+) -> None:
+    model = AuthorMoEModel()
+    snapshot_guard(model)
+    report = verify_eplb_integration(model)
+    assert report.ok, str(report)
+    statuses = {c.name: c.status for c in report.checks}
+    for name in (
+        "load-counts",
+        "replicas",
+        "metadata",
+        "move-permute:outputs",
+        "move-permute:maps",
+        "move-replicas:outputs",
+        "move-replicas:maps",
+        "restore",
+    ):
+        assert statuses[name] is CheckStatus.PASSED, str(report)
+    assert "bit-exact" in str(report)
+    assert "16 tokens x top_k 2 = 32" not in str(report)  # 2x32 synthesised tokens, not 16
+    assert "64 tokens x top_k 2 = 128" in str(report)
+
+
+def test_tiny_vlm_passes_and_reports_the_replica_move_as_skipped() -> None:
+    report = verify_eplb_integration(tiny_vlm())
+    assert report.ok, str(report)
+    (skip,) = report.named("move-replicas")
+    assert skip.status is CheckStatus.SKIPPED
+    assert "no redundant slots" in skip.observed
+    assert "model.get_language_model()" in str(report)
+
+
+def test_wrapped_and_redundant_tiny_model_passes_and_is_restored_bit_for_bit(
+    snapshot_guard: Callable[[nn.Module], None],
+) -> None:
+    model = tiny_vlm(num_experts=8, num_redundant_experts=4)
+    snapshot_guard(model)
+    report = verify_eplb_integration(model)
+    assert report.ok, str(report)
+    assert report.named("move-replicas:outputs")[0].status is CheckStatus.PASSED
+
+
+class CompiledLike(nn.Module):
+    """What torch.compile returns, structurally: the model under ``_orig_mod``.
+
+    torch.compile itself passes too (checked by hand: ~25 s of compilation on
+    this CPU, too slow for the suite).
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = inner
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self._orig_mod(*args, **kwargs)
+
+
+def test_a_compiled_wrapper_of_the_tiny_model_passes() -> None:
+    model = CompiledLike(tiny_vlm(num_redundant_experts=2))
+    report = verify_eplb_integration(model)
+    assert report.ok, str(report)
+    assert "_orig_mod" in (report.resolved or "")
+    # layer paths are found below the served object
+    assert report.named("move-permute:maps")[0].status is CheckStatus.PASSED
+
+
+# ---------------------------------------------------------------- buggy models are caught
+
+
+def test_a_layer_keeping_copies_of_the_maps_is_named(
+    snapshot_guard: Callable[[nn.Module], None],
+) -> None:
+    model = AuthorMoEModel(layer=CopiesMapsLayer, buggy_layer=1)
+    snapshot_guard(model)
+    report = verify_eplb_integration(model)
+    assert not report.ok
+    assert _failures(report, "move-permute:outputs")
+    (maps,) = _failures(report, "move-permute:maps")
+    assert maps.layer == 1
+    assert maps.layer_path == "layers.1"
+    assert "copies of the maps" in maps.observed
+    assert "MoE layer 1 (layers.1)" in str(report)
+    assert report.named("restore")[0].status is CheckStatus.PASSED
+
+
+def test_redundant_slots_with_independent_weights_are_named(
+    snapshot_guard: Callable[[nn.Module], None],
+) -> None:
+    model = AuthorMoEModel(layer=IndependentReplicasLayer, buggy_layer=0)
+    snapshot_guard(model)
+    report = verify_eplb_integration(model)
+    (failure,) = _failures(report, "replicas")
+    assert failure.layer == 0
+    assert failure.layer_path == "layers.0"
+    assert "slot 4 should be a copy of logical expert 0" in failure.observed
+    assert "p % E" in (failure.fix or "")
+    # moving mismatched "replicas" would change the model: the moves are skipped, and say why
+    (skip,) = report.named("move-permute")
+    assert skip.status is CheckStatus.SKIPPED
+    assert "not replicas" in skip.observed
+
+
+def test_a_layer_counting_every_assignment_twice_is_named() -> None:
+    report = verify_eplb_integration(AuthorMoEModel(layer=DoubleCountingLayer, buggy_layer=1))
+    (failure,) = _failures(report, "load-counts")
+    assert failure.layer == 1
+    assert "recorded 256 token-expert assignments for 64 tokens x top_k 2 = 128" in failure.observed
+    assert "twice" in (failure.fix or "")
+
+
+def test_a_layer_that_never_writes_its_load_row_is_named() -> None:
+    report = verify_eplb_integration(AuthorMoEModel(layer=SilentLayer, buggy_layer=0))
+    (failure,) = _failures(report, "load-counts")
+    assert failure.layer == 0
+    assert failure.layer_path == "layers.0"
+    assert "never writes its row of expert_load_view" in failure.observed
+
+
+def test_without_top_k_layers_are_checked_against_each_other() -> None:
+    class Unexposed(AuthorMoELayer):
+        exposes_top_k = False
+
+    class UnexposedDouble(Unexposed, DoubleCountingLayer):
+        pass
+
+    model = AuthorMoEModel(num_layers=3, layer=UnexposedDouble, buggy_layer=2)
+    for i in range(2):
+        model.layers[i] = Unexposed(8, 4, 2, 2, i)
+    model.moe_layers = list(model.layers)
+    report = verify_eplb_integration(model)
+    (failure,) = _failures(report, "load-counts")
+    assert failure.layer == 2
+    assert "recorded 256 assignments where most layers recorded 128" in failure.observed
+    assert "expose top_k" in (failure.fix or "")
+
+
+# ---------------------------------------------------------------- Hugging Face models
+
+
+def test_a_hugging_face_model_reports_the_moves_skipped_and_why() -> None:
+    pytest.importorskip("transformers")
+    from hf_models import qwen3_moe
+
+    model = qwen3_moe()
+    report = verify_eplb_integration(model)
+    assert report.ok, str(report)
+    assert report.named("load-counts")[0].status is CheckStatus.PASSED
+    for name in ("move-permute", "move-replicas"):
+        (skip,) = report.named(name)
+        assert skip.status is CheckStatus.SKIPPED
+        assert "transformers routes every token to the weights at its logical id" in skip.observed
+    # the adapter's load hooks are removed again
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+# ---------------------------------------------------------------- inputs and bad usage
+
+
+def test_sample_inputs_may_be_a_tensor_a_mapping_or_a_factory() -> None:
+    ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
+    for given in (ids, {"input_ids": ids}, lambda: ids):
+        report = verify_eplb_integration(AuthorMoEModel(), given)
+        assert report.ok, str(report)
+        assert "15 tokens x top_k 2 = 30" in str(report)
+
+
+def test_a_model_without_vocabulary_needs_sample_inputs() -> None:
+    class NoVocab(AuthorMoEModel):
+        def get_input_embeddings(self) -> nn.Embedding:
+            raise NotImplementedError
+
+    with pytest.raises(VerificationInputError, match="pass sample_inputs="):
+        verify_eplb_integration(NoVocab())
+    assert verify_eplb_integration(NoVocab(), torch.zeros(1, 4, dtype=torch.long)).ok
+
+
+@pytest.mark.parametrize("bad", ["tokens", 3, [1, 2]])
+def test_unusable_sample_inputs_are_a_typed_error(bad: object) -> None:
+    with pytest.raises(VerificationInputError, match="sample_inputs must be"):
+        verify_eplb_integration(AuthorMoEModel(), bad)  # type: ignore[arg-type]
+
+
+def test_a_failing_inputs_factory_is_a_typed_error() -> None:
+    def broken() -> Tensor:
+        raise RuntimeError("no tokenizer")
+
+    with pytest.raises(VerificationInputError, match="no tokenizer"):
+        verify_eplb_integration(AuthorMoEModel(), broken)
+
+
+def test_a_negative_tolerance_is_a_typed_error() -> None:
+    with pytest.raises(VerificationInputError, match="rtol"):
+        verify_eplb_integration(AuthorMoEModel(), rtol=-1.0)
+
+
+def test_inputs_the_forward_rejects_are_a_failed_check_not_a_crash() -> None:
+    report = verify_eplb_integration(AuthorMoEModel(), torch.zeros(4))
+    (failure,) = _failures(report, "forward")
+    assert "raised" in failure.observed
+
+
+def test_a_dense_model_fails_resolution_with_the_trace() -> None:
+    report = verify_eplb_integration(nn.Linear(2, 2))
+    (failure,) = report.checks
+    assert failure.name == "resolve"
+    assert failure.status is CheckStatus.FAILED
+    assert "get_language_model()" in failure.observed
+    assert not report.ok
+
+
+def test_a_nondeterministic_forward_fails_repeatable_and_skips_the_moves() -> None:
+    class Noisy(AuthorMoEModel):
+        def forward(self, input_ids: Tensor) -> Tensor:
+            out = super().forward(input_ids)
+            return out + torch.randn_like(out)
+
+    report = verify_eplb_integration(Noisy())
+    (failure,) = _failures(report, "repeatable")
+    assert "model.eval()" in (failure.fix or "")
+    assert report.named("move-permute")[0].status is CheckStatus.SKIPPED
+
+
+def test_tolerant_mode_prints_its_tolerance() -> None:
+    report = verify_eplb_integration(tiny_moe(num_redundant_experts=2), exact=False)
+    assert report.ok, str(report)
+    assert "allclose rtol=0.0001 atol=1e-05 for float32" in str(report)
