@@ -509,15 +509,11 @@ class _Verifier:
         if comparable:
             self._check_metadata(counter)
         why_not = self._why_no_moves(comparable, replicas_ok)
-        for name, target in (
-            ("move-permute", self._permuted_placement),
-            ("move-replicas", self._replica_placement),
-        ):
-            placement, reason = target()
+        for name, placement, text in self._moves():
             if why_not is not None or placement is None:
-                self.skipped(name, why_not or reason)
+                self.skipped(name, why_not or text)
                 continue
-            if not self._check_move(name, placement, counter):
+            if not self._check_move(name, placement, text, counter):
                 break
         self._restore()
         self._check_restored(counter)
@@ -722,8 +718,7 @@ class _Verifier:
             return "redundant slots are not replicas (see 'replicas'): moving them changes outputs"
         if self.num_physical < 2 or self.num_logical < 2:
             return "one expert or one slot: there is nothing to move"
-        permuted, _ = self._permuted_placement()
-        assert permuted is not None
+        permuted = self._shuffled(self.initial)
         l2p, count = compute_logical_maps(
             permuted, self.num_logical, max_replicas(self.num_logical, self.num_physical)
         )
@@ -754,17 +749,30 @@ class _Verifier:
             out[layer] = row if not torch.equal(row, self.initial[layer]) else rows[layer].roll(1)
         return out
 
-    def _permuted_placement(self) -> tuple[Tensor | None, str]:
-        return self._shuffled(self.initial), ""
-
-    def _replica_placement(self) -> tuple[Tensor | None, str]:
+    def _moves(self) -> list[tuple[str, Tensor | None, str]]:
+        """``(check name, placement, what the move does)``; no placement: why it cannot be made."""
+        moves: list[tuple[str, Tensor | None, str]] = [
+            ("move-permute", self._shuffled(self.initial), "a random permutation of the slots")
+        ]
         if self.num_physical == self.num_logical:
-            return None, "no redundant slots: replica counts cannot change"
-        rows = self.initial.clone()
-        rows[:, self.num_logical :] = self.num_logical - 1  # the last expert takes every replica
-        return self._shuffled(rows), ""
+            moves.append(
+                ("move-replicas", None, "no redundant slots: replica counts cannot change")
+            )
+        else:
+            rows = self.initial.clone()
+            rows[:, self.num_logical :] = (
+                self.num_logical - 1
+            )  # the last expert takes every replica
+            moves.append(
+                (
+                    "move-replicas",
+                    self._shuffled(rows),
+                    f"giving logical expert {self.num_logical - 1} every redundant slot",
+                )
+            )
+        return moves
 
-    def _check_move(self, name: str, placement: Tensor, counter: _TokenCounter) -> bool:
+    def _check_move(self, name: str, placement: Tensor, what: str, counter: _TokenCounter) -> bool:
         """Move to ``placement``, check outputs and maps; False when the move itself failed."""
         try:
             self.state.update_mapping(_MODEL_NAME, placement)
@@ -780,11 +788,15 @@ class _Verifier:
             return False
         difference, load = compared
         if difference is None:
-            self.passed(f"{name}:outputs", f"outputs unchanged after moving experts ({name})")
+            moved = int((placement != self.initial).sum())
+            self.passed(
+                f"{name}:outputs",
+                f"outputs unchanged after {what} ({moved} of {placement.numel()} slots moved)",
+            )
         else:
             self.failed(
                 f"{name}:outputs",
-                f"outputs changed after moving experts: {difference}",
+                f"outputs changed after {what}: {difference}",
                 "route through the maps handed to set_eplb_state on every forward, and expose "
                 "every expert tensor (views, not copies) in get_expert_weights(); the :maps "
                 "check names a layer that does not follow the maps",
