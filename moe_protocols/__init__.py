@@ -63,6 +63,7 @@ from moe_protocols.verification import (
     CheckStatus,
     VerificationCheck,
     VerificationReport,
+    outputs_difference,
     verify_eplb_integration,
 )
 
@@ -118,6 +119,7 @@ __all__ = [
     "is_moe_layer",
     "layer_eplb_rows",
     "load_placement",
+    "outputs_difference",
     "save_placement",
     "supports_language_model",
     "verify_eplb_integration",

@@ -153,7 +153,7 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     if plot_path is not None:
         plot_rank_load(report, plot_path)
         print(f"Wrote {plot_path}", file=out)
-    return EXIT_OK if report.outputs_unchanged else EXIT_NOT_MOE
+    return EXIT_OK if report.outputs_unchanged and report.verification.ok else EXIT_NOT_MOE
 
 
 def _verify(args: argparse.Namespace, out: TextIO) -> int:
@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
             "get_language_model()) into the reference runner with EPLB enabled, feed it a "
             "Zipf-skewed token stream, and print the resolution trace, a progress bar, "
             "balancedness before/after every rearrangement and the slots moved. Exit 0 when the "
-            "model's outputs stayed bit-identical, 1 if they changed, 2 on invalid options."
+            "self-test (as verify) passed and the model's outputs stayed bit-identical, 1 if "
+            "not, 2 on invalid options."
         ),
     )
     p_demo.add_argument("--steps", type=int, default=48, help="engine steps (default 48)")

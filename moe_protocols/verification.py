@@ -45,7 +45,13 @@ if TYPE_CHECKING:
 
     from moe_protocols.eplb._state import ModelEplbState
 
-__all__ = ["CheckStatus", "VerificationCheck", "VerificationReport", "verify_eplb_integration"]
+__all__ = [
+    "CheckStatus",
+    "VerificationCheck",
+    "VerificationReport",
+    "outputs_difference",
+    "verify_eplb_integration",
+]
 
 SampleInputs = Tensor | Mapping[str, object] | Callable[[], object]
 """What ``sample_inputs`` may be: ``input_ids``, forward keywords, or a factory of either."""
@@ -151,14 +157,17 @@ class VerificationReport:
                 lines.append(f"  {label}: {value}")
         lines.append("")
         lines += [f"  {check}" for check in self.checks]
-        lines.append("")
+        lines += ["", self.summary]
+        return "\n".join(lines)
+
+    @property
+    def summary(self) -> str:
+        """The verdict in one line: ``"OK: every check holds (2 skipped)"`` or ``"FAILED: ..."``."""
         failed, skipped = len(self.failures), len(self.skipped)
         tail = f" ({skipped} skipped)" if skipped else ""
         if failed:
-            lines.append(f"FAILED: {failed} of {len(self.checks)} checks failed{tail}")
-        else:
-            lines.append(f"OK: every check holds{tail}")
-        return "\n".join(lines)
+            return f"FAILED: {failed} of {len(self.checks)} checks failed{tail}"
+        return f"OK: every check holds{tail}"
 
 
 # ---------------------------------------------------------------- inputs
@@ -281,6 +290,25 @@ class _Tolerance:
             worst = "" if diff is None else f", max |diff| {float(diff.nan_to_num(0).max()):.3g}"
             return f"{what}: {differ} of {ref.numel()} elements differ{worst}"
         return None
+
+
+def outputs_difference(
+    reference: object,
+    outputs: object,
+    *,
+    exact: bool = True,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> str | None:
+    """What differs between two forwards' results, or None when they match: the outputs check.
+
+    Results may be tensors, mappings (e.g. a transformers ``ModelOutput``) or
+    tuples/lists of them; every tensor inside is compared. ``exact``: bit for
+    bit; otherwise ``allclose`` with the per-dtype tolerance (float32: rtol
+    1e-4, atol 1e-5; float16/bfloat16 looser) unless ``rtol``/``atol`` are given.
+    """
+    tolerance = _Tolerance(exact=exact, rtol=rtol, atol=atol)
+    return tolerance.difference(_output_tensors(reference), _output_tensors(outputs))
 
 
 def _bit_identical(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> bool:

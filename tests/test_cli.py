@@ -57,6 +57,7 @@ def test_demo_rebalances_and_keeps_outputs_identical(tmp_path: Path) -> None:
     assert "-> model.get_language_model() (TinyMoEForCausalLM)" in text
     assert text.count("rearranged: balancedness") == 2
     assert "bit-identical before and after" in text
+    assert "Self-test (verify_eplb_integration): OK: every check holds" in text
     assert "24/24 steps" in text
     assert plot.read_bytes().startswith(b"\x89PNG")
 

@@ -19,6 +19,7 @@ from moe_protocols import (
     VerificationCheck,
     VerificationInputError,
     VerificationReport,
+    outputs_difference,
     verify_eplb_integration,
 )
 from moe_protocols.models import tiny_moe, tiny_vlm
@@ -429,3 +430,29 @@ def test_tolerant_mode_prints_its_tolerance() -> None:
     report = verify_eplb_integration(tiny_moe(num_redundant_experts=2), exact=False)
     assert report.ok, str(report)
     assert "allclose rtol=0.0001 atol=1e-05 for float32" in str(report)
+
+
+# ---------------------------------------------------------------- the report and the comparison
+
+
+def test_the_report_is_a_frozen_value() -> None:
+    import attrs
+
+    report = verify_eplb_integration(AuthorMoEModel())
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        report.checks = ()  # type: ignore[misc]
+    assert report.summary == "OK: every check holds"
+    assert str(report).splitlines()[0] == "EPLB integration check of AuthorMoEModel"
+
+
+def test_outputs_difference_compares_every_tensor_inside_a_result() -> None:
+    logits = torch.ones(2, 3)
+    before = {"logits": logits, "hidden": (logits * 2,)}
+    assert outputs_difference(before, {"logits": logits.clone(), "hidden": (logits * 2,)}) is None
+    nudged = {"logits": logits + 1e-7, "hidden": (logits * 2,)}
+    assert "output tensor 0 [2, 3] float32: 6 of 6 elements differ" in (
+        outputs_difference(before, nudged) or ""
+    )
+    assert outputs_difference(before, nudged, exact=False) is None
+    moved = {"logits": logits, "hidden": (logits * 3,)}
+    assert "output tensor 1" in (outputs_difference(before, moved, exact=False) or "")
