@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
+import torch
+
 from moe_protocols.adapters import MoEView
 from moe_protocols.conformance import check_conformance
 
@@ -157,8 +159,6 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _verify(args: argparse.Namespace, out: TextIO) -> int:
-    import torch
-
     from moe_protocols.errors import VerificationInputError
     from moe_protocols.verification import verify_eplb_integration
 

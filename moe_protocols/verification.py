@@ -420,7 +420,8 @@ class _Verifier:
                 window_size=1,
                 step_interval=_NEVER,
                 num_redundant_experts=view.num_redundant_experts,
-            )
+            ),
+            device=_weights_device(view),  # layers add their load on the experts' device
         )
 
     # ------------------------------------------------------------ bookkeeping
@@ -536,6 +537,8 @@ class _Verifier:
         replicas_ok = self._check_replicas()
         if comparable:
             self._check_metadata(counter)
+        else:
+            self.skipped("metadata", "outputs cannot be compared (see 'repeatable')")
         why_not = self._why_no_moves(comparable, replicas_ok)
         for name, placement, text in self._moves():
             if why_not is not None or placement is None:
