@@ -36,13 +36,19 @@ from moe_protocols.adapters._view import DEFAULT_MAX_DEPTH, MoEView
 from moe_protocols.conformance import check_conformance
 from moe_protocols.eplb import EplbConfig, EplbState
 from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
-from moe_protocols.errors import MoEProtocolsError, NotMixtureOfExpertsError, VerificationInputError
+from moe_protocols.errors import (
+    EplbOwnershipError,
+    MoEProtocolsError,
+    NotMixtureOfExpertsError,
+    VerificationInputError,
+)
 from moe_protocols.profiling import Batch, _default_forward, _vocab_size, _weights_device
 from moe_protocols.protocols import MixtureOfExperts
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
+    from moe_protocols.eplb._fingerprint import IntegrityMode
     from moe_protocols.eplb._state import ModelEplbState
 
 __all__ = [
@@ -67,6 +73,19 @@ _DTYPE_TOLERANCE: Final[Mapping[torch.dtype, tuple[float, float]]] = {
 }
 """``(rtol, atol)`` per output dtype when outputs cannot be compared bit for bit."""
 _LOW_PRECISION: Final = (5e-2, 5e-2)  # other floating dtypes (float8, ...)
+
+
+_STALE_MAPS: Final = (
+    "after the move it still routes by the placement before it: it keeps copies of the maps "
+    "handed to set_eplb_state, not the views"
+)
+_KEEP_VIEWS: Final = (
+    "keep the tensors set_eplb_state hands over as they are (no .clone(), .to() or .tolist()); "
+    "EPLB updates them in place"
+)
+_LOGICAL_IDS: Final = "it records load at logical expert ids instead of physical slots"
+_LOAD_MOVED: Final = "its load no longer matches the same input's load before the move"
+_ROUTE_LIVE: Final = "route logical expert -> physical slot through the live maps on every forward"
 
 
 class CheckStatus(enum.Enum):
@@ -415,13 +434,17 @@ class _Verifier:
         self.reference: list[Tensor] = []
         self.tolerance_reason = ""
         self.reference_load = torch.zeros(0)
-        self.state = EplbState(
+        self.state = self._new_state("full")
+
+    def _new_state(self, integrity: IntegrityMode) -> EplbState:
+        return EplbState(
             EplbConfig(
                 window_size=1,
                 step_interval=_NEVER,
-                num_redundant_experts=view.num_redundant_experts,
+                num_redundant_experts=self.view.num_redundant_experts,
             ),
-            device=_weights_device(view),  # layers add their load on the experts' device
+            device=_weights_device(self.view),  # layers add their load on the experts' device
+            integrity=integrity,
         )
 
     # ------------------------------------------------------------ bookkeeping
@@ -505,25 +528,42 @@ class _Verifier:
             f"{self.num_layers} MoE layers, {self.num_logical} logical experts in "
             f"{self.num_physical} physical slots ({self.view.num_redundant_experts} redundant)",
         )
+        replicas_ok = self._check_replicas()
+        if not replicas_ok:
+            # EplbState refuses non-replica slots; register anyway to check the load
+            # recording (no move is made, see _why_no_moves).
+            self.state = self._new_state("off")
         try:
             self.state.add_model(self.view, _MODEL_NAME)
+        except EplbOwnershipError as exc:
+            self.failed(
+                "register",
+                str(exc),
+                "verify the model before registering it with your EplbState (or release it "
+                "there first); verify never takes layers from a live state",
+            )
+            return
         except MoEProtocolsError as exc:
             self.failed("register", str(exc), "fix what EplbState.add_model reports")
             return
-        self.passed("register", "a private EplbState registered the model")
+        self.passed(
+            "register",
+            f"a private EplbState registered the model (weight integrity checks: "
+            f"{self.state.integrity})",
+        )
         counter = _TokenCounter(self.view.moe_layers)
         try:
-            self._run_registered(counter)
+            self._run_registered(counter, replicas_ok)
         finally:
             counter.remove()
             self._restore()
             remove_hooks = getattr(self.view.model, "remove_hooks", None)
             if callable(remove_hooks):
                 remove_hooks()
-            # TODO(ownership): state.remove_model(_MODEL_NAME) once EplbState has it, so the
-            # layers are released and a serving EplbState may register the model afterwards.
+            # Release the layers, so that a serving EplbState may register the model now.
+            self.state.remove_model(_MODEL_NAME)
 
-    def _run_registered(self, counter: _TokenCounter) -> None:
+    def _run_registered(self, counter: _TokenCounter, replicas_ok: bool) -> None:
         first = self.run_forward("forward", counter)
         if first is None:
             return
@@ -534,7 +574,6 @@ class _Verifier:
         self.reference, self.reference_load = first[0], first[1]
         comparable = self._check_repeatable(first[0], second[0])
         self._check_load(first[1], second[1], tokens)
-        replicas_ok = self._check_replicas()
         if comparable:
             self._check_metadata(counter)
         else:
@@ -676,7 +715,8 @@ class _Verifier:
         local = self.view.num_local_physical_experts
         first = self.state.ep.rank * local
         ok = True
-        for i, tensors in enumerate(self.view.expert_weights):
+        for i, layer in enumerate(self.view.moe_layers):
+            tensors = list(layer.get_expert_weights())
             bad: list[int] = []
             for slot in range(max(self.num_logical, first), first + local):
                 expert = int(self.initial[i, slot])
@@ -838,37 +878,38 @@ class _Verifier:
     def _check_follows_maps(
         self, name: str, placement: Tensor, load: Tensor, changed: bool
     ) -> None:
+        """Each layer's load, read through the new placement, must be the reference load.
+
+        A layer fed other inputs (because an earlier one misrouted) differs too,
+        so only a definite diagnosis, or the first layer that differs, fails; the
+        layers after it are named in its message.
+        """
         name = f"{name}:maps"
         want = _logical(self.reference_load, self.initial, self.num_logical)
         seen = _logical(load, placement, self.num_logical)
         stale = _logical(load, self.initial, self.num_logical)
-        total = int(want.sum())
-        slack = 0 if self.tolerance.exact else max(1, total // (100 * self.num_layers))
-        culprit: int | None = None
+        slack = 0 if self.tolerance.exact else max(1, int(want.sum()) // (100 * self.num_layers))
         unchecked = [i for i in range(self.num_layers) if int(want[i].sum()) == 0]
-        for i in range(self.num_layers):
-            if i in unchecked or int((seen[i] - want[i]).abs().sum()) // 2 <= slack:
-                continue
-            if torch.equal(stale[i], want[i]) and changed:
-                observed = (
-                    "after the move it still routes by the placement before it: it keeps "
-                    "copies of the maps handed to set_eplb_state, not the views"
-                )
-                fix = (
-                    "keep the tensors set_eplb_state hands over as they are (no .clone(), "
-                    ".to() or .tolist()); EPLB updates them in place"
-                )
-            elif torch.equal(load[i, : self.num_logical], want[i]) and not changed:
-                observed = "it records load at logical expert ids instead of physical slots"
-                fix = "add each assignment at the physical slot that served it"
-            else:
-                observed = "its load no longer matches the same input's load before the move"
-                if culprit is not None:
-                    observed += f" (may follow from MoE layer {culprit} feeding it other inputs)"
-                fix = "route logical expert -> physical slot through the live maps on every forward"
-            culprit = i if culprit is None else culprit
+        differing = [
+            i
+            for i in range(self.num_layers)
+            if i not in unchecked and int((seen[i] - want[i]).abs().sum()) // 2 > slack
+        ]
+        found: list[tuple[int, str, str]] = []
+        for i in differing:
+            if changed and torch.equal(stale[i], want[i]):
+                found.append((i, _STALE_MAPS, _KEEP_VIEWS))
+            elif not changed and torch.equal(load[i, : self.num_logical], want[i]):
+                found.append((i, _LOGICAL_IDS, "add each assignment at the slot that served it"))
+        if differing and not found:
+            found.append((differing[0], _LOAD_MOVED, _ROUTE_LIVE))
+        named = {i for i, _, _ in found}
+        for i, observed, fix in found:
+            later = [j for j in differing if j > i and j not in named]
+            if later and i == found[0][0]:
+                observed += f"; MoE layers {later} differ too, possibly fed other inputs by it"
             self.failed(name, observed, fix, layer=i)
-        if culprit is None:
+        if not found:
             note = f" (not checked, recording no load: {unchecked})" if unchecked else ""
             self.passed(name, f"every MoE layer routes and records by the new maps{note}")
 

@@ -109,14 +109,12 @@ def test_verify_of_the_tiny_vlm_exits_0_and_prints_every_check() -> None:
 
 def _factory(tmp_path: Path, body: str) -> str:
     path = tmp_path / "factory.py"
-    path.write_text("import torch\nfrom test_verify import *\n" + body)
+    path.write_text("import torch\nfrom test_verify import VocabLM\n" + body)
     return str(path)
 
 
 def test_verify_of_a_buggy_model_exits_1_and_names_the_layer(tmp_path: Path) -> None:
-    path = _factory(
-        tmp_path, "def build():\n    return AuthorMoEModel(layer=SilentLayer, buggy_layer=0)\n"
-    )
+    path = _factory(tmp_path, "def build():\n    return VocabLM(silent_layers=(0,))\n")
     code, text = _run("verify", f"{path}:build")
     assert code == 1
     assert "FAIL  load-counts: MoE layer 0 (layers.0): recorded no load" in text
@@ -182,13 +180,7 @@ def test_verify_with_inputs_of_the_wrong_kind_exits_2(capsys: pytest.CaptureFixt
 def test_verify_of_a_model_without_vocabulary_asks_for_inputs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    body = (
-        "class NoVocab(AuthorMoEModel):\n"
-        "    def get_input_embeddings(self):\n"
-        "        raise NotImplementedError\n"
-        "def build():\n"
-        "    return NoVocab()\n"
-    )
+    body = "from author_models import AuthorMoELM\ndef build():\n    return AuthorMoELM()\n"
     code, _ = _run("verify", f"{_factory(tmp_path, body)}:build")
     assert code == 2
     assert "--inputs MODULE:ATTR" in capsys.readouterr().err

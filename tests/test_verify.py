@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from author_models import AuthorMoELayer, AuthorMoELM
 from torch import Tensor, nn
 
 from moe_protocols import (
@@ -27,31 +28,15 @@ from moe_protocols.models import tiny_moe, tiny_vlm
 # ---------------------------------------------------------------- an outside author's model
 
 
-class AuthorMoELayer(nn.Module):
-    """Linear experts ``[slots, hidden, hidden]``, routed logical -> replica -> slot."""
+class VocabLM(AuthorMoELM):
+    """The outside author's LM (``tests/author_models.py``), with its embedding exposed."""
 
-    exposes_top_k = True
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
 
-    def __init__(self, hidden: int, experts: int, redundant: int, top_k: int, seed: int) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.k = top_k
-        if self.exposes_top_k:
-            self.top_k = top_k
-        self.num_experts = experts
-        self.router = nn.Parameter(torch.randn(experts, hidden, generator=generator))
-        logical = torch.randn(experts, hidden, hidden, generator=generator) * hidden**-0.5
-        slots = list(range(experts)) + [i % experts for i in range(redundant)]
-        self.weight = nn.Parameter(logical[slots].clone())
-        self.load: Tensor | None = None
-        self.l2p: Tensor | None = None
-        self.replicas: Tensor | None = None
 
-    def get_expert_weights(self) -> list[Tensor]:
-        return [self.weight.data]
-
-    def keep(self, load: Tensor, l2p: Tensor, count: Tensor) -> None:
-        self.load, self.l2p, self.replicas = load, l2p, count
+class CopiesMapsLayer(AuthorMoELayer):
+    """Bug: keeps copies of the maps, so it never sees EPLB's moves."""
 
     def set_eplb_state(
         self,
@@ -60,123 +45,17 @@ class AuthorMoELayer(nn.Module):
         logical_to_physical_map: Tensor,
         logical_replica_count: Tensor,
     ) -> None:
-        self.keep(
-            expert_load_view[moe_layer_idx],
-            logical_to_physical_map[moe_layer_idx],
-            logical_replica_count[moe_layer_idx],
+        super().set_eplb_state(
+            moe_layer_idx,
+            expert_load_view,
+            logical_to_physical_map.clone(),
+            logical_replica_count.clone(),
         )
 
-    def record(self, slots: Tensor) -> None:
-        assert self.load is not None
-        self.load.index_add_(
-            0, slots.reshape(-1), torch.ones_like(slots.reshape(-1), dtype=self.load.dtype)
-        )
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        scores = (hidden @ self.router.T).softmax(dim=-1)
-        weights, ids = scores.topk(self.k, dim=-1)
-        if self.l2p is None or self.replicas is None:
-            slots = ids
-        else:
-            token = torch.arange(hidden.shape[0]).unsqueeze(1)
-            slots = self.l2p[ids, token % self.replicas[ids]]
-            self.record(slots)
-        per_pair = torch.einsum("th,tkhd->tkd", hidden, self.weight[slots])
-        return hidden + (per_pair * weights.unsqueeze(-1)).sum(dim=1)
-
-
-class AuthorMoEModel(nn.Module):
-    """A tiny MoE LM implementing ``MixtureOfExperts`` member by member."""
-
-    def __init__(
-        self,
-        *,
-        layer: Callable[..., AuthorMoELayer] = AuthorMoELayer,
-        buggy_layer: int | None = None,
-        vocab: int = 50,
-        hidden: int = 8,
-        experts: int = 4,
-        redundant: int = 2,
-        top_k: int = 2,
-        num_layers: int = 2,
-    ) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, hidden)
-        self.layers = nn.ModuleList(
-            (layer if i == buggy_layer else AuthorMoELayer)(hidden, experts, redundant, top_k, i)
-            for i in range(num_layers)
-        )
-        self.head = nn.Linear(hidden, vocab, bias=False)
-        self.expert_weights: list[list[Tensor]] = []
-        self.moe_layers = list(self.layers)
-        self.num_moe_layers = num_layers
-        self.num_expert_groups = 1
-        self.num_logical_experts = experts
-        self.num_physical_experts = experts + redundant
-        self.num_local_physical_experts = experts + redundant
-        self.num_routed_experts = experts
-        self.num_shared_experts = 0
-        self.num_redundant_experts = redundant
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed
-
-    def set_eplb_state(
-        self,
-        expert_load_view: Tensor,
-        logical_to_physical_map: Tensor,
-        logical_replica_count: Tensor,
-    ) -> None:
-        self.expert_weights = [layer.get_expert_weights() for layer in self.layers]
-        for i, layer in enumerate(self.layers):
-            layer.set_eplb_state(
-                i, expert_load_view, logical_to_physical_map, logical_replica_count
-            )
-
-    def update_physical_experts_metadata(
-        self, num_physical_experts: int, num_local_physical_experts: int
-    ) -> None:
-        if num_physical_experts != self.num_physical_experts:
-            raise ValueError("cannot change the slot count")
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        hidden = self.embed(input_ids)
-        batch, seq, width = hidden.shape
-        flat = hidden.reshape(batch * seq, width)
-        for layer in self.layers:
-            flat = layer(flat)
-        return self.head(flat).view(batch, seq, -1)
-
-
-class CopiesMapsLayer(AuthorMoELayer):
-    """Bug: keeps copies of the maps, so it never sees EPLB's moves."""
-
-    def keep(self, load: Tensor, l2p: Tensor, count: Tensor) -> None:
-        super().keep(load, l2p.clone(), count.clone())
-
-
-class IndependentReplicasLayer(AuthorMoELayer):
-    """Bug: redundant slots start with their own random weights instead of replicas."""
-
-    def __init__(self, hidden: int, experts: int, redundant: int, top_k: int, seed: int) -> None:
-        super().__init__(hidden, experts, redundant, top_k, seed)
-        with torch.no_grad():
-            self.weight[experts:] = torch.randn(redundant, hidden, hidden)
-
-
-class DoubleCountingLayer(AuthorMoELayer):
-    """Bug: counts every assignment twice."""
-
-    def record(self, slots: Tensor) -> None:
-        super().record(slots)
-        super().record(slots)
-
-
-class SilentLayer(AuthorMoELayer):
-    """Bug: never writes its load row."""
-
-    def record(self, slots: Tensor) -> None:
-        pass
+def with_bug(layer: nn.Module, bug: type[AuthorMoELayer]) -> None:
+    """Give one built layer a buggy method (keeps its weights, so the model stays seeded)."""
+    layer.__class__ = bug
 
 
 def _state_bytes(model: nn.Module) -> dict[str, bytes]:
@@ -206,7 +85,7 @@ def snapshot_guard() -> Iterator[Callable[[nn.Module], None]]:
 def test_a_correct_outside_model_passes_every_check(
     snapshot_guard: Callable[[nn.Module], None],
 ) -> None:
-    model = AuthorMoEModel()
+    model = VocabLM()
     snapshot_guard(model)
     report = verify_eplb_integration(model)
     assert report.ok, str(report)
@@ -276,7 +155,8 @@ def test_a_compiled_wrapper_of_the_tiny_model_passes() -> None:
 def test_a_layer_keeping_copies_of_the_maps_is_named(
     snapshot_guard: Callable[[nn.Module], None],
 ) -> None:
-    model = AuthorMoEModel(layer=CopiesMapsLayer, buggy_layer=1)
+    model = VocabLM()
+    with_bug(model.layers[1], CopiesMapsLayer)
     snapshot_guard(model)
     report = verify_eplb_integration(model)
     assert not report.ok
@@ -292,13 +172,13 @@ def test_a_layer_keeping_copies_of_the_maps_is_named(
 def test_redundant_slots_with_independent_weights_are_named(
     snapshot_guard: Callable[[nn.Module], None],
 ) -> None:
-    model = AuthorMoEModel(layer=IndependentReplicasLayer, buggy_layer=0)
+    model = VocabLM(independent_replicas=(0,))
     snapshot_guard(model)
     report = verify_eplb_integration(model)
     (failure,) = _failures(report, "replicas")
     assert failure.layer == 0
     assert failure.layer_path == "layers.0"
-    assert "slot 4 should be a copy of logical expert 0" in failure.observed
+    assert "slot 8 should be a copy of logical expert 0" in failure.observed
     assert "p % E" in (failure.fix or "")
     # moving mismatched "replicas" would change the model: the moves are skipped, and say why
     (skip,) = report.named("move-permute")
@@ -307,7 +187,9 @@ def test_redundant_slots_with_independent_weights_are_named(
 
 
 def test_a_layer_counting_every_assignment_twice_is_named() -> None:
-    report = verify_eplb_integration(AuthorMoEModel(layer=DoubleCountingLayer, buggy_layer=1))
+    model = VocabLM()
+    model.layers[1].load_sign = 2  # adds each assignment twice
+    report = verify_eplb_integration(model)
     (failure,) = _failures(report, "load-counts")
     assert failure.layer == 1
     assert "recorded 256 token-expert assignments for 64 tokens x top_k 2 = 128" in failure.observed
@@ -315,7 +197,7 @@ def test_a_layer_counting_every_assignment_twice_is_named() -> None:
 
 
 def test_a_layer_that_never_writes_its_load_row_is_named() -> None:
-    report = verify_eplb_integration(AuthorMoEModel(layer=SilentLayer, buggy_layer=0))
+    report = verify_eplb_integration(VocabLM(silent_layers=(0,)))
     (failure,) = _failures(report, "load-counts")
     assert failure.layer == 0
     assert failure.layer_path == "layers.0"
@@ -323,16 +205,10 @@ def test_a_layer_that_never_writes_its_load_row_is_named() -> None:
 
 
 def test_without_top_k_layers_are_checked_against_each_other() -> None:
-    class Unexposed(AuthorMoELayer):
-        exposes_top_k = False
-
-    class UnexposedDouble(Unexposed, DoubleCountingLayer):
-        pass
-
-    model = AuthorMoEModel(num_layers=3, layer=UnexposedDouble, buggy_layer=2)
-    for i in range(2):
-        model.layers[i] = Unexposed(8, 4, 2, 2, i)
-    model.moe_layers = list(model.layers)
+    model = VocabLM()
+    for layer in model.layers:
+        layer.top_k = torch.tensor(2)  # not an int: the probe cannot read it
+    model.layers[2].load_sign = 2
     report = verify_eplb_integration(model)
     (failure,) = _failures(report, "load-counts")
     assert failure.layer == 2
@@ -343,6 +219,13 @@ def test_without_top_k_layers_are_checked_against_each_other() -> None:
 # ---------------------------------------------------------------- Hugging Face models
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="EplbState.add_model (main, eb06376+d9513ce) refuses the hf-experts adapter: "
+    "eplb/_integrity.aliasing_problem compares memory *spans*, and the gate/up views of one "
+    "fused gate_up_proj interleave without sharing an element ('expert_weights[0][0] and "
+    "expert_weights[0][1] share memory'); passes again once that check compares elements",
+)
 def test_a_hugging_face_model_reports_the_moves_skipped_and_why() -> None:
     pytest.importorskip("transformers")
     from hf_models import qwen3_moe
@@ -359,31 +242,99 @@ def test_a_hugging_face_model_reports_the_moves_skipped_and_why() -> None:
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
+class IdentityOnlyModel(VocabLM):
+    """Routes by logical id, like transformers: refuses any placement but the identity."""
+
+    def __init__(self) -> None:
+        super().__init__(num_redundant=0)
+
+    def set_eplb_state(
+        self,
+        expert_load_view: Tensor,
+        logical_to_physical_map: Tensor,
+        logical_replica_count: Tensor,
+    ) -> None:
+        identity = torch.arange(self.num_logical_experts)
+        if not bool((logical_to_physical_map[:, :, 0] == identity).all()):
+            raise ValueError("this model routes by logical id: only the identity placement")
+        super().set_eplb_state(expert_load_view, logical_to_physical_map, logical_replica_count)
+
+
+def test_a_model_that_cannot_move_experts_passes_with_the_moves_skipped(
+    snapshot_guard: Callable[[nn.Module], None],
+) -> None:
+    model = IdentityOnlyModel()
+    snapshot_guard(model)
+    report = verify_eplb_integration(model)
+    assert report.ok, str(report)
+    assert report.named("load-counts")[0].status is CheckStatus.PASSED
+    for name in ("move-permute", "move-replicas"):
+        (skip,) = report.named(name)
+        assert skip.status is CheckStatus.SKIPPED
+    assert "only the identity placement" in report.named("move-permute")[0].observed
+
+
+# ---------------------------------------------------------------- ownership
+
+
+def test_a_model_a_live_state_balances_is_refused_and_left_alone() -> None:
+    from moe_protocols import EplbConfig, EplbState, MoEView
+
+    model = tiny_moe(num_redundant_experts=2)
+    serving = EplbState(EplbConfig(num_redundant_experts=2))
+    serving.add_model(MoEView.require(model), "served")
+    report = verify_eplb_integration(model)
+    (failure,) = _failures(report, "register")
+    assert "'served'" in failure.observed
+    assert "before registering" in (failure.fix or "")
+    # the serving state still receives the model's load
+    model(torch.zeros(1, 4, dtype=torch.long))
+    assert int(serving.model_state("served").expert_load_pass.sum()) == 3 * 4 * 2
+
+
+def test_after_verify_the_model_can_be_registered_for_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moe_protocols import EplbConfig, EplbState, MoEView, verification
+
+    private: list[EplbState] = []  # kept alive: garbage collection must not be what releases
+
+    def keep_alive(*args: object, **kwargs: object) -> EplbState:
+        private.append(EplbState(*args, **kwargs))  # type: ignore[arg-type]
+        return private[-1]
+
+    monkeypatch.setattr(verification, "EplbState", keep_alive)
+    model = tiny_moe(num_redundant_experts=2)
+    assert verify_eplb_integration(model).ok
+    assert private
+    assert all(state.model_names == () for state in private)
+    serving = EplbState(EplbConfig(num_redundant_experts=2))
+    serving.add_model(MoEView.require(model), "served")
+    model(torch.zeros(1, 4, dtype=torch.long))
+    assert int(serving.model_state("served").expert_load_pass.sum()) == 3 * 4 * 2
+
+
 # ---------------------------------------------------------------- inputs and bad usage
 
 
 def test_sample_inputs_may_be_a_tensor_a_mapping_or_a_factory() -> None:
-    ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
     for given in (ids, {"input_ids": ids}, lambda: ids):
-        report = verify_eplb_integration(AuthorMoEModel(), given)
+        report = verify_eplb_integration(AuthorMoELM(), given)
         assert report.ok, str(report)
         assert "15 tokens x top_k 2 = 30" in str(report)
 
 
 def test_a_model_without_vocabulary_needs_sample_inputs() -> None:
-    class NoVocab(AuthorMoEModel):
-        def get_input_embeddings(self) -> nn.Embedding:
-            raise NotImplementedError
-
     with pytest.raises(VerificationInputError, match="pass sample_inputs="):
-        verify_eplb_integration(NoVocab())
-    assert verify_eplb_integration(NoVocab(), torch.zeros(1, 4, dtype=torch.long)).ok
+        verify_eplb_integration(AuthorMoELM())
+    assert verify_eplb_integration(AuthorMoELM(), torch.zeros(1, 4, dtype=torch.long)).ok
 
 
 @pytest.mark.parametrize("bad", ["tokens", 3, [1, 2]])
 def test_unusable_sample_inputs_are_a_typed_error(bad: object) -> None:
     with pytest.raises(VerificationInputError, match="sample_inputs must be"):
-        verify_eplb_integration(AuthorMoEModel(), bad)  # type: ignore[arg-type]
+        verify_eplb_integration(VocabLM(), bad)  # type: ignore[arg-type]
 
 
 def test_a_failing_inputs_factory_is_a_typed_error() -> None:
@@ -391,16 +342,16 @@ def test_a_failing_inputs_factory_is_a_typed_error() -> None:
         raise RuntimeError("no tokenizer")
 
     with pytest.raises(VerificationInputError, match="no tokenizer"):
-        verify_eplb_integration(AuthorMoEModel(), broken)
+        verify_eplb_integration(VocabLM(), broken)
 
 
 def test_a_negative_tolerance_is_a_typed_error() -> None:
     with pytest.raises(VerificationInputError, match="rtol"):
-        verify_eplb_integration(AuthorMoEModel(), rtol=-1.0)
+        verify_eplb_integration(VocabLM(), rtol=-1.0)
 
 
 def test_inputs_the_forward_rejects_are_a_failed_check_not_a_crash() -> None:
-    report = verify_eplb_integration(AuthorMoEModel(), torch.zeros(4))
+    report = verify_eplb_integration(VocabLM(), torch.zeros(4, 4))
     (failure,) = _failures(report, "forward")
     assert "raised" in failure.observed
 
@@ -415,7 +366,7 @@ def test_a_dense_model_fails_resolution_with_the_trace() -> None:
 
 
 def test_a_nondeterministic_forward_fails_repeatable_and_skips_the_moves() -> None:
-    class Noisy(AuthorMoEModel):
+    class Noisy(VocabLM):
         def forward(self, input_ids: Tensor) -> Tensor:
             out = super().forward(input_ids)
             return out + torch.randn_like(out)
@@ -438,11 +389,11 @@ def test_tolerant_mode_prints_its_tolerance() -> None:
 def test_the_report_is_a_frozen_value() -> None:
     import attrs
 
-    report = verify_eplb_integration(AuthorMoEModel())
+    report = verify_eplb_integration(VocabLM())
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         report.checks = ()  # type: ignore[misc]
     assert report.summary == "OK: every check holds"
-    assert str(report).splitlines()[0] == "EPLB integration check of AuthorMoEModel"
+    assert str(report).splitlines()[0] == "EPLB integration check of VocabLM"
 
 
 def test_outputs_difference_compares_every_tensor_inside_a_result() -> None:
