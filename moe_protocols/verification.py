@@ -224,7 +224,7 @@ def _sample_batch(
     if isinstance(given, Tensor):
         return given, f"input_ids {list(given.shape)} (given)"
     if isinstance(given, Mapping) and all(isinstance(k, str) for k in given):
-        return {str(k): v for k, v in given.items()}, (f"forward keywords {sorted(given)} (given)")
+        return {str(k): v for k, v in given.items()}, f"forward keywords {sorted(given)} (given)"
     raise VerificationInputError(
         "verify_eplb_integration: sample_inputs must be a tensor of input_ids, a mapping of "
         f"forward keyword arguments, or a callable returning one; got {type(given).__name__}"
@@ -621,12 +621,14 @@ class _Verifier:
         from_inputs = _tokens_in(self.batch)
         expected: dict[int, str] = {}
         for i in range(self.num_layers):
-            total, seen = int(totals[i]), tokens[i] if tokens[i] is not None else from_inputs
-            if seen == 0:
+            # A layer run as layer.forward(...) fires no hook: then count from the inputs.
+            total, seen = int(totals[i]), tokens[i] or from_inputs
+            if total == 0 and tokens[i] == 0:
                 ok = False
                 self.failed(
                     name,
-                    "the layer was not called by the forward",
+                    "recorded no load and was not called by the forward (its forward hooks "
+                    "never fired)",
                     "moe_layers must list the modules that run (not copies or stale ones)",
                     layer=i,
                 )

@@ -407,3 +407,14 @@ def test_outputs_difference_compares_every_tensor_inside_a_result() -> None:
     assert outputs_difference(before, nudged, exact=False) is None
     moved = {"logits": logits, "hidden": (logits * 3,)}
     assert "output tensor 1" in (outputs_difference(before, moved, exact=False) or "")
+
+
+def test_a_layer_listed_in_moe_layers_but_never_run_is_named() -> None:
+    model = VocabLM()
+    stale = AuthorMoELayer(16, 8, 12, 2)
+    stale.load_state_dict(model.layers[1].state_dict())
+    model.moe_layers = [model.layers[0], stale, model.layers[2]]  # a copy, not the module that runs
+    report = verify_eplb_integration(model)
+    (failure,) = _failures(report, "load-counts")
+    assert failure.layer == 1
+    assert "was not called by the forward" in failure.observed
