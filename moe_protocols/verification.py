@@ -979,12 +979,18 @@ def verify_eplb_integration(
     Raises:
         VerificationInputError: no sample inputs were given and none can be
             synthesised, ``sample_inputs`` is of an unusable kind or its
-            factory failed, or a tolerance is negative.
+            factory failed, a tolerance is negative, or ``seed``/``max_depth``
+            is not a non-negative int.
     """
     for label, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and not (isinstance(value, (int, float)) and value >= 0):
             raise VerificationInputError(
                 f"verify_eplb_integration: {label} must be a number >= 0, got {value!r}"
+            )
+    for label, value, end in (("seed", seed, 2**63), ("max_depth", max_depth, 2**31)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < end:
+            raise VerificationInputError(
+                f"verify_eplb_integration: {label} must be an int in [0, {end}), got {value!r}"
             )
     name = type(model).__name__
     view = MoEView.resolve(model, max_depth=max_depth)

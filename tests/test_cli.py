@@ -171,6 +171,15 @@ def test_verify_of_an_unimportable_model_or_inputs_exits_3(
     assert "moe-protocols verify:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", [["--max-depth", "-1"], ["--seed", str(2**64)]])
+def test_verify_with_out_of_range_options_exits_2(
+    option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _ = _run("verify", "moe_protocols.models:tiny_vlm", *option)
+    assert code == 2
+    assert "must be an int in [0," in capsys.readouterr().err
+
+
 def test_verify_with_inputs_of_the_wrong_kind_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _ = _run("verify", "moe_protocols.models:tiny_moe", "--inputs", "math:pi")
     assert code == 2

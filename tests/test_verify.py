@@ -345,9 +345,13 @@ def test_a_failing_inputs_factory_is_a_typed_error() -> None:
         verify_eplb_integration(VocabLM(), broken)
 
 
-def test_a_negative_tolerance_is_a_typed_error() -> None:
-    with pytest.raises(VerificationInputError, match="rtol"):
-        verify_eplb_integration(VocabLM(), rtol=-1.0)
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("rtol", -1.0), ("atol", "tiny"), ("seed", -1), ("seed", 2**64), ("max_depth", -1)],
+)
+def test_out_of_range_options_are_a_typed_error(option: str, value: object) -> None:
+    with pytest.raises(VerificationInputError, match=option):
+        verify_eplb_integration(VocabLM(), **{option: value})  # type: ignore[arg-type]
 
 
 def test_inputs_the_forward_rejects_are_a_failed_check_not_a_crash() -> None:
