@@ -797,7 +797,7 @@ class _Verifier:
         )
         device = self.live.logical_to_physical_map.device
         try:
-            # Offer the model a moved placement; it is handed its live views back below.
+            # Offer the model a moved placement; the state hands it its live views back below.
             self.view.set_eplb_state(
                 expert_load_view=torch.zeros_like(self.live.expert_load_pass),
                 logical_to_physical_map=l2p.to(device),
@@ -806,11 +806,7 @@ class _Verifier:
         except Exception as exc:
             return f"the model accepts only its initial placement (it refused a moved one): {exc}"
         finally:
-            self.view.set_eplb_state(
-                expert_load_view=self.live.expert_load_pass,
-                logical_to_physical_map=self.live.logical_to_physical_map,
-                logical_replica_count=self.live.logical_replica_count,
-            )
+            self.state.reattach(_MODEL_NAME)
         return None
 
     def _shuffled(self, rows: Tensor) -> Tensor:
