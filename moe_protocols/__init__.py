@@ -4,7 +4,8 @@ The contract (``MixtureOfExperts``, ``MoELayer``), the guards and conformance
 reports that check it, ``MoEView`` (finds the MoE model behind any chain of
 wrappers and implements the contract by delegation), and an engine-agnostic
 EPLB (``EplbState``, rebalancing policies, expert-weight transfer) that
-consumes it. Reference models live in ``moe_protocols.models``.
+consumes it, and ``verify_eplb_integration``, the self-test of a model's EPLB
+integration. Reference models live in ``moe_protocols.models``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from moe_protocols.errors import (
     PolicyError,
     TransferError,
     TransferTimeoutError,
+    VerificationInputError,
     WorkloadError,
 )
 from moe_protocols.guards import is_mixture_of_experts, is_moe_layer, supports_language_model
@@ -59,6 +61,13 @@ from moe_protocols.layer_views import LayerEplbRows, layer_eplb_rows
 from moe_protocols.parallel import ExpertParallelContext
 from moe_protocols.protocols import MixtureOfExperts, MoELayer, SupportsLanguageModel
 from moe_protocols.runner import ReferenceRunner, RunnerConfig
+from moe_protocols.verification import (
+    CheckStatus,
+    VerificationCheck,
+    VerificationReport,
+    outputs_difference,
+    verify_eplb_integration,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -66,6 +75,7 @@ __all__ = [
     "DEFAULT_POLICIES",
     "DEFAULT_UNWRAP_STEPS",
     "BalancednessStats",
+    "CheckStatus",
     "ConformanceReport",
     "DeepSeekPolicy",
     "EplbConfig",
@@ -102,6 +112,9 @@ __all__ = [
     "TransferError",
     "TransferTimeoutError",
     "UnwrapStep",
+    "VerificationCheck",
+    "VerificationInputError",
+    "VerificationReport",
     "WorkloadError",
     "__version__",
     "check_conformance",
@@ -110,6 +123,8 @@ __all__ = [
     "is_moe_layer",
     "layer_eplb_rows",
     "load_placement",
+    "outputs_difference",
     "save_placement",
     "supports_language_model",
+    "verify_eplb_integration",
 ]

@@ -20,6 +20,11 @@ import torch
 from moe_protocols.eplb import EplbConfig
 from moe_protocols.models import tiny_vlm
 from moe_protocols.runner import ReferenceRunner, RunnerConfig
+from moe_protocols.verification import (
+    VerificationReport,
+    outputs_difference,
+    verify_eplb_integration,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -70,6 +75,8 @@ class DemoReport:
     rank_load_first: torch.Tensor
     rank_load_last: torch.Tensor
     outputs_unchanged: bool
+    verification: VerificationReport
+    """The self-test run on the model before it was served (``moe-protocols verify``)."""
 
 
 class _Progress:
@@ -123,6 +130,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
         ),
         num_ranks=options.num_ranks,
     )
+    # Before load_model: the self-test registers the model with a state of its own.
+    verification = verify_eplb_integration(model, seed=options.seed)
     runner = ReferenceRunner(config)
     runner.load_model(model)
     view, state = runner.moe_view, runner.eplb_state
@@ -140,6 +149,9 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
         f"window {options.window_size}, rearrangement every {options.step_interval} steps",
         file=out,
     )
+    print(f"Self-test (verify_eplb_integration): {verification.summary}", file=out)
+    if not verification.ok:
+        print(verification, file=out)
 
     generator = torch.Generator().manual_seed(options.seed)
     vocab = model.get_language_model().config.vocab_size
@@ -199,7 +211,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
         last_balance, last_load = stats.overall, stats.rank_load.sum(dim=0)
     with torch.no_grad():
         probe_after = model(probe)
-    unchanged = torch.equal(probe_before, probe_after)
+    difference = outputs_difference(probe_before, probe_after, exact=True)
+    unchanged = difference is None
     if first_balance is None or first_load is None:
         first_balance, first_load = last_balance, last_load
     print(
@@ -209,7 +222,11 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
     )
     print(
         "Outputs for a fixed probe batch: "
-        + ("bit-identical before and after" if unchanged else "CHANGED (this is a bug)"),
+        + (
+            "bit-identical before and after"
+            if difference is None
+            else f"CHANGED (this is a bug): {difference}"
+        ),
         file=out,
     )
     return DemoReport(
@@ -220,6 +237,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
         rank_load_first=first_load,
         rank_load_last=last_load,
         outputs_unchanged=unchanged,
+        verification=verification,
     )
 
 

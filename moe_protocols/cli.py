@@ -1,9 +1,10 @@
-"""The ``moe-protocols`` command: inspect how a model resolves, run the EPLB demo.
+"""The ``moe-protocols`` command: inspect how a model resolves, verify it, run the EPLB demo.
 
-Exit codes: 0 success; 1 the model is not (and wraps no) MixtureOfExperts, or
-the demo saw outputs change; 2 bad usage (argparse, invalid option values);
-3 the model factory could not be loaded or built, or an optional dependency
-(matplotlib for ``--plot``) is missing.
+Exit codes: 0 success; 1 the model is not (and wraps no) MixtureOfExperts, a
+``verify`` check failed, or the demo saw outputs change; 2 bad usage
+(argparse, invalid option values, ``verify`` without usable inputs); 3 the
+model (or ``--inputs``) factory could not be loaded or built, or an optional
+dependency (matplotlib for ``--plot``) is missing.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, TextIO
+
+import torch
 
 from moe_protocols.adapters import MoEView
 from moe_protocols.conformance import check_conformance
@@ -32,17 +35,35 @@ class _LoadError(Exception):
     """The MODULE:ATTR target could not be imported or built."""
 
 
+def split_target(spec: str) -> tuple[str, str]:
+    """``(module, attribute path)`` of a ``MODULE:ATTR`` spec; ValueError when malformed."""
+    module_part, sep, attr_path = spec.partition(":")
+    if not sep or not module_part or not attr_path:
+        raise ValueError(
+            f"expected MODULE:ATTR (e.g. examples/wrapped_model.py:build), got {spec!r}"
+        )
+    return module_part, attr_path
+
+
+def _target_argument(spec: str) -> str:
+    """argparse ``type=``: a malformed MODULE:ATTR is a usage error (exit 2)."""
+    try:
+        split_target(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
+
+
 def load_target(spec: str) -> object:
     """Import ``MODULE:ATTR`` (or ``path/to/file.py:ATTR``) and build the model.
 
     A function or class is called with no arguments (a model factory); any
     other object is the model itself.
     """
-    module_part, sep, attr_path = spec.partition(":")
-    if not sep or not module_part or not attr_path:
-        raise _LoadError(
-            f"expected MODULE:ATTR (e.g. examples/wrapped_model.py:build), got {spec!r}"
-        )
+    try:
+        module_part, attr_path = split_target(spec)
+    except ValueError as exc:
+        raise _LoadError(str(exc)) from None
     try:
         if module_part.endswith(".py") or "/" in module_part:
             path = Path(module_part)
@@ -134,7 +155,35 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     if plot_path is not None:
         plot_rank_load(report, plot_path)
         print(f"Wrote {plot_path}", file=out)
-    return EXIT_OK if report.outputs_unchanged else EXIT_NOT_MOE
+    return EXIT_OK if report.outputs_unchanged and report.verification.ok else EXIT_NOT_MOE
+
+
+def _verify(args: argparse.Namespace, out: TextIO) -> int:
+    from moe_protocols.errors import VerificationInputError
+    from moe_protocols.verification import verify_eplb_integration
+
+    try:
+        model = load_target(args.target)
+        inputs = None if args.inputs is None else load_target(args.inputs)
+    except _LoadError as exc:
+        print(f"moe-protocols verify: {exc}", file=sys.stderr)
+        return EXIT_LOAD_ERROR
+    if inputs is not None and not isinstance(inputs, (torch.Tensor, Mapping)):
+        print(
+            f"moe-protocols verify: --inputs {args.inputs} gave a {type(inputs).__name__}; "
+            "expected a tensor of input_ids or a mapping of forward keyword arguments",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        report = verify_eplb_integration(
+            model, inputs, exact=args.exact, seed=args.seed, max_depth=args.max_depth
+        )
+    except VerificationInputError as exc:
+        print(f"moe-protocols verify: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report, file=out)
+    return EXIT_OK if report.ok else EXIT_NOT_MOE
 
 
 def _indent(text: str) -> str:
@@ -165,6 +214,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_inspect.set_defaults(handler=_inspect)
 
+    p_verify = sub.add_parser(
+        "verify",
+        help="self-test a model's EPLB integration: load recording, replicas, moves, restore",
+        description=(
+            "Build the model named by MODULE:ATTR, register it with a private EPLB state and "
+            "check that every MoE layer records tokens x top_k, that redundant slots are "
+            "replicas, and that forced expert moves leave the outputs unchanged; the model is "
+            "returned to its placement afterwards. Exit 0 when every check holds (skips "
+            "allowed), 1 when one fails, 2 on bad usage (no inputs can be made, bad options), "
+            "3 when the model or the inputs cannot be imported or built."
+        ),
+    )
+    p_verify.add_argument(
+        "target",
+        metavar="MODULE:ATTR",
+        type=_target_argument,
+        help="the model, e.g. moe_protocols.models:tiny_vlm or examples/wrapped_model.py:build",
+    )
+    p_verify.add_argument(
+        "--inputs",
+        metavar="MODULE:ATTR",
+        type=_target_argument,
+        help="sample inputs (input_ids, or a mapping of forward keywords; a factory is called); "
+        "default: token ids drawn from the model's vocabulary",
+    )
+    exactness = p_verify.add_mutually_exclusive_group()
+    exactness.add_argument(
+        "--exact",
+        dest="exact",
+        action="store_const",
+        const=True,
+        default=None,
+        help="demand bit-identical outputs after moves (default: when two identical forwards are)",
+    )
+    exactness.add_argument(
+        "--tolerant",
+        dest="exact",
+        action="store_const",
+        const=False,
+        help="compare outputs with the dtype's allclose tolerance",
+    )
+    p_verify.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p_verify.add_argument(
+        "--max-depth", type=int, default=6, help="unwrapping depth limit (default 6)"
+    )
+    p_verify.set_defaults(handler=_verify)
+
     p_demo = sub.add_parser(
         "demo",
         help="serve the tiny VLM-wrapped MoE model with EPLB on a skewed token stream",
@@ -173,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
             "get_language_model()) into the reference runner with EPLB enabled, feed it a "
             "Zipf-skewed token stream, and print the resolution trace, a progress bar, "
             "balancedness before/after every rearrangement and the slots moved. Exit 0 when the "
-            "model's outputs stayed bit-identical, 1 if they changed, 2 on invalid options."
+            "self-test (as verify) passed and the model's outputs stayed bit-identical, 1 if "
+            "not, 2 on invalid options."
         ),
     )
     p_demo.add_argument("--steps", type=int, default=48, help="engine steps (default 48)")

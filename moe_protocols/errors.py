@@ -27,6 +27,7 @@ __all__ = [
     "PolicyError",
     "TransferError",
     "TransferTimeoutError",
+    "VerificationInputError",
     "WorkloadError",
 ]
 
@@ -156,6 +157,15 @@ class ModelConfigError(MoEProtocolsError, ValueError):
 
 class ModelInputError(MoEProtocolsError, ValueError):
     """A reference model's forward was given inputs of the wrong kind or shape."""
+
+
+class VerificationInputError(MoEProtocolsError, ValueError):
+    """``verify_eplb_integration`` cannot run with what it was given.
+
+    No sample inputs were passed and none can be synthesised (the model shows
+    no vocabulary size), the inputs are of a kind it cannot feed, or an option
+    (a tolerance) is out of range. A failing *model* is a report, not this.
+    """
 
 
 class WorkloadError(MoEProtocolsError, ValueError):

@@ -57,6 +57,7 @@ def test_demo_rebalances_and_keeps_outputs_identical(tmp_path: Path) -> None:
     assert "-> model.get_language_model() (TinyMoEForCausalLM)" in text
     assert text.count("rearranged: balancedness") == 2
     assert "bit-identical before and after" in text
+    assert "Self-test (verify_eplb_integration): OK: every check holds" in text
     assert "24/24 steps" in text
     assert plot.read_bytes().startswith(b"\x89PNG")
 
@@ -91,3 +92,104 @@ def test_console_script_help_and_usage_errors() -> None:
     )
     assert bad.returncode == 2
     assert "invalid int value" in bad.stderr
+
+
+# ---------------------------------------------------------------- verify
+
+
+def test_verify_of_the_tiny_vlm_exits_0_and_prints_every_check() -> None:
+    code, text = _run("verify", "moe_protocols.models:tiny_vlm")
+    assert code == 0, text
+    assert "EPLB integration check of TinyVLMForConditionalGeneration" in text
+    assert "outputs compared: bit-exact" in text
+    assert "PASS  move-permute:outputs" in text
+    assert "SKIP  move-replicas: no redundant slots" in text
+    assert text.rstrip().endswith("OK: every check holds (2 skipped)")
+
+
+def _factory(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "factory.py"
+    path.write_text("import torch\nfrom test_verify import VocabLM\n" + body)
+    return str(path)
+
+
+def test_verify_of_a_buggy_model_exits_1_and_names_the_layer(tmp_path: Path) -> None:
+    path = _factory(tmp_path, "def build():\n    return VocabLM(silent_layers=(0,))\n")
+    code, text = _run("verify", f"{path}:build")
+    assert code == 1
+    assert "FAIL  load-counts: MoE layer 0 (layers.0): recorded no load" in text
+    assert "fix: keep row moe_layer_idx" in text
+    assert "FAILED: 1 of" in text
+
+
+def test_verify_of_a_dense_model_exits_1_with_the_trace(tmp_path: Path) -> None:
+    path = _factory(tmp_path, "def build():\n    return torch.nn.Linear(2, 2)\n")
+    code, text = _run("verify", f"{path}:build")
+    assert code == 1
+    assert "FAIL  resolve" in text
+    assert "get_language_model()" in text
+
+
+def test_verify_feeds_the_inputs_factory(tmp_path: Path) -> None:
+    path = _factory(tmp_path, "def ids():\n    return torch.zeros(1, 4, dtype=torch.long)\n")
+    code, text = _run("verify", "moe_protocols.models:tiny_moe", "--inputs", f"{path}:ids")
+    assert code == 0, text
+    assert "inputs: input_ids [1, 4] (given)" in text
+    assert "4 tokens x top_k 2 = 8" in text
+
+
+@pytest.mark.parametrize("target", ["no_colon", ":build", "moe_protocols.models:"])
+def test_verify_of_a_malformed_target_is_a_usage_error(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _run("verify", target)
+    assert exit_info.value.code == 2
+    assert "expected MODULE:ATTR" in capsys.readouterr().err
+
+
+def test_verify_with_a_malformed_inputs_target_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _run("verify", "moe_protocols.models:tiny_moe", "--inputs", "ids")
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["no_such_module:build"],
+        ["no/such/file.py:build"],
+        ["moe_protocols.models:no_such_factory"],
+        ["moe_protocols.models:tiny_moe", "--inputs", "no_such_module:ids"],
+    ],
+)
+def test_verify_of_an_unimportable_model_or_inputs_exits_3(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _ = _run("verify", *argv)
+    assert code == 3
+    assert "moe-protocols verify:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--max-depth", "-1"], ["--seed", str(2**64)]])
+def test_verify_with_out_of_range_options_exits_2(
+    option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _ = _run("verify", "moe_protocols.models:tiny_vlm", *option)
+    assert code == 2
+    assert "must be an int in [0," in capsys.readouterr().err
+
+
+def test_verify_with_inputs_of_the_wrong_kind_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = _run("verify", "moe_protocols.models:tiny_moe", "--inputs", "math:pi")
+    assert code == 2
+    assert "gave a float" in capsys.readouterr().err
+
+
+def test_verify_of_a_model_without_vocabulary_asks_for_inputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = "from author_models import AuthorMoELM\ndef build():\n    return AuthorMoELM()\n"
+    code, _ = _run("verify", f"{_factory(tmp_path, body)}:build")
+    assert code == 2
+    assert "--inputs MODULE:ATTR" in capsys.readouterr().err
