@@ -624,8 +624,9 @@ class EplbState:
     ) -> list[tuple[TransferStats, float]]:
         """Check the staged rows, commit weights, check what was written, then commit maps.
 
-        Returns each plan's stats and commit seconds. A fingerprint mismatch on
-        any rank raises ``TransferError`` on every rank with the weights as
+        Returns each plan's stats and commit seconds. A fingerprint mismatch, a
+        weight that cannot be written in place, or a copy that fails part-way,
+        on any rank, raises ``TransferError`` on every rank with the weights as
         they were (rows written by the commit are put back) and the maps unchanged.
         """
         pairs = list(zip(plans, staged, strict=True))
@@ -904,13 +905,25 @@ class EplbState:
                 collective before the deadline (it died, hung or its connection
                 dropped): ``missing_ranks`` names it, ``phase`` where the group
                 broke. The process group is unusable afterwards.
+            ExpertLoadError: (an ``EplbStateError``) a layer recorded negative
+                load (``layers`` names them).
+            EplbStateError: (across ranks, at the first move) a rank's copy of
+                a replicated expert holds other bytes than the others' (see
+                ``integrity``).
             PolicyError: the policy failed or returned an invalid placement.
             TransferError: staging the weights failed on some rank (``rank``
-                and ``layer`` name the first failure); a ``TransferTimeoutError``
+                and ``layer`` name the first failure), a staged or written row
+                does not hold its expert's fingerprint, a weight cannot be
+                written in place, or the copy failed part-way (the rows written
+                are put back); a ``TransferTimeoutError``
                 (also a ``CollectiveTimeoutError``) when a rank went missing in
                 the exchange or the commit vote (``rank``: the missing one).
         On any of these, weights, maps, window and counters are unchanged on
         every rank that raises.
+
+        A window without load moves nothing: the result says ``skipped`` and
+        why, and a warning is logged once; a layer without load keeps its
+        placement (``layers_without_load``).
         """
         if not self._models:
             raise EplbStateError("EplbState.rearrange() called before any model was registered")
