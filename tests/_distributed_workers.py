@@ -293,6 +293,17 @@ def two_ranks(ep: ExpertParallelContext, record: Record) -> None:
     checked.step()
     attempt(record, "diverged_replica", checked, checked.rearrange)
 
+    # Rank 1 built its model with two more MoE layers: both ranks refuse, naming rank 1,
+    # before any collective whose size depends on the layers (no rank dies by signal).
+    layers = 4 if ep.rank == 0 else 6
+    uneven = tiny_moe(
+        ep=ep, num_experts=NUM_EXPERTS, num_redundant_experts=NUM_REDUNDANT, num_layers=layers
+    )
+    mismatched = EplbState(eplb_config(), ep=ep)
+    mismatched.add_model(uneven)
+    mismatched.step()
+    attempt(record, "mismatched_layers", mismatched, mismatched.rearrange)
+
 
 def four_ranks(ep: ExpertParallelContext, record: Record) -> None:
     """Two nodes, one-row batches staged in host memory; a failing rank; a hung rank."""

@@ -256,6 +256,19 @@ def test_a_rank_whose_replica_diverged_is_named_by_every_rank(two: list[RankResu
         assert result.values["diverged_replica.changed"] == []
 
 
+def test_ranks_with_other_layer_counts_are_named_before_any_collective_of_their_size(
+    two: list[RankResult],
+) -> None:
+    for result in two:
+        error = result.values["mismatched_layers"]
+        assert isinstance(error, dict)
+        assert error["type"] == "EplbStateError"
+        assert error["message"].startswith("EP ranks 1 registered other models")
+        layers = 3 if result.rank == 0 else 5
+        assert f"{layers} MoE layers" in error["message"]
+        assert result.values["mismatched_layers.changed"] == []
+
+
 @pytest.mark.distributed
 def test_a_rank_failing_mid_transfer_leaves_every_rank_as_it_was_and_is_named(
     four: list[RankResult],

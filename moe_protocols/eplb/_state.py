@@ -1007,19 +1007,72 @@ class EplbState:
             self._ep, phase, what, run, device=self._device, hook=self._transfer.phase_hook
         )
 
+    def _descriptor(self) -> tuple[str, int]:
+        """What every rank must agree on before a collective whose size depends on it.
+
+        ``(readable, digest)``: the registered models with their shapes and the
+        settings the rearrangement depends on.
+        """
+        models = [
+            (
+                name,
+                state.num_layers,
+                state.num_logical_experts,
+                state.num_physical_experts,
+                state.num_local_physical_experts,
+                int(state.expert_load_window.shape[0]),
+                [
+                    [(tuple(w.shape[1:]), str(w.dtype)) for w in weights]
+                    for weights in state.model.expert_weights
+                ],
+            )
+            for name, state in self._models.items()
+        ]
+        readable = "; ".join(
+            f"model {name!r}: {layers} MoE layers, {logical} experts in {physical} slots "
+            f"({local} local), window {window}"
+            for name, layers, logical, physical, local, window, _ in models
+        )
+        settings = (self._policy.name, self._integrity, self._num_ranks, self._num_nodes)
+        readable += (
+            f"; policy {settings[0]!r}, integrity {settings[1]!r}, {settings[2]} placement "
+            f"ranks on {settings[3]} nodes"
+        )
+        return readable, digest(models, settings) + 1  # never 0: 0 means "not this rank's"
+
     def _check_lockstep(self) -> None:
-        """Check that every rank made the same number of steps and rearrangements."""
+        """Check that every rank made the same steps and rearrangements, with the same models.
+
+        One all-reduce of a fixed size (``4 + world_size``), before any
+        collective whose size depends on the models: ranks whose models or
+        settings differ are named by every rank instead of crashing a peer with
+        a collective of mismatched size.
+        """
         counts = (self._steps_taken, self._rearrangements)
+        readable, mine = self._descriptor()
+        world, rank = self._ep.world_size, self._ep.rank
         values = torch.tensor(
-            [v for c in counts for v in (c, -c)], dtype=torch.int64, device=self._device
+            [v for c in counts for v in (c, -c)] + [mine if r == rank else 0 for r in range(world)],
+            dtype=torch.int64,
+            device=self._device,
         )
         self._collective(
             "lockstep check",
             "checking that the EP ranks are in lockstep",
             lambda wait: self._ep.all_reduce_(values, op="max", wait=wait),
         )
+        reduced = values.tolist()
+        descriptors = reduced[4:]
+        if len(set(descriptors)) > 1:
+            differ = [r for r in range(world) if descriptors[r] != descriptors[0]]
+            raise EplbStateError(
+                f"EP ranks {', '.join(map(str, differ))} registered other models, shapes or "
+                f"settings than EP rank 0 (EP rank {rank} has: {readable}). Every rank must "
+                "register the same models, with the same expert counts, layers, weight "
+                "shapes and dtypes, and use the same policy and settings; nothing was changed"
+            )
         most_steps, fewest_steps, most_rearr, fewest_rearr = (
-            v if i % 2 == 0 else -v for i, v in enumerate(values.tolist())
+            v if i % 2 == 0 else -v for i, v in enumerate(reduced[:4])
         )
         spread = []
         if most_steps != fewest_steps:
