@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, TextIO
@@ -78,29 +79,67 @@ def load_target(spec: str) -> object:
             module = importlib.import_module(module_part)
     except _LoadError:
         raise
-    except Exception as exc:
-        raise _LoadError(f"importing {module_part!r} failed: {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:
+        # SystemExit too: a module that calls sys.exit(0) while importing did not build a model.
+        raise _LoadError(f"importing {module_part!r} failed: {_describe(exc)}") from exc
     target: object = module
     for name in attr_path.split("."):
         try:
             target = getattr(target, name)
         except AttributeError:
             raise _LoadError(f"{module_part!r} has no attribute {attr_path!r}") from None
+        except Exception as exc:  # a module __getattr__ or a property that raises
+            raise _LoadError(
+                f"reading {attr_path!r} from {module_part!r} failed: {_describe(exc)}"
+            ) from exc
     if inspect.isfunction(target) or inspect.isclass(target):
         factory: Callable[[], object] = target
         try:
             return factory()
-        except Exception as exc:
-            raise _LoadError(
-                f"building the model with {spec}() failed: {type(exc).__name__}: {exc}"
-            ) from exc
+        except (Exception, SystemExit) as exc:
+            raise _LoadError(f"building the model with {spec}() failed: {_describe(exc)}") from exc
     return target
+
+
+def _show_cause(args: argparse.Namespace, exc: BaseException) -> None:
+    """With ``--traceback``, print the traceback of what made the load fail."""
+    cause = exc.__cause__
+    if getattr(args, "traceback", False) and cause is not None:
+        traceback.print_exception(cause, file=sys.stderr)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _depth(text: str) -> int:
+    """``--max-depth``: an int >= 0 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
+    return value
+
+
+def _writable_file(text: str) -> Path:
+    """``--plot``: a file whose folder exists, checked before any work starts."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {str(path.parent)!r} to write {text!r} into")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    return path
 
 
 def _inspect(args: argparse.Namespace, out: TextIO) -> int:
     try:
         model = load_target(args.target)
     except _LoadError as exc:
+        _show_cause(args, exc)
         print(f"moe-protocols inspect: {exc}", file=sys.stderr)
         return EXIT_LOAD_ERROR
     view = MoEView.resolve(model, max_depth=args.max_depth)
@@ -166,6 +205,7 @@ def _verify(args: argparse.Namespace, out: TextIO) -> int:
         model = load_target(args.target)
         inputs = None if args.inputs is None else load_target(args.inputs)
     except _LoadError as exc:
+        _show_cause(args, exc)
         print(f"moe-protocols verify: {exc}", file=sys.stderr)
         return EXIT_LOAD_ERROR
     if inputs is not None and not isinstance(inputs, (torch.Tensor, Mapping)):
@@ -196,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-protocols",
         description="Find the Mixture-of-Experts model inside any wrapper and balance its experts.",
     )
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an unexpected error, print the whole traceback instead of one line",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_inspect = sub.add_parser(
         "inspect",
@@ -207,10 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p_inspect.add_argument(
-        "target", metavar="MODULE:ATTR", help="e.g. examples/wrapped_model.py:build or pkg.mod:fn"
+        "target",
+        metavar="MODULE:ATTR",
+        type=_target_argument,
+        help="e.g. examples/wrapped_model.py:build or pkg.mod:fn",
     )
     p_inspect.add_argument(
-        "--max-depth", type=int, default=6, help="unwrapping depth limit (default 6)"
+        "--max-depth",
+        type=_depth,
+        default=6,
+        help="unwrapping depth limit, >= 0 (default 6); raise it when the trace says the "
+        "limit was reached",
     )
     p_inspect.set_defaults(handler=_inspect)
 
@@ -257,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_verify.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p_verify.add_argument(
-        "--max-depth", type=int, default=6, help="unwrapping depth limit (default 6)"
+        "--max-depth", type=_depth, default=6, help="unwrapping depth limit, >= 0 (default 6)"
     )
     p_verify.set_defaults(handler=_verify)
 
@@ -291,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--policy", default="deepseek", help="rebalancing policy name")
     p_demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p_demo.add_argument(
-        "--plot", type=Path, metavar="FILE", help="write a PNG of per-rank load before/after"
+        "--plot",
+        type=_writable_file,
+        metavar="FILE",
+        help="write a PNG of per-rank load before/after",
     )
     p_demo.set_defaults(handler=_demo)
 
@@ -310,7 +365,21 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     """Run the command line; return the exit code."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace, TextIO], int] = args.handler
-    return handler(args, out if out is not None else sys.stdout)
+    try:
+        return handler(args, out if out is not None else sys.stdout)
+    except KeyboardInterrupt:
+        raise
+    except (Exception, SystemExit) as exc:
+        # Whatever user code or a bug raised: one line and the documented code, never a
+        # traceback unless asked for (or an exit status that claims success).
+        if args.traceback:
+            traceback.print_exc()
+        print(
+            f"moe-protocols {args.command}: unexpected error: {_describe(exc)}"
+            + ("" if args.traceback else " (rerun with --traceback for details)"),
+            file=sys.stderr,
+        )
+        return EXIT_LOAD_ERROR
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_inspect_of_a_dense_model_exits_1_and_explains(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "target",
-    ["no_colon", "no/such/file.py:build", "moe_protocols.models:no_such_factory", "json:loads"],
+    ["no/such/file.py:build", "moe_protocols.models:no_such_factory", "json:loads"],
 )
 def test_inspect_of_an_unloadable_target_exits_3(
     target: str, capsys: pytest.CaptureFixture[str]
@@ -171,7 +171,7 @@ def test_verify_of_an_unimportable_model_or_inputs_exits_3(
     assert "moe-protocols verify:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", [["--max-depth", "-1"], ["--seed", str(2**64)]])
+@pytest.mark.parametrize("option", [["--seed", str(2**64)]])
 def test_verify_with_out_of_range_options_exits_2(
     option: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -193,3 +193,79 @@ def test_verify_of_a_model_without_vocabulary_asks_for_inputs(
     code, _ = _run("verify", f"{_factory(tmp_path, body)}:build")
     assert code == 2
     assert "--inputs MODULE:ATTR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["inspect", "no_colon"], ["inspect", ":build"]])
+def test_inspect_of_a_malformed_target_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "MODULE:ATTR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_a_negative_max_depth_is_a_usage_error_not_a_traceback(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "moe_protocols.models:tiny_vlm", "--max-depth", "-1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be an int >= 0, got '-1'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("def build():\n    raise SystemExit(0)\n", "it called sys.exit(0)"),
+        ("import sys\nsys.exit(0)\n", "it called sys.exit(0)"),
+        (
+            "def __getattr__(name):\n    raise RuntimeError('lazy import broke')\n",
+            "RuntimeError: lazy import broke",
+        ),
+    ],
+)
+def test_user_code_that_exits_or_raises_exits_3_with_one_line(
+    tmp_path: Path, source: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    factory = tmp_path / "user_code.py"
+    factory.write_text(source)
+    code, _ = _run("inspect", f"{factory}:build")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err
+    code, _ = _run("--traceback", "inspect", f"{factory}:build")
+    assert code == 3
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_bug_in_a_command_exits_3_and_shows_the_traceback_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moe_protocols.adapters import MoEView
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(MoEView, "resolve", broken)
+    code, _ = _run("inspect", "moe_protocols.models:tiny_vlm")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "unexpected error: ZeroDivisionError: a bug (rerun with --traceback" in err
+    assert "Traceback" not in err
+    code, _ = _run("--traceback", "inspect", "moe_protocols.models:tiny_vlm")
+    assert code == 3
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_demo_plot_into_a_missing_folder_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--plot", str(tmp_path / "missing" / "load.png")])
+    assert info.value.code == 2
+    assert "no folder" in capsys.readouterr().err
