@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, ClassVar, Final, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,15 +43,19 @@ def _count(name: str, what: str, value: object, minimum: int) -> int:
     return value
 
 
-def _checked_weights(name: str, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The logical weights ``{name: [logical, ...]}``, checked to agree on the expert count."""
+def _checked_weights(name: str, weights: object) -> dict[str, Tensor]:
+    """The logical weights ``{name: [logical, ...]}``, checked to agree on the expert count.
+
+    Typed ``object``: callers without a type checker pass anything.
+    """
     if not isinstance(weights, Mapping) or not weights:
         raise EplbConfigError(
             f"{name}: needs a non-empty mapping of weight name -> [logical_experts, ...] tensor, "
             f"got {weights!r}"
         )
     checked: dict[str, Tensor] = {}
-    for key, tensor in weights.items():
+    items = cast("Mapping[object, object]", weights).items()
+    for key, tensor in items:
         if not isinstance(key, str) or not key.isidentifier():
             raise EplbConfigError(
                 f"{name}: weight names become parameter names and must be identifiers "
@@ -158,13 +162,13 @@ class StackedExperts(nn.Module):
         is filled from its expert's tensors under the current placement).
         """
         label = name or cls.__name__
-        modules = list(experts)
+        modules: list[object] = list(experts)
         if not modules or not all(isinstance(m, nn.Module) for m in modules):
             raise EplbConfigError(
                 f"{label}.from_module_list: needs a non-empty list of per-expert modules, "
                 f"got {[type(m).__name__ for m in modules]}"
             )
-        tensors = [dict(m.state_dict(keep_vars=True)) for m in modules]
+        tensors = [dict(cast("nn.Module", m).state_dict(keep_vars=True)) for m in modules]
         chosen = dict(keys or cls.EXPERT_KEYS or {key.replace(".", "_"): key for key in tensors[0]})
         covered = set(chosen.values())
         for index, found in enumerate(tensors):
@@ -241,7 +245,7 @@ class StackedExperts(nn.Module):
         slots = torch.full((self.num_physical_experts,), -1, dtype=torch.int64)
         slots[l2p[held]] = experts[held]
         first = self.first_slot
-        return slots[first : first + self.num_local_physical_experts].tolist()
+        return [int(e) for e in slots[first : first + self.num_local_physical_experts]]
 
     def stacked(self, name: str) -> Tensor:
         """The stacked ``[local_physical, ...]`` parameter ``name``."""
@@ -288,10 +292,11 @@ class StackedExperts(nn.Module):
                 f"{self.label}: holds {self.num_local_physical_experts} local expert slots (fixed "
                 f"by its weights), cannot change to {num_local_physical_experts}"
             )
+        physical = cast("object", num_physical_experts)  # untyped runners may pass anything
         if (
-            isinstance(num_physical_experts, bool)
-            or not isinstance(num_physical_experts, int)
-            or num_physical_experts < self.num_logical_experts
+            isinstance(physical, bool)
+            or not isinstance(physical, int)
+            or physical < self.num_logical_experts
             or num_physical_experts % num_local_physical_experts != 0
         ):
             raise EplbStateError(
@@ -410,7 +415,7 @@ class StackedExperts(nn.Module):
                 )
             current = self.stacked(name)
             for expert in needed:
-                tensor = state_dict[names[expert]]
+                tensor = cast("object", state_dict[names[expert]])
                 if not isinstance(tensor, Tensor) or tuple(tensor.shape) != tuple(
                     current.shape[1:]
                 ):
@@ -431,9 +436,10 @@ class StackedExperts(nn.Module):
 
     def _name_missing_per_expert(self, module: nn.Module, incompatible: object) -> None:
         """Report a missing stacked weight as the per-expert keys the checkpoint should hold."""
-        missing = getattr(incompatible, "missing_keys", None)
-        if self._load_prefix is None or not isinstance(missing, list):
+        found: object = getattr(incompatible, "missing_keys", None)
+        if self._load_prefix is None or not isinstance(found, list):
             return
+        missing = cast("list[str]", found)
         prefix = self._load_prefix
         for name, key in self._expert_keys.items():
             if prefix + name in missing:

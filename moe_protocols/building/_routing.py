@@ -86,7 +86,8 @@ def _grouped_linear(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
         return F.grouped_mm(rows, mat_b, offs=offsets.to(torch.int32))
     out = rows.new_zeros(rows.shape[0], weight.shape[1])
     start = 0
-    for group, end in enumerate(offsets.tolist()):
+    ends = [int(end) for end in offsets.cpu()]
+    for group, end in enumerate(ends):
         if end > start:
             out[start:end] = rows[start:end] @ weight[group].T
         start = end
@@ -105,11 +106,13 @@ def _grouped_mm_accepts(mat_a: Tensor, mat_b: Tensor) -> bool:
     if torch.is_grad_enabled() and (mat_a.requires_grad or mat_b.requires_grad):
         return False  # its CPU backward rejects expanded gradients; the loop is differentiable
     size = mat_a.element_size()
+    # Storage offsets, not data pointers: tracing (fake tensors) has no pointers, and torch
+    # allocates storages at least 16-byte aligned.
     return all(
         (stride * size) % 16 == 0 or stride == 1
         for tensor in (mat_a, mat_b)
         for stride in tensor.stride()
-    ) and all((t.data_ptr() % 16) == 0 for t in (mat_a, mat_b))
+    ) and all((t.storage_offset() * size) % 16 == 0 for t in (mat_a, mat_b))
 
 
 def swiglu_experts(
