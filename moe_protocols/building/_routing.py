@@ -143,27 +143,31 @@ def swiglu_experts(
     """
     num_tokens, top_k = local_slots.shape
     num_slots = gate_proj.shape[0]
+    device = local_slots.device
     slots = local_slots.reshape(-1).to(torch.int64)
     here = (slots >= 0) & (slots < num_slots)
     keys = torch.where(here, slots, num_slots)  # pairs served elsewhere sort last
     order = torch.argsort(keys, stable=True)
-    sorted_keys = keys[order]
-    # Row of each sorted pair once MIN_GROUP_ROWS - 1 padding rows precede every group.
+    # Every group starts with MIN_GROUP_ROWS - 1 zero rows; the sorted pair i of group g
+    # sits at row i + pad * (g + 1). A zero row computes exactly zero (no biases), so
+    # pairs served elsewhere read row 0 (a padding row) instead of being masked.
     pad = MIN_GROUP_ROWS - 1
-    row = torch.arange(order.shape[0], device=slots.device) + pad * (sorted_keys + 1)
-    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=slots.device)
+    sorted_row = torch.arange(order.shape[0], device=device) + pad * (keys[order] + 1)
+    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, keys, torch.ones_like(keys))
     offsets = torch.cumsum(counts[:num_slots] + pad, dim=0)
     total = order.shape[0] + pad * (num_slots + 1)
-    inputs = hidden.new_zeros(total, hidden.shape[1])
-    inputs[row] = hidden.index_select(0, order // top_k)
+    # Index maps first (small integer tensors), then one gather per activation tensor.
+    source = torch.full((total,), num_tokens, dtype=torch.int64, device=device)
+    source[sorted_row] = order // top_k  # token of each row; num_tokens = the zero row
+    pair_row = torch.empty_like(slots)
+    pair_row[order] = sorted_row
+    pair_row = torch.where(here, pair_row, torch.zeros_like(pair_row))
+    padded = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[1])])
+    inputs = padded.index_select(0, source)
     gate = _grouped_linear(inputs, gate_proj, offsets)
     up = _grouped_linear(inputs, up_proj, offsets)
-    out_rows = _grouped_linear(F.silu(gate) * up, down_proj, offsets)
-    pair_out = torch.empty(
-        order.shape[0], hidden.shape[1], dtype=out_rows.dtype, device=slots.device
-    )
-    pair_out[order] = out_rows[row]
-    pair_out = torch.where(here.unsqueeze(1), pair_out, torch.zeros_like(pair_out))
-    pairs = pair_out.view(num_tokens, top_k, -1)
+    act = F.silu(gate).mul_(up)
+    out_rows = _grouped_linear(act, down_proj, offsets)
+    pairs = out_rows.index_select(0, pair_row).view(num_tokens, top_k, -1)
     return (pairs * routing_weights.to(pairs.dtype).unsqueeze(-1)).sum(dim=1)
