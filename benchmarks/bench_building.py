@@ -111,13 +111,18 @@ def main() -> None:
             return out
 
         def router_only(hidden: Tensor = hidden) -> Tensor:
-            w, i = layer.router(hidden).softmax(dim=-1).topk(example.TOP_K, dim=-1)
+            scores: Tensor = layer.router(hidden)
+            w = scores.softmax(dim=-1).topk(example.TOP_K, dim=-1).values
             return w / w.sum(dim=-1, keepdim=True)
 
-        def routing_only(ids: Tensor = ids) -> Tensor:
+        def routing_only(
+            ids: Tensor = ids, l2p: Tensor = l2p, count: Tensor = count, load: Tensor = load
+        ) -> Tensor:
             return route_to_physical(ids, l2p, count, load)
 
-        def experts_only(hidden: Tensor = hidden, ids: Tensor = ids) -> Tensor:
+        def experts_only(
+            hidden: Tensor = hidden, ids: Tensor = ids, weights: Tensor = weights
+        ) -> Tensor:
             return swiglu_experts(hidden, ids, weights, gate, up, down)
 
         def plain_loop(hidden: Tensor = hidden) -> Tensor:

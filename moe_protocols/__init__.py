@@ -40,6 +40,7 @@ from moe_protocols.eplb import (
     save_placement,
 )
 from moe_protocols.errors import (
+    CheckpointError,
     CollectiveTimeoutError,
     EplbConfigError,
     EplbOwnershipError,
@@ -76,6 +77,7 @@ __all__ = [
     "DEFAULT_UNWRAP_STEPS",
     "BalancednessStats",
     "CheckStatus",
+    "CheckpointError",
     "ConformanceReport",
     "DeepSeekPolicy",
     "EplbConfig",

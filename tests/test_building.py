@@ -21,7 +21,7 @@ from moe_protocols.building import (
     route_to_physical,
     swiglu_experts,
 )
-from moe_protocols.conformance import check_conformance
+from moe_protocols.conformance import COUNT_MEMBERS, check_conformance
 from moe_protocols.eplb._maps import compute_logical_maps
 from moe_protocols.errors import (
     CheckpointError,
@@ -413,19 +413,7 @@ def test_the_mixin_derives_every_count_from_the_layers() -> None:
     model = AuthorModel([swiglu(), swiglu()], num_shared_experts=1, num_expert_groups=2)
     assert is_mixture_of_experts(model)
     assert check_conformance(model).ok
-    counts = {
-        name: getattr(model, name)
-        for name in (
-            "num_moe_layers",
-            "num_expert_groups",
-            "num_logical_experts",
-            "num_physical_experts",
-            "num_local_physical_experts",
-            "num_routed_experts",
-            "num_shared_experts",
-            "num_redundant_experts",
-        )
-    }
+    counts = {name: getattr(model, name) for name in COUNT_MEMBERS}
     assert counts == {
         "num_moe_layers": 2,
         "num_expert_groups": 2,

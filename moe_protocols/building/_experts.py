@@ -106,6 +106,7 @@ class StackedExperts(nn.Module):
         super().__init__()
         label = name or type(self).__name__
         checked = _checked_weights(label, weights)
+        self._check_design(label, checked)
         num_logical = next(iter(checked.values())).shape[0]
         redundant = _count(label, "num_redundant_experts", num_redundant_experts, 0)
         if top_k is not None:
@@ -135,6 +136,10 @@ class StackedExperts(nn.Module):
             stacked = tensor.detach()[local.to(tensor.device)].contiguous()
             self.register_parameter(key, nn.Parameter(stacked, requires_grad=tensor.requires_grad))
         self._reset_default_maps()
+
+    @classmethod
+    def _check_design(cls, label: str, weights: Mapping[str, Tensor]) -> None:
+        """Raise ``EplbConfigError`` unless the weights fit this kind of expert (any do here)."""
 
     # ------------------------------------------------------------ construction
 
@@ -464,23 +469,15 @@ class SwiGLUExperts(StackedExperts):
         "down_proj": "down_proj.weight",
     }
 
-    def __init__(
-        self,
-        weights: Mapping[str, Tensor],
-        *,
-        num_redundant_experts: int = 0,
-        ep: ExpertParallelContext = SINGLE_PROCESS,
-        top_k: int | None = None,
-        name: str | None = None,
-    ) -> None:
-        label = name or type(self).__name__
-        checked = _checked_weights(label, weights)
-        if set(checked) != {"gate_proj", "up_proj", "down_proj"}:
+    @classmethod
+    def _check_design(cls, label: str, weights: Mapping[str, Tensor]) -> None:
+        """SwiGLU needs ``gate_proj``, ``up_proj`` and ``down_proj`` in ``nn.Linear`` layout."""
+        if set(weights) != {"gate_proj", "up_proj", "down_proj"}:
             raise EplbConfigError(
                 f"{label}: needs exactly the weights gate_proj, up_proj and down_proj, got "
-                f"{sorted(checked)} (map your expert's names with from_module_list(keys=...))"
+                f"{sorted(weights)} (map your expert's names with from_module_list(keys=...))"
             )
-        gate, up, down = checked["gate_proj"], checked["up_proj"], checked["down_proj"]
+        gate, up, down = weights["gate_proj"], weights["up_proj"], weights["down_proj"]
         if (
             gate.dim() != 3
             or up.shape != gate.shape
@@ -492,9 +489,6 @@ class SwiGLUExperts(StackedExperts):
                 f"down_proj [experts, hidden, intermediate], got {tuple(gate.shape)}, "
                 f"{tuple(up.shape)}, {tuple(down.shape)}"
             )
-        super().__init__(
-            checked, num_redundant_experts=num_redundant_experts, ep=ep, top_k=top_k, name=name
-        )
 
     def forward(self, hidden: Tensor, logical_ids: Tensor, routing_weights: Tensor) -> Tensor:
         """The experts' output ``[tokens, hidden]`` for ``hidden [tokens, hidden]``.
