@@ -262,6 +262,14 @@ def test_bad_eplb_tensors_are_refused_and_the_old_views_kept() -> None:
         layer.set_eplb_state(0, torch.zeros(1, 5), l2p.unsqueeze(0), count.unsqueeze(0))
     with pytest.raises(MappingError, match="logical_to_physical_map"):
         layer.set_eplb_state(0, load, l2p, count.unsqueeze(0))
+    zero = count.clone()
+    zero[1] = 0
+    with pytest.raises(MappingError, match="replica count outside \\[1, 3\\]"):
+        layer.set_eplb_state(0, load, l2p.unsqueeze(0), zero.unsqueeze(0))
+    far = l2p.clone()
+    far[2, 0] = 6
+    with pytest.raises(MappingError, match="slot outside \\[0, 6\\)"):
+        layer.set_eplb_state(0, load, far.unsqueeze(0), count.unsqueeze(0))
     with torch.no_grad():
         layer(torch.randn(2, HIDDEN), torch.tensor([[0, 1], [2, 3]]), torch.rand(2, 2))
     assert int(load.sum()) == 4  # still recording into the first views
@@ -374,6 +382,35 @@ def test_incomplete_or_misshapen_checkpoints_are_refused_and_change_nothing() ->
         layer.load_state_dict(misshapen)
     after = layer.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dropped=st.sets(st.integers(0, 3 * EXPERTS - 1), max_size=3),  # never a whole weight
+    widened=st.sets(st.integers(0, 3 * EXPERTS - 1), max_size=2),
+)
+def test_a_damaged_checkpoint_loads_whole_or_not_at_all(
+    dropped: set[int], widened: set[int]
+) -> None:
+    layer = SwiGLUExperts.from_module_list(experts_list(), num_redundant_experts=2)
+    before = {n: layer.stacked(n).detach().clone() for n in layer.weight_names}
+    checkpoint = experts_list(seed=9).state_dict()
+    keys = list(checkpoint)
+    for index in widened:
+        checkpoint[keys[index]] = torch.zeros(*checkpoint[keys[index]].shape, 2)
+    for index in dropped:
+        del checkpoint[keys[index]]
+    damaged = bool(dropped or widened)
+    try:
+        layer.load_state_dict(checkpoint)
+    except CheckpointError:
+        assert damaged
+        assert all(torch.equal(layer.stacked(n), before[n]) for n in layer.weight_names)
+    else:
+        assert not damaged
+        for slot, expert in enumerate(layer.local_logical_experts()):
+            want = checkpoint[f"{expert}.up_proj.weight"]
+            assert torch.equal(layer.stacked("up_proj")[slot], want)
 
 
 def test_missing_experts_are_reported_under_their_per_expert_keys() -> None:

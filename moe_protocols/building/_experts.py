@@ -24,7 +24,13 @@ from moe_protocols.eplb._maps import (
     initial_physical_to_logical_map,
     max_replicas,
 )
-from moe_protocols.errors import CheckpointError, EplbConfigError, EplbStateError, ModelInputError
+from moe_protocols.errors import (
+    CheckpointError,
+    EplbConfigError,
+    EplbStateError,
+    MappingError,
+    ModelInputError,
+)
 from moe_protocols.layer_views import LayerEplbRows, layer_eplb_rows
 from moe_protocols.parallel import ExpertParallelContext
 
@@ -271,9 +277,11 @@ class StackedExperts(nn.Module):
     ) -> None:
         """Keep row ``moe_layer_idx`` of each model-wide EPLB tensor (views, not copies).
 
-        Nothing is kept unless all three fit (``EplbStateError``/``MappingError``).
+        Nothing is kept unless all three fit (``EplbStateError``/``MappingError``)
+        and the row's maps send every expert to 1..max_replicas slots in
+        ``[0, num_physical)``: checked here, once, so the forward need not check.
         """
-        self._eplb = layer_eplb_rows(
+        rows = layer_eplb_rows(
             self.label,
             moe_layer_idx,
             expert_load_view,
@@ -282,6 +290,21 @@ class StackedExperts(nn.Module):
             num_logical=self.num_logical_experts,
             num_physical=self.num_physical_experts,
         )
+        count = rows.replica_count.to(torch.int64)
+        l2p = rows.logical_to_physical.to(torch.int64)
+        if bool(((count < 1) | (count > l2p.shape[1])).any()):
+            raise MappingError(
+                f"{self.label}: logical_replica_count row {moe_layer_idx} gives an expert a "
+                f"replica count outside [1, {l2p.shape[1]}]: {count.tolist()}"
+            )
+        used = torch.arange(l2p.shape[1], device=l2p.device).unsqueeze(0) < count.unsqueeze(1)
+        slots = l2p[used]
+        if bool(((slots < 0) | (slots >= self.num_physical_experts)).any()):
+            raise MappingError(
+                f"{self.label}: logical_to_physical_map row {moe_layer_idx} sends an expert to a "
+                f"slot outside [0, {self.num_physical_experts}): {l2p.tolist()}"
+            )
+        self._eplb = rows
 
     @property
     def eplb_state_is_set(self) -> bool:
