@@ -82,7 +82,7 @@ def main() -> None:
     layer = model.language_model.layers[0].moe
     plain_layer = plain.language_model.layers[0].moe
     experts = layer.experts
-    gate, up, down = (experts.weight(n) for n in ("gate_proj", "up_proj", "down_proj"))
+    gate, up, down = (experts.stacked(n) for n in ("gate_proj", "up_proj", "down_proj"))
     logical = example.NUM_EXPERTS
 
     print(

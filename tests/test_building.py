@@ -151,9 +151,9 @@ def test_grouped_swiglu_equals_computing_every_pair_on_its_own(dtype: torch.dtyp
             hidden,
             ids,
             weights,
-            stacked.weight("gate_proj"),
-            stacked.weight("up_proj"),
-            stacked.weight("down_proj"),
+            stacked.stacked("gate_proj"),
+            stacked.stacked("up_proj"),
+            stacked.stacked("down_proj"),
         )
         want = reference_moe(experts, hidden, ids, weights)
     torch.testing.assert_close(out, want)
@@ -166,7 +166,7 @@ def test_pairs_served_on_another_rank_contribute_nothing() -> None:
     ids = torch.tensor([[0, 1], [2, 3], [1, 1], [3, 0], [2, 2]])
     elsewhere = ids.clone()
     elsewhere[:, 1] = -1
-    args = (stacked.weight(n) for n in ("gate_proj", "up_proj", "down_proj"))
+    args = (stacked.stacked(n) for n in ("gate_proj", "up_proj", "down_proj"))
     with torch.no_grad():
         out = swiglu_experts(hidden, elsewhere, weights, *args)
         want = reference_moe(experts, hidden, ids[:, :1], weights[:, :1])
@@ -194,9 +194,9 @@ def test_outputs_are_bit_identical_wherever_the_experts_live(
     with torch.no_grad():
         before = layer(hidden, ids, weights)
         # Move every expert to its slot in the new placement, then hand over its maps.
-        logical = {n: layer.weight(n)[:EXPERTS].clone() for n in layer.weight_names}
+        logical = {n: layer.stacked(n)[:EXPERTS].clone() for n in layer.weight_names}
         for n in layer.weight_names:
-            layer.weight(n).copy_(logical[n][torch.tensor(placement)])
+            layer.stacked(n).copy_(logical[n][torch.tensor(placement)])
         l2p, count = maps_of(placement)
         load = torch.zeros(1, physical, dtype=torch.int64)
         layer.set_eplb_state(0, load, l2p.unsqueeze(0), count.unsqueeze(0))
@@ -213,12 +213,11 @@ def test_redundant_slots_start_as_replicas_and_weights_are_live_views() -> None:
     assert is_moe_layer(layer)
     assert layer.local_logical_experts() == [0, 1, 2, 3, 0, 1, 2]
     weights = layer.get_expert_weights()
-    # Stored [slots, in, out] (what the grouped matmul reads fastest).
-    assert [tuple(w.shape) for w in weights] == [(7, HIDDEN, INTER)] * 2 + [(7, INTER, HIDDEN)]
+    assert [tuple(w.shape) for w in weights] == [(7, INTER, HIDDEN)] * 2 + [(7, HIDDEN, INTER)]
     for w in weights:
         assert torch.equal(w[4:], w[:3])
     weights[0][6].zero_()  # EPLB writes rows of these tensors to move experts
-    assert int(layer.weight("gate_proj")[6].abs().sum()) == 0
+    assert int(layer.stacked("gate_proj")[6].abs().sum()) == 0
 
 
 def test_each_ep_rank_holds_its_share_of_the_slots() -> None:
@@ -233,7 +232,7 @@ def test_each_ep_rank_holds_its_share_of_the_slots() -> None:
     ]
     assert [r.local_logical_experts() for r in ranks] == [[0, 1, 2], [3, 0, 1]]
     assert ranks[1].weight_names == ("gate_proj_weight", "up_proj_weight", "down_proj_weight")
-    assert torch.equal(ranks[1].weight("up_proj_weight")[1], experts[0].up_proj.weight)
+    assert torch.equal(ranks[1].stacked("up_proj_weight")[1], experts[0].up_proj.weight)
     physical = torch.tensor([[0, 3], [5, 2]])
     assert ranks[1].local_slots(physical).tolist() == [[-1, 0], [2, -1]]
 
@@ -364,7 +363,7 @@ def test_a_plain_checkpoint_fills_every_slot_under_the_current_placement() -> No
     assert layer.load_state_dict(checkpoint).missing_keys == []
     for slot, expert in enumerate(placement):
         assert torch.equal(
-            layer.weight("down_proj")[slot], checkpoint[f"{expert}.down_proj.weight"]
+            layer.stacked("down_proj")[slot], checkpoint[f"{expert}.down_proj.weight"]
         )
     # And saving after the move gives every logical expert back under its own key.
     assert all(torch.equal(v, checkpoint[k]) for k, v in layer.state_dict().items())
@@ -394,7 +393,7 @@ def test_a_damaged_checkpoint_loads_whole_or_not_at_all(
     dropped: set[int], widened: set[int]
 ) -> None:
     layer = SwiGLUExperts.from_module_list(experts_list(), num_redundant_experts=2)
-    before = {n: layer.weight(n).detach().clone() for n in layer.weight_names}
+    before = {n: layer.stacked(n).detach().clone() for n in layer.weight_names}
     checkpoint = experts_list(seed=9).state_dict()
     keys = list(checkpoint)
     for index in widened:
@@ -406,12 +405,12 @@ def test_a_damaged_checkpoint_loads_whole_or_not_at_all(
         layer.load_state_dict(checkpoint)
     except CheckpointError:
         assert damaged
-        assert all(torch.equal(layer.weight(n), before[n]) for n in layer.weight_names)
+        assert all(torch.equal(layer.stacked(n), before[n]) for n in layer.weight_names)
     else:
         assert not damaged
         for slot, expert in enumerate(layer.local_logical_experts()):
             want = checkpoint[f"{expert}.up_proj.weight"]
-            assert torch.equal(layer.weight("up_proj")[slot], want)
+            assert torch.equal(layer.stacked("up_proj")[slot], want)
 
 
 def test_missing_experts_are_reported_under_their_per_expert_keys() -> None:

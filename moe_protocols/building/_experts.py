@@ -139,23 +139,13 @@ class StackedExperts(nn.Module):
         placement = initial_physical_to_logical_map(num_logical, num_physical)
         local = torch.tensor(placement[first : first + self.num_local_physical_experts])
         for key, tensor in checked.items():
-            stacked = self._to_stored(tensor.detach()[local.to(tensor.device)]).contiguous()
+            stacked = tensor.detach()[local.to(tensor.device)].contiguous()
             self.register_parameter(key, nn.Parameter(stacked, requires_grad=tensor.requires_grad))
         self._reset_default_maps()
 
     @classmethod
     def _check_design(cls, label: str, weights: Mapping[str, Tensor]) -> None:
         """Raise ``EplbConfigError`` unless the weights fit this kind of expert (any do here)."""
-
-    @staticmethod
-    def _to_stored(tensor: Tensor) -> Tensor:
-        """A weight (or one expert's) in the layout the parameters store; the same here."""
-        return tensor
-
-    @staticmethod
-    def _to_given(stored: Tensor) -> Tensor:
-        """The inverse of ``_to_stored``, as a view."""
-        return stored
 
     # ------------------------------------------------------------ construction
 
@@ -269,17 +259,8 @@ class StackedExperts(nn.Module):
         return [int(e) for e in slots[first : first + self.num_local_physical_experts]]
 
     def stacked(self, name: str) -> Tensor:
-        """The stacked ``[local_physical, ...]`` parameter ``name``, in its stored layout."""
-        param = self._parameters.get(name)
-        if param is None or name not in self.weight_names:
-            raise EplbConfigError(
-                f"{self.label}: no stacked weight {name!r}; has {self.weight_names}"
-            )
-        return param
-
-    def weight(self, name: str) -> Tensor:
-        """Stacked weight ``name``: a ``[local_physical, ...]`` view in the layout it was given."""
-        return self._to_given(self.stacked(name))
+        """The stacked ``[local_physical, ...]`` parameter ``name``."""
+        return self.get_parameter(name)
 
     # ------------------------------------------------------------ MoELayer
 
@@ -314,14 +295,14 @@ class StackedExperts(nn.Module):
         if bool(((count < 1) | (count > l2p.shape[1])).any()):
             raise MappingError(
                 f"{self.label}: logical_replica_count row {moe_layer_idx} gives an expert a "
-                f"replica count outside [1, {l2p.shape[1]}]: {[int(c) for c in count]}"
+                f"replica count outside [1, {l2p.shape[1]}]: {count.tolist()}"
             )
         used = torch.arange(l2p.shape[1], device=l2p.device).unsqueeze(0) < count.unsqueeze(1)
         slots = l2p[used]
         if bool(((slots < 0) | (slots >= self.num_physical_experts)).any()):
             raise MappingError(
                 f"{self.label}: logical_to_physical_map row {moe_layer_idx} sends an expert to a "
-                f"slot outside [0, {self.num_physical_experts}): {[int(p) for p in slots]}"
+                f"slot outside [0, {self.num_physical_experts}): {l2p.tolist()}"
             )
         self._eplb = rows
 
@@ -424,8 +405,7 @@ class StackedExperts(nn.Module):
         # Expert-major order, as an nn.ModuleList of experts saves them.
         for expert in sorted(first_slot):
             for name, key in self._expert_keys.items():
-                row = self._to_given(stacked[name][first_slot[expert]].detach())
-                row = row.clone(memory_format=torch.contiguous_format)
+                row = stacked[name][first_slot[expert]].detach().clone()
                 state_dict[self._expert_key(prefix, expert, key)] = row
 
     def _load_per_expert(
@@ -462,19 +442,18 @@ class StackedExperts(nn.Module):
                     f"(e.g. {names[absent[0]]!r})"
                 )
             current = self.stacked(name)
-            given = self._to_given(current)
             for expert in needed:
                 tensor = cast("object", state_dict[names[expert]])
-                if not isinstance(tensor, Tensor) or tuple(tensor.shape) != tuple(given.shape[1:]):
+                if not isinstance(tensor, Tensor) or tuple(tensor.shape) != tuple(
+                    current.shape[1:]
+                ):
                     shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor)
                     raise CheckpointError(
                         f"{self.label}: checkpoint tensor {names[expert]!r} has shape {shape}, "
-                        f"the experts hold {tuple(given.shape[1:])}"
+                        f"the experts hold {tuple(current.shape[1:])}"
                     )
             rows = [
-                self._to_stored(state_dict[names[e]]).to(current.dtype)
-                if e >= 0
-                else current[slot].detach()
+                state_dict[names[e]].to(current.dtype) if e >= 0 else current[slot].detach()
                 for slot, e in enumerate(holds)
             ]
             built[name] = torch.stack([r.to(current.device) for r in rows])
@@ -502,10 +481,7 @@ class SwiGLUExperts(StackedExperts):
     """``StackedExperts`` of SwiGLU MLPs: ``down(silu(gate(x)) * up(x))`` per expert.
 
     Weights ``gate_proj``/``up_proj`` ``[logical, intermediate, hidden]`` and
-    ``down_proj`` ``[logical, hidden, intermediate]`` (``nn.Linear`` layout),
-    stored transposed (``[slots, hidden, intermediate]`` etc., what the grouped
-    matmul reads fastest); :meth:`weight` gives the ``nn.Linear``-layout view,
-    checkpoints keep ``nn.Linear``'s layout.
+    ``down_proj`` ``[logical, hidden, intermediate]`` (``nn.Linear`` layout).
     ``forward(hidden, logical_ids, routing_weights)`` routes, records the load
     and computes the experts grouped by slot.
     """
@@ -515,16 +491,6 @@ class SwiGLUExperts(StackedExperts):
         "up_proj": "up_proj.weight",
         "down_proj": "down_proj.weight",
     }
-
-    @staticmethod
-    def _to_stored(tensor: Tensor) -> Tensor:
-        # Stored [slots, in, out]: the grouped matmul reads that layout at twice the speed
-        # of a transposed view of nn.Linear's [out, in] on the CPU.
-        return tensor.transpose(-1, -2)
-
-    @staticmethod
-    def _to_given(stored: Tensor) -> Tensor:
-        return stored.transpose(-1, -2)
 
     @classmethod
     def _check_design(cls, label: str, weights: Mapping[str, Tensor]) -> None:
@@ -564,8 +530,8 @@ class SwiGLUExperts(StackedExperts):
             hidden,
             self.local_slots(physical),
             routing_weights,
-            self.weight("gate_proj"),
-            self.weight("up_proj"),
-            self.weight("down_proj"),
+            self.stacked("gate_proj"),
+            self.stacked("up_proj"),
+            self.stacked("down_proj"),
         )
         return self.reduce_over_ranks(out)
