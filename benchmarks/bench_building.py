@@ -9,9 +9,11 @@ thread, medians of interleaved runs:
 * **EPLB**: the example's layer registered with an ``EplbState``: router,
   ``route_to_physical`` (replica maps + load recording) and the grouped
   SwiGLU over the 10 slots;
-* **no EPLB**: the same router and the same grouped SwiGLU fed the logical
-  ids directly (slot e holds expert e): what the layer would cost routing
-  without EPLB. The ratio EPLB / no EPLB is the goal figure (<= 1.05);
+* **no EPLB**: the same router and the same grouped SwiGLU on the same 10
+  slots, fed the logical ids directly (slot e holds expert e): the same layer
+  routing without EPLB. The ratio EPLB / no EPLB is the goal figure (<= 1.05);
+* the same without the 2 redundant slots (8 groups): what replicas cost on
+  one CPU, where they cannot balance anything;
 * the parts of the EPLB forward timed alone (router, routing, experts), to
   say what dominates, and the plain ``nn.ModuleList`` loop of the
   un-adapted example for reference.
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor, nn
 
 from moe_protocols.building import route_to_physical, swiglu_experts
 from moe_protocols.eplb import EplbConfig, EplbState
@@ -35,8 +38,6 @@ from moe_protocols.eplb import EplbConfig, EplbState
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import ModuleType
-
-    from torch import Tensor
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_moe_vlm.py"
 
@@ -67,6 +68,24 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+class LogicalRouting(nn.Module):
+    """The example's layer routing without EPLB: logical ids straight into the slots.
+
+    Same router, same grouped SwiGLU on the same weights (slot e holds expert
+    e under the initial placement); no maps, no load recording.
+    """
+
+    def __init__(self, router: nn.Module, top_k: int, weights: tuple[Tensor, ...]) -> None:
+        super().__init__()
+        self.router, self.top_k, self.weights = router, top_k, weights
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        scores: Tensor = self.router(hidden)
+        weights, ids = scores.softmax(dim=-1).topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return swiglu_experts(hidden, ids, weights, *self.weights)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rounds (a smoke run)")
@@ -84,6 +103,10 @@ def main() -> None:
     experts = layer.experts
     gate, up, down = (experts.stacked(n) for n in ("gate_proj", "up_proj", "down_proj"))
     logical = example.NUM_EXPERTS
+    baseline = LogicalRouting(layer.router, example.TOP_K, (gate, up, down))
+    unreplicated = LogicalRouting(
+        layer.router, example.TOP_K, (gate[:logical], up[:logical], down[:logical])
+    )
 
     print(
         f"Building-blocks benchmark (torch {torch.__version__}, 1 thread, medians of "
@@ -101,9 +124,11 @@ def main() -> None:
         load = live.expert_load_pass[0]
 
         def without_eplb(hidden: Tensor = hidden) -> Tensor:
-            w, i = layer.router(hidden).softmax(dim=-1).topk(example.TOP_K, dim=-1)
-            w = w / w.sum(dim=-1, keepdim=True)
-            out: Tensor = swiglu_experts(hidden, i, w, gate[:logical], up[:logical], down[:logical])
+            out: Tensor = baseline(hidden)
+            return out
+
+        def without_replicas(hidden: Tensor = hidden) -> Tensor:
+            out: Tensor = unreplicated(hidden)
             return out
 
         def with_eplb(hidden: Tensor = hidden) -> Tensor:
@@ -134,6 +159,7 @@ def main() -> None:
                 {
                     "eplb": with_eplb,
                     "no_eplb": without_eplb,
+                    "no_replicas": without_replicas,
                     "router": router_only,
                     "routing": routing_only,
                     "experts": experts_only,
@@ -150,6 +176,11 @@ def main() -> None:
         print(
             f"  forward with EPLB {us['eplb']:9.1f} us | without EPLB {us['no_eplb']:9.1f} us "
             f"| ratio {ratio:.3f} (goal <= 1.05)"
+        )
+        print(
+            f"  the same layer without its 2 redundant slots (8 groups, no EPLB): "
+            f"{us['no_replicas']:.1f} us (EPLB forward / this = "
+            f"{medians['eplb'] / medians['no_replicas']:.3f})"
         )
         print(
             f"  parts: router {us['router']:.1f} us ({us['router'] / total:.0%}), "

@@ -114,14 +114,16 @@ def test_routing_and_grouped_compute_trace_without_host_syncs() -> None:
         return route_to_physical(ids, l2p, count, load, count_slots=(0, 3))
 
     make_fx(route, tracing_mode="fake")(ids, l2p, count, load)
-    bf16 = torch.bfloat16  # the dtype the grouped-mm kernels trace with
+    # bfloat16 off the CPU takes the grouped-mm path, the one CUDA graphs capture; the
+    # meta device stands in for CUDA here.
+    meta = {"dtype": torch.bfloat16, "device": "meta"}
     graph = make_fx(swiglu_experts, tracing_mode="fake")(
-        torch.randn(3, HIDDEN, dtype=bf16),
-        ids,
-        torch.rand(3, 2),
-        torch.randn(6, INTER, HIDDEN, dtype=bf16),
-        torch.randn(6, INTER, HIDDEN, dtype=bf16),
-        torch.randn(6, HIDDEN, INTER, dtype=bf16),
+        torch.empty(3, HIDDEN, **meta),
+        ids.to("meta"),
+        torch.empty(3, 2, device="meta"),
+        torch.empty(6, INTER, HIDDEN, **meta),
+        torch.empty(6, INTER, HIDDEN, **meta),
+        torch.empty(6, HIDDEN, INTER, **meta),
     )
     assert sum("grouped_mm" in str(node.target) for node in graph.graph.nodes) == 3
 

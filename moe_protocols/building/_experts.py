@@ -260,7 +260,12 @@ class StackedExperts(nn.Module):
 
     def stacked(self, name: str) -> Tensor:
         """The stacked ``[local_physical, ...]`` parameter ``name``."""
-        return self.get_parameter(name)
+        param = self._parameters.get(name)  # not get_parameter(): this runs every forward
+        if param is None:
+            raise EplbConfigError(
+                f"{self.label}: no stacked weight {name!r}; has {self.weight_names}"
+            )
+        return param
 
     # ------------------------------------------------------------ MoELayer
 
@@ -380,6 +385,8 @@ class StackedExperts(nn.Module):
 
     def local_slots(self, physical: Tensor) -> Tensor:
         """Local slot index of each physical slot id; -1 where the slot lives on another rank."""
+        if not self.ep.is_distributed:
+            return physical  # one rank holds every slot
         local = physical - self.first_slot
         here = (local >= 0) & (local < self.num_local_physical_experts)
         return torch.where(here, local, torch.full_like(local, -1))

@@ -1,11 +1,14 @@
 """Routing logical top-k choices to physical slots, and the grouped SwiGLU expert compute.
 
-Both functions are written for CUDA graphs and ``torch.compile``: they never
-read a tensor's value on the host (no ``.item()``, ``.tolist()`` or ``bool()``
-of a tensor) and every intermediate has a shape fixed by the input shapes, so
-a captured forward replays correctly after EPLB rewrites the maps in place.
-The price is that they do not validate the maps: ``EplbState`` and
-``layer_eplb_rows`` validate them before a layer ever sees them.
+Both are written for CUDA graphs and ``torch.compile``: every intermediate
+has a shape fixed by the input shapes, and nothing reads a tensor's value on
+the host (no ``.item()``, ``.tolist()`` or ``bool()`` of a tensor), so a
+captured forward replays correctly after EPLB rewrites the maps in place.
+The one exception is the expert compute where no graph can be captured
+anyway: on the CPU (eager) and for CUDA dtypes ``grouped_mm`` lacks
+(anything but bfloat16) it runs one group at a time and reads the group
+offsets on the host. The routing does not validate the maps:
+``EplbState`` and the containers' ``set_eplb_state`` do, once.
 """
 
 from __future__ import annotations
@@ -73,46 +76,58 @@ def route_to_physical(
     return physical
 
 
-def _grouped_linear(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """``rows[group g] @ weight[g].T`` for consecutive groups ending at ``offsets``.
+def _experts_by_group(
+    rows: Tensor, offsets: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor
+) -> Tensor:
+    """``down(silu(gate(x)) * up(x))`` of each group's rows, one matmul per group.
 
-    ``torch.nn.functional.grouped_mm`` where its kernels accept the operands
-    (float32/bfloat16/float16 on the CPU, bfloat16 on CUDA, 16-byte aligned
-    strides); otherwise one matmul per group, which reads ``offsets`` on the
-    host (correct, but not capturable in a CUDA graph).
+    On the CPU this beats one ``grouped_mm`` per projection, whose per-call
+    cost is large for small groups. It reads ``offsets`` on the host, which a
+    CPU can afford; on CUDA it is the fallback for operands ``grouped_mm``
+    refuses. The activation runs over all rows at once: per group, the last
+    few elements of each block would take the kernels' scalar tail, whose
+    rounding differs, and results would depend on the placement again.
     """
-    mat_b = weight.transpose(1, 2)
-    if _grouped_mm_accepts(rows, mat_b):
-        return F.grouped_mm(rows, mat_b, offs=offsets.to(torch.int32))
-    out = rows.new_zeros(rows.shape[0], weight.shape[1])
-    start = 0
     ends = [int(end) for end in offsets.cpu()]
-    for group, end in enumerate(ends):
-        if end > start:
-            out[start:end] = rows[start:end] @ weight[group].T
-        start = end
-    return out
+
+    def linear(inputs: Tensor, weight: Tensor) -> Tensor:
+        out = inputs.new_zeros(inputs.shape[0], weight.shape[1])
+        start = 0
+        for group, end in enumerate(ends):
+            out[start:end] = F.linear(inputs[start:end], weight[group])
+            start = end
+        return out
+
+    act = F.silu(linear(rows, gate_proj)).mul_(linear(rows, up_proj))
+    return linear(act, down_proj)
 
 
-def _grouped_mm_accepts(mat_a: Tensor, mat_b: Tensor) -> bool:
-    if mat_a.device.type == "cpu":
-        dtypes = {torch.float32, torch.bfloat16, torch.float16}
-    elif mat_a.device.type == "cuda":
-        dtypes = {torch.bfloat16}
-    else:
+def _experts_grouped_mm(
+    rows: Tensor, offsets: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor
+) -> Tensor:
+    """The same with one ``grouped_mm`` per projection: no host reads, fixed shapes."""
+    offs = offsets.to(torch.int32)
+    gate = F.grouped_mm(rows, gate_proj.transpose(1, 2), offs=offs)
+    up = F.grouped_mm(rows, up_proj.transpose(1, 2), offs=offs)
+    return F.grouped_mm(F.silu(gate).mul_(up), down_proj.transpose(1, 2), offs=offs)
+
+
+def _use_grouped_mm(rows: Tensor, weights: tuple[Tensor, ...]) -> bool:
+    """Whether :func:`_experts_grouped_mm` applies: bfloat16 operands its kernels accept, on
+    CUDA (or any non-CPU device: tracing on ``meta``), or on the CPU while compiling."""
+    if rows.dtype != torch.bfloat16 or any(w.dtype != rows.dtype for w in weights):
         return False
-    if mat_a.dtype not in dtypes or mat_b.dtype != mat_a.dtype:
+    if rows.device.type == "cpu" and not torch.compiler.is_compiling():
         return False
-    if torch.is_grad_enabled() and (mat_a.requires_grad or mat_b.requires_grad):
-        return False  # its CPU backward rejects expanded gradients; the loop is differentiable
-    size = mat_a.element_size()
-    # Storage offsets, not data pointers: tracing (fake tensors) has no pointers, and torch
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *weights)):
+        return False  # grouped_mm's backward rejects expanded gradients
+    size = rows.element_size()
+    operands = (rows, *(w.transpose(1, 2) for w in weights))
+    # Storage offsets, not data pointers: traced tensors have none, and torch
     # allocates storages at least 16-byte aligned.
     return all(
-        (stride * size) % 16 == 0 or stride == 1
-        for tensor in (mat_a, mat_b)
-        for stride in tensor.stride()
-    ) and all((t.storage_offset() * size) % 16 == 0 for t in (mat_a, mat_b))
+        (stride * size) % 16 == 0 or stride == 1 for t in operands for stride in t.stride()
+    ) and all((t.storage_offset() * size) % 16 == 0 for t in operands)
 
 
 def swiglu_experts(
@@ -136,7 +151,9 @@ def swiglu_experts(
         down_proj: ``[slots, hidden, intermediate]``.
 
     Each expert computes ``down(silu(gate(x)) * up(x))``; pairs are sorted by
-    slot so that each slot's rows are one matmul. The result of a pair does
+    slot so that each slot's rows are one matmul: one ``grouped_mm`` per
+    projection for bfloat16 on CUDA (no host reads), one group at a time
+    elsewhere (faster on a CPU). The result of a pair does
     not depend on which slot serves it or how many pairs share that slot (see
     :data:`MIN_GROUP_ROWS`), and the k contributions of a token are summed in
     k order, so moving or replicating experts leaves outputs bit-identical.
@@ -165,9 +182,11 @@ def swiglu_experts(
     pair_row = torch.where(here, pair_row, torch.zeros_like(pair_row))
     padded = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[1])])
     inputs = padded.index_select(0, source)
-    gate = _grouped_linear(inputs, gate_proj, offsets)
-    up = _grouped_linear(inputs, up_proj, offsets)
-    act = F.silu(gate).mul_(up)
-    out_rows = _grouped_linear(act, down_proj, offsets)
+    compute = (
+        _experts_grouped_mm
+        if _use_grouped_mm(inputs, (gate_proj, up_proj, down_proj))
+        else _experts_by_group
+    )
+    out_rows = compute(inputs, offsets, gate_proj, up_proj, down_proj)
     pairs = out_rows.index_select(0, pair_row).view(num_tokens, top_k, -1)
     return (pairs * routing_weights.to(pairs.dtype).unsqueeze(-1)).sum(dim=1)
