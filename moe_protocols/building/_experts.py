@@ -300,14 +300,14 @@ class StackedExperts(nn.Module):
         if bool(((count < 1) | (count > l2p.shape[1])).any()):
             raise MappingError(
                 f"{self.label}: logical_replica_count row {moe_layer_idx} gives an expert a "
-                f"replica count outside [1, {l2p.shape[1]}]: {count.tolist()}"
+                f"replica count outside [1, {l2p.shape[1]}]: {[int(c) for c in count]}"
             )
         used = torch.arange(l2p.shape[1], device=l2p.device).unsqueeze(0) < count.unsqueeze(1)
         slots = l2p[used]
         if bool(((slots < 0) | (slots >= self.num_physical_experts)).any()):
             raise MappingError(
                 f"{self.label}: logical_to_physical_map row {moe_layer_idx} sends an expert to a "
-                f"slot outside [0, {self.num_physical_experts}): {l2p.tolist()}"
+                f"slot outside [0, {self.num_physical_experts}): {[int(p) for p in slots]}"
             )
         self._eplb = rows
 
