@@ -4,7 +4,7 @@ Run: ``.venv/bin/python benchmarks/bench_building.py`` (``--quick`` for a smoke 
 
 The layer is the MoE feed-forward of ``examples/own_moe_vlm.py`` (8 experts,
 top-2, hidden 64, intermediate 96, 2 redundant slots), timed on one CPU
-thread, medians of interleaved runs:
+thread, medians of interleaved runs, in thread CPU time:
 
 * **EPLB**: the example's layer registered with an ``EplbState``: router,
   ``route_to_physical`` (replica maps + load recording) and the grouped
@@ -55,16 +55,21 @@ def load_example() -> ModuleType:
 def interleaved_medians(
     runs: dict[str, Callable[[], object]], rounds: int, per_round: int
 ) -> dict[str, float]:
-    """Median seconds per call of each run, alternating them so drift hits all alike."""
+    """Median seconds per call of each run, alternating them so drift hits all alike.
+
+    Thread CPU time, not wall time: torch runs on this one thread, and on a
+    shared machine the wall clock also counts the time other processes hold
+    the core, which swamps microsecond differences.
+    """
     for run in runs.values():
         run()
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start = time.thread_time()
             for _ in range(per_round):
                 run()
-            samples[name].append((time.perf_counter() - start) / per_round)
+            samples[name].append((time.thread_time() - start) / per_round)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -109,8 +114,8 @@ def main() -> None:
     )
 
     print(
-        f"Building-blocks benchmark (torch {torch.__version__}, 1 thread, medians of "
-        f"{rounds} interleaved rounds x {per_round} calls)"
+        f"Building-blocks benchmark (torch {torch.__version__}, 1 thread, thread CPU time, "
+        f"medians of {rounds} interleaved rounds x {per_round} calls)"
     )
     print(
         f"layer: {logical} experts top-{example.TOP_K} in {experts.num_physical_experts} slots, "
