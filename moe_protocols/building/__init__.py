@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from moe_protocols.building._experts import StackedExperts, SwiGLUExperts
 from moe_protocols.building._model import ElasticMoELayer, MoEModelMixin
-from moe_protocols.building._routing import MIN_GROUP_ROWS, route_to_physical, swiglu_experts
+from moe_protocols.building._routing import GROUP_ROWS, route_to_physical, swiglu_experts
 
 __all__ = [
-    "MIN_GROUP_ROWS",
+    "GROUP_ROWS",
     "ElasticMoELayer",
     "MoEModelMixin",
     "StackedExperts",

@@ -19,15 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MIN_GROUP_ROWS", "route_to_physical", "swiglu_experts"]
+__all__ = ["GROUP_ROWS", "route_to_physical", "swiglu_experts"]
 
-MIN_GROUP_ROWS: Final = 4
-"""Rows every non-empty expert group is padded to in :func:`swiglu_experts`.
+GROUP_ROWS: Final = 4
+"""Each expert group's rows are padded with zero rows to a multiple of this in
+:func:`swiglu_experts`.
 
-CPU matmul kernels take another path (with other rounding) for fewer than
-four rows, so a pair's result would depend on how many other pairs its slot
-serves, i.e. on the placement. Padding every group with ``MIN_GROUP_ROWS - 1``
-zero rows keeps outputs bit-identical wherever EPLB puts an expert.
+CPU matmul kernels compute rows in blocks of four and the rest (and groups of
+fewer than four rows) another way, with other rounding, so without padding a
+pair's result would depend on how many pairs share its slot, i.e. on the
+placement. Padded, outputs are bit-identical wherever EPLB puts an expert (on
+one thread: with several, elementwise kernels split large tensors at
+positions that move with the placement).
 """
 
 
@@ -156,7 +159,7 @@ def swiglu_experts(
     projection for bfloat16 on CUDA (no host reads), one group at a time
     elsewhere (faster on a CPU). The result of a pair does
     not depend on which slot serves it or how many pairs share that slot (see
-    :data:`MIN_GROUP_ROWS`), and the k contributions of a token are summed in
+    :data:`GROUP_ROWS`), and the k contributions of a token are summed in
     k order, so moving or replicating experts leaves outputs bit-identical.
     """
     num_tokens, top_k = local_slots.shape
@@ -166,15 +169,31 @@ def swiglu_experts(
     here = (slots >= 0) & (slots < num_slots)
     keys = torch.where(here, slots, num_slots)  # pairs served elsewhere sort last
     order = torch.argsort(keys, stable=True)
-    # Every group starts with MIN_GROUP_ROWS - 1 zero rows; the sorted pair i of group g
-    # sits at row i + pad * (g + 1). A zero row computes exactly zero (no biases), so
-    # pairs served elsewhere read row 0 (a padding row) instead of being masked.
-    pad = MIN_GROUP_ROWS - 1
-    sorted_row = torch.arange(order.shape[0], device=device) + pad * (keys[order] + 1)
+    # Rows: G zero rows, then each slot's pairs padded with zero rows to a multiple of
+    # G = GROUP_ROWS, then the pairs served elsewhere, then unused rows (the capacity is
+    # fixed by the shapes; the last G rows are never a pair's, so the elementwise
+    # kernels' scalar tail never computes one). A zero row computes exactly zero (no
+    # biases): pairs served elsewhere read row 0 instead of being masked.
+    g = GROUP_ROWS
+    num_pairs = order.shape[0]
     counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, keys, torch.ones_like(keys))
-    offsets = torch.cumsum(counts[:num_slots] + pad, dim=0)
-    total = order.shape[0] + pad * (num_slots + 1)
+    sizes = (counts + g - 1) // g * g
+    sizes[num_slots] = counts[num_slots]
+    sizes[0] += g
+    lead = torch.zeros_like(sizes)
+    lead[0] = g
+    starts = torch.cumsum(sizes, dim=0) - sizes
+    first_sorted = torch.cumsum(counts, dim=0) - counts
+    sorted_keys = keys[order]
+    sorted_row = (
+        starts[sorted_keys]
+        + lead[sorted_keys]
+        + torch.arange(num_pairs, device=device)
+        - first_sorted[sorted_keys]
+    )
+    offsets = torch.cumsum(sizes[:num_slots], dim=0)
+    total = num_pairs + num_slots * (g - 1) + 2 * g
     # Index maps first (small integer tensors), then one gather per activation tensor.
     source = torch.full((total,), num_tokens, dtype=torch.int64, device=device)
     source[sorted_row] = order // top_k  # token of each row; num_tokens = the zero row
