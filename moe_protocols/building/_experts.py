@@ -174,7 +174,9 @@ class StackedExperts(nn.Module):
         """
         label = name or cls.__name__
         modules: list[object] = list(experts)
-        if not modules or not all(isinstance(m, nn.Module) for m in modules):
+        # Structurally, as the project asks: anything with a state_dict() is a module here.
+        saves = [getattr(m, "state_dict", None) for m in modules]
+        if not modules or not all(callable(save) for save in saves):
             raise EplbConfigError(
                 f"{label}.from_module_list: needs a non-empty list of per-expert modules, "
                 f"got {[type(m).__name__ for m in modules]}"
