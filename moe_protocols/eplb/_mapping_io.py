@@ -13,15 +13,22 @@ The file format is chosen by suffix:
     of strings).
 
 Loading checks everything a placement must satisfy and raises a
-:class:`~moe_protocols.errors.MappingError` naming the file and the field.
+:class:`~moe_protocols.errors.PlacementFileError` (a ``MappingError``) naming
+the file and the field. Reading is bounded: regular files only, at most
+``max_bytes`` (16 MiB by default), JSON nested at most ``MAX_JSON_DEPTH``
+levels, maps within the size limits of :mod:`moe_protocols.eplb._limits`, and
+safetensors read from memory, never mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final
@@ -30,8 +37,9 @@ import attrs
 import torch
 from torch import Tensor
 
-from moe_protocols.errors import MappingError
+from moe_protocols.errors import MappingError, PlacementFileError
 
+from . import _limits
 from ._maps import validate_placement
 
 __all__ = ["PLACEMENT_FORMAT", "PLACEMENT_VERSION", "Placement", "load_placement", "save_placement"]
@@ -183,10 +191,23 @@ def save_placement(placement: Placement, path: str | os.PathLike[str]) -> None:
     """Write ``placement`` to ``path`` (``.json`` or ``.safetensors``), replacing any file there.
 
     Raises:
-        MappingError: unknown suffix, missing safetensors package, or the file
-            cannot be written.
+        PlacementFileError: ``placement`` is not a :class:`Placement`, ``path``
+            is not a ``str``/``PathLike``, unknown suffix, missing safetensors
+            package, or the file cannot be written.
     """
-    target = Path(path)
+    target = _path(path)
+    if not isinstance(placement, Placement):
+        raise PlacementFileError(
+            f"save_placement({str(target)!r}): expected a Placement, got "
+            f"{type(placement).__name__}; build one with Placement(physical_to_logical_map=..., "
+            "num_logical_experts=...)",
+            path=str(target),
+        )
+    with _as_file_error(target):
+        _save(placement, target)
+
+
+def _save(placement: Placement, target: Path) -> None:
     suffix = _suffix(target)
     try:
         if suffix == ".json":
@@ -232,22 +253,80 @@ def _safetensors_save() -> Callable[[dict[str, Tensor], str, dict[str, str]], No
     return save
 
 
-def load_placement(path: str | os.PathLike[str]) -> Placement:
+def _path(path: object) -> Path:
+    """``path`` as a ``Path``; anything but a ``str`` or ``os.PathLike[str]`` is refused."""
+    if isinstance(path, str):
+        text = path
+    elif isinstance(path, os.PathLike):
+        try:
+            text = os.fspath(path)
+        except Exception as exc:
+            raise PlacementFileError(
+                f"placement path {type(path).__name__}: os.fspath() raised {exc!r}", path=None
+            ) from exc
+        if not isinstance(text, str):
+            raise PlacementFileError(
+                f"placement path must name a file by a str, got {type(text).__name__} {text!r}",
+                path=None,
+            )
+    else:
+        raise PlacementFileError(
+            f"placement path must be a str or os.PathLike, got {type(path).__name__} {path!r}",
+            path=None,
+        )
+    if not text or "\x00" in text:
+        raise PlacementFileError(f"placement path {text!r} names no file", path=text)
+    return Path(text)
+
+
+@contextlib.contextmanager
+def _as_file_error(source: Path) -> Iterator[None]:
+    """Turn every ``MappingError`` raised inside into a ``PlacementFileError`` naming ``source``."""
+    try:
+        yield
+    except PlacementFileError:
+        raise
+    except MappingError as exc:
+        raise PlacementFileError(str(exc), path=str(source)) from exc
+
+
+def load_placement(
+    path: str | os.PathLike[str], *, max_bytes: int = _limits.MAX_PLACEMENT_FILE_BYTES
+) -> Placement:
     """Read and validate a placement written by :func:`save_placement` (or by hand).
 
+    The file is read whole into memory (never memory-mapped, so a concurrent
+    writer cannot pull pages away) and only when it is a regular file of at
+    most ``max_bytes`` bytes (default 16 MiB, ``MAX_PLACEMENT_FILE_BYTES``);
+    a FIFO, device or directory is refused without blocking. JSON may nest at
+    most ``MAX_JSON_DEPTH`` levels, checked before it is parsed.
+
     Raises:
-        MappingError: the file cannot be read or parsed, or its format, version,
-            a field's type, the map's shape, an id's range, an expert without
-            replica, or the slots per rank are wrong; the message names the file
-            and the field.
+        PlacementFileError: (a ``MappingError``) ``path`` is not a ``str`` or
+            ``PathLike``; the file is not a regular file, too large, cannot be
+            read or parsed, nests too deep; or its format, version, a field's
+            type, the map's shape, an id's range, an expert without replica, or
+            the slots per rank are wrong. The message names the file and the
+            field; ``path`` carries the file.
     """
-    source = Path(path)
+    source = _path(path)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise PlacementFileError(
+            f"load_placement({str(source)!r}): max_bytes must be an int >= 1, got {max_bytes!r}",
+            path=str(source),
+        )
+    with _as_file_error(source):
+        return _load(source, max_bytes)
+
+
+def _load(source: Path, max_bytes: int) -> Placement:
     suffix = _suffix(source)
     where = f"placement file {str(source)!r}"
+    data = _read_bounded(source, where, max_bytes)
     if suffix == ".json":
-        fields, table = _read_json(source, where)
+        fields, table = _read_json(data, where)
     else:
-        fields, table = _read_safetensors(source, where)
+        fields, table = _read_safetensors(data, where)
     try:
         return Placement(
             physical_to_logical_map=table,
@@ -260,15 +339,98 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
         raise MappingError(f"{where}: {exc}") from exc
 
 
-def _read_json(source: Path, where: str) -> tuple[_Header, Tensor]:
+def _read_bounded(source: Path, where: str, max_bytes: int) -> bytes:
+    """The whole file, if it is a regular file of at most ``max_bytes`` bytes.
+
+    Opened without blocking (a FIFO with no writer would block an ordinary
+    open), then checked on the open descriptor, so the file checked is the
+    file read; read to at most ``max_bytes + 1`` bytes in case it grows.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        text = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MappingError(f"cannot read {where}: {exc}") from exc
+        fd = os.open(source, flags)
+    except OSError as exc:
+        raise MappingError(f"cannot read {where}: {exc.strerror or exc}") from exc
     try:
-        document = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:  # JSONDecodeError is a ValueError
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MappingError(
+                f"cannot read {where}: it is {_file_kind(info.st_mode)}, not a regular file"
+            )
+        if info.st_size > max_bytes:
+            raise MappingError(_too_large(where, info.st_size, max_bytes))
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(max_bytes + 1 - size, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise MappingError(f"cannot read {where}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise MappingError(_too_large(where, size, max_bytes))
+    return b"".join(chunks)
+
+
+def _too_large(where: str, size: int, max_bytes: int) -> str:
+    return (
+        f"{where} holds {size} bytes or more, over the limit of {max_bytes} bytes; pass "
+        "load_placement(..., max_bytes=) to read a larger one"
+    )
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+_JSON_STRUCTURE: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _check_depth(text: str, where: str) -> None:
+    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH``, before ``json.loads`` recurses into it."""
+    limit = _limits.MAX_JSON_DEPTH
+    depth = 0
+    for match in _JSON_STRUCTURE.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > limit:
+                raise MappingError(
+                    f"{where} nests deeper than {limit} levels (at character {match.start()}); "
+                    "a placement needs 3 (MAX_JSON_DEPTH in moe_protocols.eplb.limits)"
+                )
+        elif token in "]}":
+            depth -= 1
+
+
+def _parse_json(data: bytes, where: str) -> object:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MappingError(f"cannot read {where}: not UTF-8 text ({exc})") from exc
+    _check_depth(text, where)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise MappingError(f"{where} is not valid JSON: {exc}") from exc
+
+
+def _read_json(data: bytes, where: str) -> tuple[_Header, Tensor]:
+    document = _parse_json(data, where)
     if not isinstance(document, dict):
         raise MappingError(
             f"{where}: the top level must be a JSON object, got {type(document).__name__}"
@@ -331,6 +493,7 @@ def _json_table(value: object, where: str) -> Tensor:
     field = f"{where}: field {_MAP_KEY!r}"
     if not isinstance(value, list) or not value:
         raise MappingError(f"{field} must be a non-empty list of rows (one per layer)")
+    _limits.check_count(f"{field}: layers", len(value), "MAX_LAYERS", MappingError)
     width: int | None = None
     for layer, row in enumerate(value):
         if not isinstance(row, list):
@@ -339,10 +502,12 @@ def _json_table(value: object, where: str) -> Tensor:
             )
         if width is None:
             width = len(row)
+            _limits.check_count(f"{field}: slots", width, "MAX_PHYSICAL_SLOTS", MappingError)
         elif len(row) != width:
             raise MappingError(
                 f"{field}: row {layer} has {len(row)} slots, row 0 has {width} (ragged rows)"
             )
+    for layer, row in enumerate(value):
         for slot, item in enumerate(row):
             if not _is_count(item):
                 raise MappingError(
@@ -354,27 +519,20 @@ def _json_table(value: object, where: str) -> Tensor:
     return torch.tensor(value, dtype=torch.int64)
 
 
-def _read_safetensors(source: Path, where: str) -> tuple[_Header, Tensor]:
+def _read_safetensors(data: bytes, where: str) -> tuple[_Header, Tensor]:
     try:
-        from safetensors import safe_open
+        from safetensors.torch import load as load_tensors
     except ImportError as exc:
         raise MappingError(
             f"reading {where} needs the safetensors package "
             "(pip install 'moe-protocols[safetensors]')"
         ) from exc
+    header = _safetensors_header(data, where)
     try:
-        with safe_open(str(source), framework="pt") as handle:
-            header = handle.metadata() or {}
-            keys = list(handle.keys())
-            if keys != [_MAP_KEY]:
-                raise MappingError(
-                    f"{where}: must hold exactly one tensor {_MAP_KEY!r}, holds {keys}"
-                )
-            table = handle.get_tensor(_MAP_KEY)
-    except MappingError:
-        raise
+        # From the bytes already read: no memory map a concurrent writer could truncate.
+        table = load_tensors(data)[_MAP_KEY]
     except Exception as exc:
-        # safetensors raises its own error types (and OSError) for unreadable files.
+        # safetensors raises its own error types for malformed files.
         raise MappingError(f"cannot read {where}: {type(exc).__name__}: {exc}") from exc
     unknown = sorted(set(header) - (_FIELDS - {_MAP_KEY}))
     if unknown:
@@ -384,9 +542,11 @@ def _read_safetensors(source: Path, where: str) -> tuple[_Header, Tensor]:
         raise MappingError(f"{where}: missing metadata field(s) {missing}")
     version = header["version"]
     _check_format(header["format"], _decimal(version, "version", where), where)
+    notes = header.get("metadata", "{}")
+    _check_depth(notes, f"{where}: metadata field 'metadata'")
     try:
-        metadata = json.loads(header.get("metadata", "{}"), parse_constant=_reject_constant)
-    except ValueError as exc:
+        metadata = json.loads(notes, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
         raise MappingError(f"{where}: metadata field 'metadata' is not JSON: {exc}") from exc
     fields = _Header(
         num_logical_experts=_decimal(header["num_logical_experts"], "num_logical_experts", where),
@@ -395,6 +555,49 @@ def _read_safetensors(source: Path, where: str) -> tuple[_Header, Tensor]:
         metadata=_string_object(metadata, "metadata field 'metadata'", where),
     )
     return fields, table
+
+
+def _safetensors_header(data: bytes, where: str) -> dict[str, str]:
+    """The string metadata of a safetensors file, after checking its one tensor's entry.
+
+    The format: 8 bytes little-endian header length, the JSON header, the data.
+    The tensor's shape is checked here, so nothing is allocated for a map
+    over the size limits.
+    """
+    if len(data) < 8:
+        raise MappingError(f"cannot read {where}: {len(data)} bytes is no safetensors file")
+    length = int.from_bytes(data[:8], "little")
+    if length > len(data) - 8:
+        raise MappingError(
+            f"cannot read {where}: its header claims {length} bytes, the file holds "
+            f"{len(data) - 8} after the length"
+        )
+    document = _parse_json(data[8 : 8 + length], f"{where} (safetensors header)")
+    if not isinstance(document, dict):
+        raise MappingError(f"cannot read {where}: the safetensors header is not a JSON object")
+    keys = sorted(key for key in document if key != "__metadata__")
+    if keys != [_MAP_KEY]:
+        raise MappingError(f"{where}: must hold exactly one tensor {_MAP_KEY!r}, holds {keys}")
+    entry = document[_MAP_KEY]
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(_is_count(n) and n >= 0 for n in shape)
+    ):
+        raise MappingError(
+            f"{where}: tensor {_MAP_KEY!r}: expected 2 dimensions [layers, physical], got shape {shape!r}"
+        )
+    field = f"{where}: tensor {_MAP_KEY!r}"
+    _limits.check_count(f"{field}: layers", shape[0], "MAX_LAYERS", MappingError)
+    _limits.check_count(f"{field}: slots", shape[1], "MAX_PHYSICAL_SLOTS", MappingError)
+    _limits.check_product(field, (shape[0], shape[1]), "MAX_MAP_ENTRIES", MappingError)
+    metadata = document.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
+    ):
+        raise MappingError(f"{where}: the safetensors metadata must map strings to strings")
+    return metadata
 
 
 def _decimal(text: str, key: str, where: str) -> int:
