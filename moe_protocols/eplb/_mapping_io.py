@@ -586,7 +586,8 @@ def _safetensors_header(data: bytes, where: str) -> dict[str, str]:
         or not all(_is_count(n) and n >= 0 for n in shape)
     ):
         raise MappingError(
-            f"{where}: tensor {_MAP_KEY!r}: expected 2 dimensions [layers, physical], got shape {shape!r}"
+            f"{where}: tensor {_MAP_KEY!r}: expected 2 dimensions [layers, physical], "
+            f"got shape {shape!r}"
         )
     field = f"{where}: tensor {_MAP_KEY!r}"
     _limits.check_count(f"{field}: layers", shape[0], "MAX_LAYERS", MappingError)

@@ -56,13 +56,12 @@ class _Attributes:
         return cls(live, dict(live), nested)
 
     def restore(self) -> None:
+        # Unconditionally: comparing would compare tensors by value.
         for table, saved in self.nested:
-            if table != saved:
-                table.clear()
-                table.update(saved)
-        if self.live != self.saved:
-            self.live.clear()
-            self.live.update(self.saved)
+            table.clear()
+            table.update(saved)
+        self.live.clear()
+        self.live.update(self.saved)
 
 
 @attrs.frozen(eq=False)
@@ -93,7 +92,8 @@ class WiringSnapshot:
     def restore(self) -> None:
         """Put back every captured attribute; best effort, never raises."""
         for attributes in self.attributes:
-            attributes.restore()
+            with contextlib.suppress(Exception):  # a dict subclass that refuses: keep going
+                attributes.restore()
         # Best effort: the caller raises the error that made it restore.
         with contextlib.suppress(Exception):
             if self.model.expert_weights is not self.expert_weights:
