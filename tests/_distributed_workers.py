@@ -332,6 +332,17 @@ def four_ranks(ep: ExpertParallelContext, record: Record) -> None:
     record.weights("restored", model)
     record.tensors["restored.logits"] = logits(model)
 
+    # Ranks 2 and 3 built their model with more MoE layers (and not the same number):
+    # every rank refuses, naming both, before any collective of their size.
+    layers = {2: 6, 3: 7}.get(ep.rank, 4)
+    uneven = tiny_moe(
+        ep=ep, num_experts=NUM_EXPERTS, num_redundant_experts=NUM_REDUNDANT, num_layers=layers
+    )
+    mismatched = EplbState(eplb_config(), ep=ep)
+    mismatched.add_model(uneven)
+    mismatched.step()
+    attempt(record, "mismatched_layers", mismatched, mismatched.rearrange)
+
     # Rank 1 hangs at MoE layer 1 longer than the EPLB group's timeout.
     short = dist.new_group(timeout=timedelta(seconds=HANG_TIMEOUT_S))
     hung_ep = ExpertParallelContext.from_process_group(short, num_nodes=2)
