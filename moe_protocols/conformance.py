@@ -475,6 +475,11 @@ def check_conformance(obj: object, *, path: str = "model") -> ConformanceReport:
     ``len(moe_layers) == num_moe_layers`` and ``physical % local_physical == 0``
     with ``local_physical > 0`` (the last is waived for a dense model,
     ``num_moe_layers == 0``).
+
+    Bounded for any input: sequences are read by index (never iterated, so
+    one that never ends is not a hang), at most 4096 layers and 256 weights
+    per layer are checked (more is a problem), and a check that runs past 5 s
+    stops with a problem saying so.
     """
     try:
         if _is_class(obj):

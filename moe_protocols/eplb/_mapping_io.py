@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Final, cast
 
 import attrs
 import torch
@@ -191,20 +191,29 @@ def save_placement(placement: Placement, path: str | os.PathLike[str]) -> None:
     """Write ``placement`` to ``path`` (``.json`` or ``.safetensors``), replacing any file there.
 
     Raises:
-        PlacementFileError: ``placement`` is not a :class:`Placement`, ``path``
+        PlacementFileError: ``placement`` is not a valid :class:`Placement`, ``path``
             is not a ``str``/``PathLike``, unknown suffix, missing safetensors
             package, or the file cannot be written.
     """
     target = _path(path)
-    if not isinstance(placement, Placement):
+    with _as_file_error(target):
+        _save(_checked_placement(placement, target), target)
+
+
+def _checked_placement(placement: object, target: Path) -> Placement:
+    """``placement`` re-validated from its fields (the type is never asked)."""
+    names = ("physical_to_logical_map", "num_logical_experts", "num_ranks", "num_nodes")
+    try:
+        fields = {name: getattr(placement, name) for name in names}
+        fields["metadata"] = getattr(placement, "metadata", {})
+    except Exception as exc:
         raise PlacementFileError(
             f"save_placement({str(target)!r}): expected a Placement, got "
-            f"{type(placement).__name__}; build one with Placement(physical_to_logical_map=..., "
-            "num_logical_experts=...)",
+            f"{type(placement).__name__} ({type(exc).__name__}: {exc}); build one with "
+            "Placement(physical_to_logical_map=..., num_logical_experts=...)",
             path=str(target),
-        )
-    with _as_file_error(target):
-        _save(placement, target)
+        ) from exc
+    return Placement(**fields)
 
 
 def _save(placement: Placement, target: Path) -> None:
@@ -257,9 +266,9 @@ def _path(path: object) -> Path:
     """``path`` as a ``Path``; anything but a ``str`` or ``os.PathLike[str]`` is refused."""
     if isinstance(path, str):
         text = path
-    elif isinstance(path, os.PathLike):
+    elif callable(getattr(type(path), "__fspath__", None)):  # os.PathLike, structurally
         try:
-            text = os.fspath(path)
+            text = os.fspath(cast("os.PathLike[str]", path))
         except Exception as exc:
             raise PlacementFileError(
                 f"placement path {type(path).__name__}: os.fspath() raised {exc!r}", path=None
