@@ -30,8 +30,10 @@ from moe_protocols.eplb import (
     limits,
     load_placement,
     migration_stats,
+    replica_counts,
     save_placement,
 )
+from moe_protocols.eplb.workloads import sample_step_loads
 from moe_protocols.errors import (
     EplbConfigError,
     EplbStateError,
@@ -40,6 +42,7 @@ from moe_protocols.errors import (
     PlacementFileError,
     PolicyError,
     ResolutionConfigError,
+    WorkloadError,
 )
 from moe_protocols.profiling import plan_placement
 
@@ -190,6 +193,15 @@ def test_migration_stats_refuses_an_expert_id_that_would_size_its_histograms() -
     old = torch.tensor([[0, 2**40]])
     with pytest.raises(MappingError, match="exceeds the limit MAX_LOGICAL_EXPERTS"):
         migration_stats(old, torch.tensor([[0, 1]]), 1)
+
+
+def test_replica_counts_and_sampled_loads_refuse_absurd_sizes() -> None:
+    with pytest.raises(PolicyError, match="num_slots=4611686018427387904 exceeds"):
+        replica_counts(torch.ones(2, 8), 2**62, 4)
+    with pytest.raises(PolicyError, match="cannot place 12 replicas"):
+        replica_counts(torch.ones(2, 8), 12, 1)
+    with pytest.raises(WorkloadError, match=r"1073741824 x 2 x 8 = .* MAX_WINDOW_ENTRIES"):
+        sample_step_loads(torch.ones(2, 8), tokens_per_step=4, top_k=2, num_steps=2**30, seed=0)
 
 
 def test_absurd_state_topologies_are_config_errors() -> None:
