@@ -454,3 +454,78 @@ def test_a_rearrangement_refused_for_bad_load_changes_no_byte(rows: list[int]) -
     assert isinstance(result, MoEProtocolsError)
     assert state_snapshot(state) == before
     assert wiring_snapshot(lm) == wiring
+
+
+class _Refilling(AuthorMoELM):
+    """An author model whose ``set_eplb_state`` refills ``expert_weights`` with what it is told."""
+
+    def __init__(self, refill: list[list[object]]) -> None:
+        super().__init__(layers=2, num_experts=8, num_redundant=4, hidden=4)
+        self.refill = refill
+
+    def set_eplb_state(
+        self,
+        expert_load_view: torch.Tensor,
+        logical_to_physical_map: torch.Tensor,
+        logical_replica_count: torch.Tensor,
+    ) -> None:
+        super().set_eplb_state(expert_load_view, logical_to_physical_map, logical_replica_count)
+        self.expert_weights = self.refill  # type: ignore[assignment]  # hostile on purpose
+
+
+@st.composite
+def hostile_weights(draw: DrawFn, lm: AuthorMoELM) -> list[list[object]]:
+    """What a buggy ``set_eplb_state`` might leave in ``expert_weights``: always something wrong."""
+    good = [list(layer) for layer in lm.expert_weights]
+    layer = draw(st.integers(0, len(good) - 1))
+    weight = good[layer][0]
+    assert isinstance(weight, torch.Tensor)
+    bad = draw(
+        st.sampled_from(
+            [
+                "list",
+                "scalar",
+                "dim0",
+                "expanded",
+                "shared",
+                "empty",
+                "too_many",
+                "fewer_layers",
+                "more_layers",
+            ]
+        )
+    )
+    if bad == "list":
+        good[layer][0] = weight.tolist()
+    elif bad == "scalar":
+        good[layer][0] = torch.tensor(1.0)
+    elif bad == "dim0":
+        good[layer][0] = weight[:-1]
+    elif bad == "expanded":
+        good[layer][0] = weight[:1].expand_as(weight)
+    elif bad == "shared":
+        good[layer] = [weight, weight]
+    elif bad == "empty":
+        good[layer] = []
+    elif bad == "too_many":
+        good[layer] = [weight[:, i : i + 1] for i in range(weight.shape[1])] * 65
+    elif bad == "fewer_layers":
+        del good[layer]
+    else:
+        good.append(good[layer])
+    return good
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_set_eplb_state_that_leaves_bad_weights_is_undone(data: st.DataObject) -> None:
+    state, registered_lm = registered()
+    lm = _Refilling([])
+    lm.refill = data.draw(hostile_weights(lm))
+    before, wiring = state_snapshot(state), wiring_snapshot(lm)
+    result = outcome(lambda: state.add_model(lm, "draft"))
+    assert isinstance(result, MoEProtocolsError)
+    assert state_snapshot(state) == before
+    assert wiring_snapshot(lm) == wiring  # expert_weights and every layer's views put back
+    assert all(layer.l2p is None for layer in lm.moe_layers)
+    assert registered_lm.moe_layers[0].l2p is not None

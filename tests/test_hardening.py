@@ -21,7 +21,7 @@ from author_models import AuthorMoELM
 from fakes import FakeMoELM
 from snapshots import state_snapshot, wiring_snapshot
 
-from moe_protocols import MoEView, check_conformance
+from moe_protocols import MoEView, check_conformance, conformance
 from moe_protocols.eplb import (
     DEFAULT_POLICIES,
     EplbConfig,
@@ -362,6 +362,27 @@ def test_conformance_of_hostile_expert_weights_is_a_failing_check_not_a_hang(
     assert problem in str(report)
     with pytest.raises(MoEProtocolsError):
         EplbState(EplbConfig()).add_model(lm)
+
+
+class _Slow(_Endless):
+    """4096 layers, each slow to produce."""
+
+    def __len__(self) -> int:
+        return 4096
+
+    def __getitem__(self, index: int) -> Sequence[Tensor]:  # type: ignore[override]  # int only
+        time.sleep(0.01)
+        return [torch.zeros(8, 2)]
+
+
+def test_conformance_stops_at_its_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conformance, "_TIME_BUDGET_S", 0.1)
+    lm = FakeMoELM()
+    lm.expert_weights = _Slow()
+    started = time.monotonic()
+    report = check_conformance(lm)
+    assert time.monotonic() - started < 1.0  # not the 41 s that reading all of it takes
+    assert "checking it took longer than 0.1 s" in str(report)
 
 
 def test_conformance_of_attributes_that_raise_is_a_failing_check() -> None:
