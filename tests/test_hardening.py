@@ -267,6 +267,10 @@ def test_deep_json_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
     path = tmp_path / "deep.json"
     path.write_text("[" * 200_000 + "]" * 200_000)
     _refused(path, "nests deeper than 16 levels")
+    # An unterminated string of escaped quotes: a backtracking scan would be quadratic.
+    escapes = tmp_path / "escapes.json"
+    escapes.write_text('"' + '\\"' * 2_000_000)
+    _refused(escapes, "not valid JSON")
     nested = tmp_path / "nested_string.json"
     # Brackets inside strings do not count.
     doc = {"format": "[" * 100, "version": 1, "num_logical_experts": 4, "num_ranks": 1}

@@ -406,24 +406,34 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-_JSON_STRUCTURE: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+# A JSON string, escapes included; an unterminated one runs to the end of the
+# text (the unrolled form never backtracks, so stripping strings is linear).
+_JSON_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\Z)', re.DOTALL)
+_DEPTH_CHUNK: Final = 1 << 20
 
 
 def _check_depth(text: str, where: str) -> None:
-    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH``, before ``json.loads`` recurses into it."""
+    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH``, before ``json.loads`` recurses into it.
+
+    Linear and vectorised: strings are stripped (brackets inside them do not
+    count), then the running depth of what is left is summed chunk by chunk.
+    """
     limit = _limits.MAX_JSON_DEPTH
+    structure = _JSON_STRING.sub("", text).encode("utf-8")
     depth = 0
-    for match in _JSON_STRUCTURE.finditer(text):
-        token = match.group()
-        if token in "[{":
-            depth += 1
-            if depth > limit:
-                raise MappingError(
-                    f"{where} nests deeper than {limit} levels (at character {match.start()}); "
-                    "a placement needs 3 (MAX_JSON_DEPTH in moe_protocols.eplb.limits)"
-                )
-        elif token in "]}":
-            depth -= 1
+    for start in range(0, len(structure), _DEPTH_CHUNK):
+        chunk = torch.frombuffer(
+            bytearray(structure[start : start + _DEPTH_CHUNK]), dtype=torch.uint8
+        )
+        opens = (chunk == ord("[")) | (chunk == ord("{"))
+        closes = (chunk == ord("]")) | (chunk == ord("}"))
+        running = (opens.to(torch.int32) - closes.to(torch.int32)).cumsum(0) + depth
+        if int(running.max()) > limit:
+            raise MappingError(
+                f"{where} nests deeper than {limit} levels; a placement needs 3 "
+                "(MAX_JSON_DEPTH in moe_protocols.eplb.limits)"
+            )
+        depth = int(running[-1])
 
 
 def _parse_json(data: bytes, where: str) -> object:
