@@ -27,11 +27,13 @@ from moe_protocols.eplb import (
     EplbConfig,
     EplbState,
     Placement,
+    compute_logical_maps,
     limits,
     load_placement,
     migration_stats,
     replica_counts,
     save_placement,
+    slots_refetched,
 )
 from moe_protocols.eplb.workloads import sample_step_loads
 from moe_protocols.errors import (
@@ -202,6 +204,25 @@ def test_replica_counts_and_sampled_loads_refuse_absurd_sizes() -> None:
         replica_counts(torch.ones(2, 8), 12, 1)
     with pytest.raises(WorkloadError, match=r"1073741824 x 2 x 8 = .* MAX_WINDOW_ENTRIES"):
         sample_step_loads(torch.ones(2, 8), tokens_per_step=4, top_k=2, num_steps=2**30, seed=0)
+
+
+def test_a_view_that_claims_a_huge_shape_is_refused_before_it_is_copied() -> None:
+    huge = torch.zeros(1, dtype=torch.int64).expand(2**20, 2**20)  # 8 bytes, claims 8 TiB
+    with pytest.raises(MappingError, match="layers=1048576 exceeds the limit MAX_LAYERS"):
+        Placement(physical_to_logical_map=huge, num_logical_experts=4)
+    with pytest.raises(MappingError, match="layers=1048576 exceeds the limit MAX_LAYERS"):
+        compute_logical_maps(huge, 4, 4)
+    with pytest.raises(PolicyError, match="exceeds the limit MAX_LAYERS"):
+        load = torch.zeros(1, dtype=torch.float64).expand(2**20, 2**20)
+        DEFAULT_POLICIES.get("deepseek").rebalance_experts(load, 8, 1, 1, 4)
+    state = EplbState(CONFIG, num_ranks=4)
+    state.add_model(AuthorMoELM())
+    before = state_snapshot(state)
+    with pytest.raises(MappingError, match="exceeds the limit MAX_LAYERS"):
+        state.update_mapping("model", huge)
+    assert state_snapshot(state) == before
+    with pytest.raises(MappingError, match="exceeds the limit MAX_LOGICAL_EXPERTS"):
+        slots_refetched(torch.tensor([[0, 2**40]]), torch.tensor([[0, 1]]), 1)
 
 
 def test_absurd_state_topologies_are_config_errors() -> None:

@@ -70,8 +70,12 @@ def _to_int64_cpu(value: object) -> object:
     # Integer tensors are copied to int64 on the CPU so a Placement never aliases
     # live EPLB state. Anything else passes through for the validator to reject
     # (a float or bool tensor is not silently turned into expert ids).
-    if isinstance(value, Tensor) and not (
-        value.dtype == torch.bool or value.is_floating_point() or value.is_complex()
+    # A tensor over the map limit (an expanded view claims any size) is not
+    # copied either: the validator refuses it by its shape.
+    if (
+        isinstance(value, Tensor)
+        and value.numel() <= _limits.MAX_MAP_ENTRIES
+        and not (value.dtype == torch.bool or value.is_floating_point() or value.is_complex())
     ):
         return value.detach().to(device="cpu", dtype=torch.int64, copy=True).contiguous()
     return value

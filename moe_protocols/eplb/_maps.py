@@ -118,6 +118,10 @@ def compute_logical_maps(
             f"num_logical and max_replicas must be >= 1, got {num_logical} and {max_replicas}"
         )
     num_layers, num_physical = p2l.shape
+    _limits.check_count("physical_to_logical_map: layers", num_layers, "MAX_LAYERS", MappingError)
+    _limits.check_count(
+        "physical_to_logical_map: slots", num_physical, "MAX_PHYSICAL_SLOTS", MappingError
+    )
     _limits.check_count("max_replicas", max_replicas, "MAX_PHYSICAL_SLOTS", MappingError)
     _limits.check_product(
         "logical_to_physical_map",
