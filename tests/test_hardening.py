@@ -212,8 +212,8 @@ def test_a_view_that_claims_a_huge_shape_is_refused_before_it_is_copied() -> Non
         Placement(physical_to_logical_map=huge, num_logical_experts=4)
     with pytest.raises(MappingError, match="layers=1048576 exceeds the limit MAX_LAYERS"):
         compute_logical_maps(huge, 4, 4)
+    load = torch.zeros(1, dtype=torch.float64).expand(2**20, 2**20)
     with pytest.raises(PolicyError, match="exceeds the limit MAX_LAYERS"):
-        load = torch.zeros(1, dtype=torch.float64).expand(2**20, 2**20)
         DEFAULT_POLICIES.get("deepseek").rebalance_experts(load, 8, 1, 1, 4)
     state = EplbState(CONFIG, num_ranks=4)
     state.add_model(AuthorMoELM())
@@ -288,6 +288,9 @@ def test_deep_json_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
     path = tmp_path / "deep.json"
     path.write_text("[" * 200_000 + "]" * 200_000)
     _refused(path, "nests deeper than 16 levels")
+    many = tmp_path / "many.json"
+    many.write_text("[" + "[]," * 1_000_000 + "[]]")  # shallow, but a million lists
+    _refused(many, "holds 1000002 arrays and objects")
     # An unterminated string of escaped quotes: a backtracking scan would be quadratic.
     escapes = tmp_path / "escapes.json"
     escapes.write_text('"' + '\\"' * 2_000_000)

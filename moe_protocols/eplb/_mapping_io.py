@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -312,7 +311,9 @@ def load_placement(
     writer cannot pull pages away) and only when it is a regular file of at
     most ``max_bytes`` bytes (default 16 MiB, ``MAX_PLACEMENT_FILE_BYTES``);
     a FIFO, device or directory is refused without blocking. JSON may nest at
-    most ``MAX_JSON_DEPTH`` levels, checked before it is parsed.
+    most ``MAX_JSON_DEPTH`` levels and hold no more arrays and values than a
+    map within ``MAX_LAYERS``/``MAX_MAP_ENTRIES`` needs, checked in linear
+    time before it is parsed.
 
     Raises:
         PlacementFileError: (a ``MappingError``) ``path`` is not a ``str`` or
@@ -410,42 +411,81 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-# A JSON string, escapes included; an unterminated one runs to the end of the
-# text (the unrolled form never backtracks, so stripping strings is linear).
-_JSON_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\Z)', re.DOTALL)
-_DEPTH_CHUNK: Final = 1 << 20
+_STRUCTURE_CHUNK: Final = 1 << 20
+_BACKSLASH, _QUOTE, _COMMA = ord("\\"), ord('"'), ord(",")
 
 
-def _check_depth(text: str, where: str) -> None:
-    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH``, before ``json.loads`` recurses into it.
+@attrs.define
+class _Structure:
+    """Running totals of a JSON text's structure outside strings, scanned chunk by chunk."""
 
-    Linear and vectorised: strings are stripped (brackets inside them do not
-    count), then the running depth of what is left is summed chunk by chunk.
+    depth: int = 0
+    deepest: int = 0
+    containers: int = 0
+    commas: int = 0
+    in_string: int = 0
+    backslashes: int = 0  # the run of backslashes that ended the previous chunk
+
+    def scan(self, chunk: Tensor) -> None:
+        """Add ``chunk`` (uint8) to the totals; vectorised, so linear in time and memory."""
+        n = chunk.numel()
+        positions = torch.arange(n)
+        is_backslash = chunk == _BACKSLASH
+        # The last index before each position that is no backslash (the carried
+        # run counts as backslashes before index 0); a quote after an odd run is escaped.
+        marker = torch.where(is_backslash, -1 - self.backslashes, positions).cummax(0).values
+        before = torch.cat([torch.tensor([-1 - self.backslashes]), marker[:-1]])
+        escaped = (positions - 1 - before) % 2 == 1
+        quotes = (chunk == _QUOTE) & ~escaped
+        seen = quotes.to(torch.int32).cumsum(0)
+        outside = (seen + self.in_string) % 2 == 0
+        outside &= ~quotes
+        opens = ((chunk == ord("[")) | (chunk == ord("{"))) & outside
+        closes = ((chunk == ord("]")) | (chunk == ord("}"))) & outside
+        running = (opens.to(torch.int32) - closes.to(torch.int32)).cumsum(0) + self.depth
+        self.deepest = max(self.deepest, int(running.max()))
+        self.depth = int(running[-1])
+        self.containers += int(opens.sum())
+        self.commas += int(((chunk == _COMMA) & outside).sum())
+        self.in_string = (self.in_string + int(seen[-1])) % 2
+        last = int(marker[-1])
+        self.backslashes = (n - 1 - last) if bool(is_backslash[-1]) else 0
+
+
+def _check_structure(data: bytes, where: str) -> None:
+    """Refuse JSON too deep or too big for a placement, before ``json.loads`` builds it.
+
+    Nesting beyond ``MAX_JSON_DEPTH`` (``json.loads`` recurses per level),
+    more arrays and objects than a map of ``MAX_LAYERS`` rows needs, or more
+    values than ``MAX_MAP_ENTRIES`` (each a Python object once parsed).
+    Brackets and commas inside strings do not count.
     """
-    limit = _limits.MAX_JSON_DEPTH
-    structure = _JSON_STRING.sub("", text).encode("utf-8")
-    depth = 0
-    for start in range(0, len(structure), _DEPTH_CHUNK):
-        chunk = torch.frombuffer(
-            bytearray(structure[start : start + _DEPTH_CHUNK]), dtype=torch.uint8
-        )
-        opens = (chunk == ord("[")) | (chunk == ord("{"))
-        closes = (chunk == ord("]")) | (chunk == ord("}"))
-        running = (opens.to(torch.int32) - closes.to(torch.int32)).cumsum(0) + depth
-        if int(running.max()) > limit:
+    totals = _Structure()
+    for start in range(0, len(data), _STRUCTURE_CHUNK):
+        piece = bytearray(data[start : start + _STRUCTURE_CHUNK])
+        totals.scan(torch.frombuffer(piece, dtype=torch.uint8))
+        if totals.deepest > _limits.MAX_JSON_DEPTH:
             raise MappingError(
-                f"{where} nests deeper than {limit} levels; a placement needs 3 "
-                "(MAX_JSON_DEPTH in moe_protocols.eplb.limits)"
+                f"{where} nests deeper than {_limits.MAX_JSON_DEPTH} levels; a placement "
+                "needs 3 (MAX_JSON_DEPTH in moe_protocols.eplb.limits)"
             )
-        depth = int(running[-1])
+    most_containers = _limits.MAX_LAYERS + 16
+    most_values = _limits.MAX_MAP_ENTRIES + 1024
+    if totals.containers > most_containers or totals.commas > most_values:
+        raise MappingError(
+            f"{where} holds {totals.containers} arrays and objects and {totals.commas + 1} "
+            f"values or more; a placement within the limits (MAX_LAYERS={_limits.MAX_LAYERS}, "
+            f"MAX_MAP_ENTRIES={_limits.MAX_MAP_ENTRIES}) has at most {most_containers} and "
+            f"{most_values}"
+        )
 
 
 def _parse_json(data: bytes, where: str) -> object:
+    _check_structure(data, where)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MappingError(f"cannot read {where}: not UTF-8 text ({exc})") from exc
-    _check_depth(text, where)
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
@@ -566,7 +606,7 @@ def _read_safetensors(data: bytes, where: str) -> tuple[_Header, Tensor]:
     version = header["version"]
     _check_format(header["format"], _decimal(version, "version", where), where)
     notes = header.get("metadata", "{}")
-    _check_depth(notes, f"{where}: metadata field 'metadata'")
+    _check_structure(notes.encode("utf-8"), f"{where}: metadata field 'metadata'")
     try:
         metadata = json.loads(notes, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
