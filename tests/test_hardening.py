@@ -317,6 +317,23 @@ def test_safetensors_are_read_from_memory_and_their_header_is_checked(tmp_path: 
     _refused(path, "header claims")
 
 
+def test_safetensors_are_never_memory_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors
+
+    path = tmp_path / "placement.safetensors"
+    save_placement(_placement(), path)
+
+    def mapped(*args: object, **kwargs: object) -> None:
+        raise AssertionError("safe_open maps the file: a concurrent writer could SIGBUS us")
+
+    monkeypatch.setattr(safetensors, "safe_open", mapped)
+    monkeypatch.setattr(safetensors.torch, "safe_open", mapped)
+    monkeypatch.setattr(safetensors.torch, "load_file", mapped)
+    assert load_placement(path) == _placement()
+
+
 def test_save_placement_refuses_what_is_not_a_placement(tmp_path: Path) -> None:
     target = tmp_path / "placement.json"
     with pytest.raises(PlacementFileError, match="expected a Placement, got Tensor"):
