@@ -27,6 +27,8 @@ def test_inspect_prints_the_trace_through_compile_and_vlm_wrappers() -> None:
     assert "model (OptimizedModule): not MixtureOfExperts" in text
     assert "-> model.get_language_model() (TinyMoEForCausalLM): MixtureOfExperts" in text
     assert "satisfies MixtureOfExperts (3 MoE layers)" in text
+    # the compiled wrapper's own step was taken too; the trace says what it reached
+    assert "not checked (the walk ends at the first MoE model): model._orig_mod (TinyVLM" in text
 
 
 def test_inspect_of_a_dense_model_exits_1_and_explains(tmp_path: Path) -> None:

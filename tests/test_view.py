@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 from unittest.mock import MagicMock
 
 import attrs
@@ -593,3 +594,28 @@ def test_compiled_moe_model_resolves_to_the_original_module() -> None:
     view = MoEView.require(compiled)
     assert view.model is lm
     assert view.trace.resolved_path == "model._orig_mod"
+
+
+def test_the_trace_lists_objects_reached_but_not_checked_when_the_walk_resolves() -> None:
+    from moe_protocols.adapters import TraceOutcome
+    from moe_protocols.models import tiny_vlm
+
+    class Compiled(torch.nn.Module):
+        """Shaped like torch.compile's wrapper: forwards reads, holds the model as _orig_mod."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self._orig_mod, name)
+
+    vlm = tiny_vlm()
+    view = MoEView.require(Compiled(vlm))
+    assert view.model is vlm.get_language_model()
+    waiting = [e for e in view.trace.entries if e.outcome is TraceOutcome.NOT_CHECKED]
+    assert [e.path for e in waiting] == ["model._orig_mod"]
+    assert "model._orig_mod (TinyVLMForConditionalGeneration)" in str(view.trace)
