@@ -278,6 +278,10 @@ def test_chain_deeper_than_max_depth_is_cut_and_says_so(fake_lm: FakeMoELM) -> N
     assert len(limits) == 1
     assert "max_depth=6" in limits[0].detail
     assert "depth limit:" in str(trace)
+    # the way out is the depth limit, not a new unwrapping step
+    message = str(info.value)
+    assert "raise the limit (--max-depth N on the command line, max_depth=N in Python" in message
+    assert "UnwrapStep(...)" not in message
 
     view = MoEView.resolve(root, max_depth=8)
     assert view is not None
@@ -619,3 +623,14 @@ def test_the_trace_lists_objects_reached_but_not_checked_when_the_walk_resolves(
     waiting = [e for e in view.trace.entries if e.outcome is TraceOutcome.NOT_CHECKED]
     assert [e.path for e in waiting] == ["model._orig_mod"]
     assert "model._orig_mod (TinyVLMForConditionalGeneration)" in str(view.trace)
+
+
+def test_a_near_miss_language_model_is_named_in_the_headline(fake_lm: FakeMoELM) -> None:
+    del fake_lm.num_redundant_experts  # one member short of the protocol
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(OneLevelVLM(fake_lm))
+    headline = str(info.value).splitlines()[0]
+    assert headline.startswith("OneLevelVLM (the served model) is not a MixtureOfExperts")
+    assert "The closest object inside it, model.get_language_model() (FakeMoELM)" in headline
+    assert "missing num_redundant_experts" in headline
+    assert "none was found inside it" not in headline
