@@ -305,6 +305,17 @@ def _read(obj: object, name: str, problems: list[Problem]) -> object:
     return _MISSING
 
 
+def _item(sequence: object, index: int, member: str, problems: list[Problem]) -> object:
+    """``sequence[index]``, or ``_MISSING`` after a RAISED problem on ``member`` when it raises."""
+    try:
+        return sequence[index]  # type: ignore[index]  # checked to be a sequence by the caller
+    except Exception as exc:
+        problems.append(
+            Problem(member, ProblemKind.RAISED, f"indexing raised {_describe_exception(exc)}")
+        )
+        return _MISSING
+
+
 def _guarded(member: str, problems: list[Problem], check: Callable[[], _T]) -> _T | None:
     """Run one check; an exception inside it becomes a RAISED problem on ``member``."""
     try:
@@ -595,12 +606,8 @@ def _check_expert_weights(
         if budget.spent():
             items.append(_over_budget("expert_weights"))
             break
-        try:
-            layer_weights = value[layer_idx]
-        except Exception as exc:
-            items.append(
-                Problem(member, ProblemKind.RAISED, f"indexing raised {_describe_exception(exc)}")
-            )
+        layer_weights = _item(value, layer_idx, member, items)
+        if layer_weights is _MISSING:
             continue
         if _is_text(layer_weights) or not isinstance(layer_weights, Sequence):
             items.append(
@@ -715,12 +722,8 @@ def _check_moe_layers(
         if budget.spent():
             layer_problems.append(_over_budget("moe_layers"))
             break
-        try:
-            layer = value[idx]
-        except Exception as exc:
-            layer_problems.append(
-                Problem(member, ProblemKind.RAISED, f"indexing raised {_describe_exception(exc)}")
-            )
+        layer = _item(value, idx, member, layer_problems)
+        if layer is _MISSING:
             continue
         report = check_layer_conformance(layer, path=f"{path}.{member}")
         for problem in report.problems:
