@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from snapshots import state_snapshot, wiring_snapshot
 
+from moe_protocols import check_conformance
 from moe_protocols.eplb import (
     DEFAULT_POLICIES,
     PLACEMENT_FORMAT,
@@ -529,3 +530,37 @@ def test_a_set_eplb_state_that_leaves_bad_weights_is_undone(data: st.DataObject)
     assert wiring_snapshot(lm) == wiring  # expert_weights and every layer's views put back
     assert all(layer.l2p is None for layer in lm.moe_layers)
     assert registered_lm.moe_layers[0].l2p is not None
+
+
+leaves: SearchStrategy[object] = st.one_of(
+    st.none(),
+    st.integers(),
+    st.text(max_size=4),
+    st.builds(torch.zeros, st.sampled_from([(), (12,), (12, 2), (3, 2), (0,)])),
+)
+structures: SearchStrategy[object] = st.recursive(
+    leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+    ),
+    max_leaves=12,
+)
+
+
+@FUZZ
+@given(weights=structures, layers=structures, count=st.one_of(leaves, st.sampled_from([2, 2**62])))
+def test_conformance_of_generated_members_never_raises_and_registration_is_typed(
+    weights: object, layers: object, count: object
+) -> None:
+    lm = AuthorMoELM(layers=2, num_experts=8, num_redundant=4, hidden=4)
+    lm.expert_weights = weights  # type: ignore[assignment]  # anything goes
+    lm.moe_layers = layers  # type: ignore[assignment]  # anything goes
+    lm.num_moe_layers = count  # type: ignore[assignment]  # anything goes
+    with bounded():
+        report = check_conformance(lm)
+    assert not report.is_moe  # no generated layer is a MoELayer (an empty model is dense)
+    state = EplbState(CONFIG, num_ranks=4)
+    assert isinstance(outcome(lambda: state.add_model(lm)), MoEProtocolsError)
+    assert state.model_names == ()
