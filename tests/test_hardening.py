@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from author_models import AuthorMoELM
+from author_models import AuthorMoELM, AuthorVLM
 from fakes import FakeMoELM
 from snapshots import state_snapshot, wiring_snapshot
 
@@ -79,6 +79,16 @@ def test_a_rejected_add_model_leaves_a_never_registered_model_unwired() -> None:
         EplbState(CONFIG, num_ranks=4).add_model(lm)
     assert wiring_snapshot(lm) == before
     assert all(layer.load is None for layer in lm.moe_layers)
+
+
+def test_a_rejected_add_model_through_a_view_restores_the_wrapped_model() -> None:
+    lm = AuthorMoELM(independent_replicas=(0,))
+    view = MoEView.require(AuthorVLM(lm))
+    before = wiring_snapshot(lm)
+    with pytest.raises(EplbStateError, match="MoE layer 0"):
+        EplbState(CONFIG, num_ranks=4).add_model(view)
+    assert wiring_snapshot(lm) == before
+    assert view.expert_weights is lm.expert_weights
 
 
 def test_a_set_eplb_state_failing_at_a_later_layer_unwires_the_earlier_ones() -> None:
