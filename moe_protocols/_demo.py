@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
-from moe_protocols.eplb import EplbConfig
+from moe_protocols.eplb import BalancednessStats, EplbConfig
+from moe_protocols.eplb._metrics import rank_loads_from_physical
 from moe_protocols.models import tiny_vlm
 from moe_protocols.runner import ReferenceRunner, RunnerConfig
 from moe_protocols.verification import (
@@ -30,7 +31,16 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import TextIO
 
-__all__ = ["DemoOptions", "DemoReport", "RearrangementLine", "run_demo"]
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "DemoOptions",
+    "DemoReport",
+    "RearrangementLine",
+    "demo_figure",
+    "plot_demo",
+    "run_demo",
+]
 
 
 @attrs.frozen
@@ -74,6 +84,9 @@ class DemoReport:
     last_window_balancedness: float
     rank_load_first: torch.Tensor
     rank_load_last: torch.Tensor
+    step_balancedness: tuple[float, ...]
+    """Per engine step: balancedness (mean over MoE layers of mean/max rank load) of that
+    step's measured load, under the placement it ran on."""
     outputs_unchanged: bool
     verification: VerificationReport
     """The self-test run on the model before it was served (``moe-protocols verify``)."""
@@ -163,6 +176,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
         probe_before = model(probe)
 
     lines: list[RearrangementLine] = []
+    step_balance: list[float] = []
     first_balance: float | None = None
     first_load: torch.Tensor | None = None
     progress = _Progress(options.steps, out)
@@ -173,7 +187,17 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
         done_before = state.num_rearrangements
         # The window as it stands before this step: what the next rearrangement plans from.
         window_load = state.balancedness(config.model_name).rank_load.sum(dim=0)
-        runner.execute_model(ids)
+        # execute_model() split in two, to read this step's load before the EPLB step folds
+        # it into the window: forward, then the step.
+        with torch.no_grad():
+            model(ids)
+        step_load = state.model_state(config.model_name).expert_load_pass
+        step_balance.append(
+            BalancednessStats.from_rank_load(
+                config.model_name, rank_loads_from_physical(step_load, state.num_ranks).cpu()
+            ).overall
+        )
+        runner.eplb_step()
         if state.num_rearrangements > done_before:
             result = state.last_rearrangement
             assert result is not None
@@ -236,38 +260,82 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
         last_window_balancedness=last_balance,
         rank_load_first=first_load,
         rank_load_last=last_load,
+        step_balancedness=tuple(step_balance),
         outputs_unchanged=unchanged,
         verification=verification,
     )
 
 
-def plot_rank_load(report: DemoReport, path: Path) -> None:
-    """Write a PNG of per-rank load in the first window vs the last (needs matplotlib)."""
+def _bar_balancedness(rank_load: torch.Tensor) -> float:
+    """mean / max of the bars as drawn (rank load summed over layers)."""
+    top = float(rank_load.max())
+    return float(rank_load.double().mean()) / top if top > 0 else float("nan")
+
+
+def plot_demo(report: DemoReport, path: Path) -> None:
+    """Write :func:`demo_figure` to ``path`` (needs matplotlib); the format follows the suffix."""
+    import matplotlib.pyplot as plt
+
+    fig = demo_figure(report)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def demo_figure(report: DemoReport) -> Figure:
+    """The demo's figure (needs matplotlib), two panels.
+
+    Top: balancedness of every step's load, with the rearrangements marked.
+    Bottom: per-rank load of the first and the last window, summed over the
+    MoE layers, with the ideal (every rank at the mean) drawn as a line; the
+    legend's balancedness is that of the bars drawn.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5))
+    steps = list(range(1, len(report.step_balancedness) + 1))
+    top.plot(steps, list(report.step_balancedness), color="tab:blue", label="per step")
+    for index, line in enumerate(report.rearrangements):
+        top.axvline(
+            line.step,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label="rearrangement" if index == 0 else None,
+        )
+    top.set_ylim(0.0, 1.05)
+    top.set_xlabel("engine step")
+    top.set_ylabel("balancedness (mean/max rank load)")
+    top.set_title("Balancedness per step (mean over MoE layers; 1.0 = perfectly even)")
+    top.legend(loc="lower right")
+
     ranks = torch.arange(report.rank_load_first.numel())
-    fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.4
-    ax.bar(
+    first, last = report.rank_load_first, report.rank_load_last
+    bottom.bar(
         (ranks - width / 2).tolist(),
-        report.rank_load_first.tolist(),
+        first.tolist(),
         width,
-        label=f"first window (balancedness {report.first_window_balancedness:.2f})",
+        label=f"first window (balancedness {_bar_balancedness(first):.2f})",
     )
-    ax.bar(
+    bottom.bar(
         (ranks + width / 2).tolist(),
-        report.rank_load_last.tolist(),
+        last.tolist(),
         width,
-        label=f"last window (balancedness {report.last_window_balancedness:.2f})",
+        label=f"last window (balancedness {_bar_balancedness(last):.2f})",
     )
-    ax.set_xlabel("EP rank")
-    ax.set_ylabel("token-expert assignments (all MoE layers)")
-    ax.set_title("Per-rank expert load before and after EPLB")
-    ax.set_xticks(ranks.tolist())
-    ax.legend()
+    for load, color in ((first, "tab:blue"), (last, "tab:orange")):
+        bottom.axhline(float(load.double().mean()), color=color, linestyle=":", linewidth=1.5)
+    bottom.plot([], [], color="gray", linestyle=":", label="ideal (every rank at the mean)")
+    bottom.set_xlabel("EP rank")
+    bottom.set_ylabel("token-expert assignments")
+    bottom.set_title("Per-rank load, summed over the MoE layers")
+    bottom.set_xticks(ranks.tolist())
+    bottom.set_ylim(0, 1.3 * float(torch.maximum(first.max(), last.max())))
+    bottom.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, TypeGuard, final
 
 import attrs
 import torch
@@ -42,7 +42,7 @@ from moe_protocols.errors import (
     NotMixtureOfExpertsError,
     VerificationInputError,
 )
-from moe_protocols.profiling import Batch, _default_forward, _vocab_size, _weights_device
+from moe_protocols.profiling import Batch, _default_forward, vocabulary_size, weights_device
 from moe_protocols.protocols import MixtureOfExperts
 
 if TYPE_CHECKING:
@@ -192,12 +192,17 @@ class VerificationReport:
 # ---------------------------------------------------------------- inputs
 
 
+def is_sample_batch(value: object) -> TypeGuard[Batch]:
+    """Whether ``value`` can be fed as it is: a tensor of input_ids or a mapping of keywords."""
+    return isinstance(value, (Tensor, Mapping))
+
+
 def _sample_batch(
     root: object, view: MoEView, sample_inputs: SampleInputs | None, seed: int
 ) -> tuple[Batch, str]:
     """The batch every forward is fed, and how it was obtained."""
     if sample_inputs is None:
-        vocab = _vocab_size(root) or _vocab_size(view.model)
+        vocab = vocabulary_size(root) or vocabulary_size(view.model)
         if vocab is None:
             raise VerificationInputError(
                 f"verify_eplb_integration: no sample inputs were given and none can be "
@@ -209,7 +214,7 @@ def _sample_batch(
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab, _SYNTHETIC_SHAPE, generator=generator)
         shape = "x".join(map(str, _SYNTHETIC_SHAPE))
-        return ids.to(_weights_device(view)), (
+        return ids.to(weights_device(view)), (
             f"synthesised input_ids [{shape}] from vocab_size={vocab} (seed {seed})"
         )
     given: object = sample_inputs
@@ -443,7 +448,7 @@ class _Verifier:
                 step_interval=_NEVER,
                 num_redundant_experts=self.view.num_redundant_experts,
             ),
-            device=_weights_device(self.view),  # layers add their load on the experts' device
+            device=weights_device(self.view),  # layers add their load on the experts' device
             integrity=integrity,
         )
 
