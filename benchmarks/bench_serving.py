@@ -9,8 +9,11 @@ placement as the old one), and the plan serves the next
 window. References: ``off`` (the initial placement forever), ``oracle``
 (``migration_aware`` planning each window on that window's true mean load).
 Every policy runs with the even split over replicas (``modulo``, what vLLM's
-router approximates) and with per-step dispatch
-(:func:`moe_protocols.eplb.replica_shares`).
+router approximates), with per-step dispatch
+(:func:`moe_protocols.eplb.replica_shares` on each step's own counts, one
+solve per layer per step) and with lagged dispatch (shares from the counts of
+the last ``recent_steps`` steps, one solve per step for all layers); the two
+references run with the even split only.
 
 Cost model (:class:`CostModel`, constants stated in the output):
 
@@ -361,8 +364,8 @@ def simulate(
             window_load = expected_rank_loads(placement, truth[window], shape.num_ranks)
             run.window_bal.append(float(token_weighted(window_load.unsqueeze(0))[0]))
             run.window_seconds.append(cost.window_seconds(cost.step_times(even)))
-            if plan is None:
-                continue  # "off" is the no-EPLB reference: no dispatch figures (saves run time)
+            if plan is None or oracle:
+                continue  # references: no dispatch figures (saves run time)
             spread = step_rank_loads(
                 placement, steps[window], shape, dispatch_rounds=settings.dispatch_rounds
             )
