@@ -167,14 +167,14 @@ def replica_shares(
     relax = 1.0 / degree.amax(dim=-1, keepdim=True).clamp_min(1.0)
     levels = torch.arange(1, width + 1, device=device, dtype=dtype)
     safe_load = torch.where(load > 0, load, 1.0)
-    inf = torch.tensor(float("inf"), device=device, dtype=dtype)
 
     totals = rank_loads(share)
     best = share
     best_peak = totals.view(rows, stride)[:, :num_ranks].amax(dim=1)
     for _ in range(num_rounds):
         # Load on each replica's rank from everything but this expert.
-        other = torch.where(usable, totals[flat_rank].view_as(share) - load * share, inf)
+        # A Python scalar, not a tensor made on the host: that copy would wait for the device.
+        other = torch.where(usable, totals[flat_rank].view_as(share) - load * share, float("inf"))
         ordered = other.sort(dim=-1).values
         level = (load + ordered.cumsum(dim=-1)) / levels
         # Water-filling: the level rises over the k least loaded ranks while it stays above them.
