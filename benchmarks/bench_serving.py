@@ -27,7 +27,11 @@ Cost model (:class:`CostModel`, constants stated in the output):
   ``rank_bandwidth`` bytes/s; blocking transfer stalls for that time plus the
   plan's own measured time; overlapped transfer costs ``overlap_penalty`` of
   the transfer time (contention with the steps it overlaps);
-- dispatch adds ``dispatch_seconds`` per MoE layer per step.
+- per-step dispatch adds ``dispatch_seconds`` per MoE layer per step (one solve
+  and the routing per layer); lagged dispatch adds ``lagged_seconds`` per step
+  (one solve for all layers) plus ``routing_seconds`` per layer per step.
+  All three are 0 by default (the tables show the balance won, the dispatch
+  cost section what it would cost; set them with ``--dispatch-us`` etc.).
 
 Load processes (``LoadProcess``): log-popularity per (layer, expert) drawn
 from a base distribution, then a random walk per window (``walk``), per-window
@@ -60,7 +64,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import numpy as np
@@ -106,16 +110,26 @@ class CostModel:
     overlap_penalty: float = 0.1
     """Overlapped transfer: fraction of the transfer time the overlapped steps lose."""
     dispatch_seconds: float = 0.0
+    """Per-step dispatch: per MoE layer per step (solve + routing)."""
+    lagged_seconds: float = 0.0
+    """Lagged dispatch: one solve for all layers, per step."""
+    routing_seconds: float = 0.0
+    """Lagged dispatch: applying the shares, per MoE layer per step."""
     """Per MoE layer per step, when per-step dispatch is on."""
 
-    def step_times(self, rank_load: torch.Tensor, *, dispatch: bool = False) -> torch.Tensor:
+    def step_times(
+        self, rank_load: torch.Tensor, *, dispatch: Literal["none", "per-step", "lagged"] = "none"
+    ) -> torch.Tensor:
         """Seconds of each step from its ``[steps, layers, ranks]`` token loads."""
         peak = rank_load.amax(dim=-1).sum(dim=-1).to(torch.float64)
         mean = rank_load.mean(dim=-1).sum(dim=-1).to(torch.float64)
         imbalance = torch.where(mean > 0, peak / torch.where(mean > 0, mean, 1.0), 1.0)
         seconds = self.step_seconds * ((1.0 - self.moe_share) + self.moe_share * imbalance)
-        if dispatch:
-            seconds = seconds + self.dispatch_seconds * rank_load.shape[-2]
+        layers = rank_load.shape[-2]
+        if dispatch == "per-step":
+            seconds = seconds + self.dispatch_seconds * layers
+        elif dispatch == "lagged":
+            seconds = seconds + self.lagged_seconds + self.routing_seconds * layers
         return seconds
 
     def window_seconds(self, step_times: torch.Tensor) -> float:
@@ -371,7 +385,7 @@ def simulate(
             )
             run.step_bal_dispatch.append(float(token_weighted(spread).mean()))
             run.window_seconds_dispatch.append(
-                cost.window_seconds(cost.step_times(spread, dispatch=True))
+                cost.window_seconds(cost.step_times(spread, dispatch="per-step"))
             )
             # Lagged dispatch: shares from recent steps' counts (one call per step for all
             # layers), modelled as Poisson counts of the window's load over `recent_steps`.
@@ -385,7 +399,7 @@ def simulate(
             )
             run.step_bal_lagged.append(float(token_weighted(lagged).mean()))
             run.window_seconds_lagged.append(
-                cost.window_seconds(cost.step_times(lagged, dispatch=True))
+                cost.window_seconds(cost.step_times(lagged, dispatch="lagged"))
             )
         runs[name] = run
     return runs
@@ -758,12 +772,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--overlapped", action="store_true", help="overlapped, not blocking, transfer"
     )
     parser.add_argument(
-        "--dispatch-us", type=float, default=0.0, help="dispatch cost per layer-step"
+        "--dispatch-us", type=float, default=0.0, help="per-step dispatch cost per layer-step"
+    )
+    parser.add_argument(
+        "--lagged-us", type=float, default=0.0, help="lagged dispatch: solve cost per step"
+    )
+    parser.add_argument(
+        "--routing-us", type=float, default=0.0, help="lagged dispatch: routing per layer-step"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     began = time.perf_counter()
-    cost = CostModel(blocking=not args.overlapped, dispatch_seconds=args.dispatch_us * 1e-6)
+    cost = CostModel(
+        blocking=not args.overlapped,
+        dispatch_seconds=args.dispatch_us * 1e-6,
+        lagged_seconds=args.lagged_us * 1e-6,
+        routing_seconds=args.routing_us * 1e-6,
+    )
     if args.quick:
         settings = Settings(num_windows=6, num_layers=6)
         shapes: Sequence[MoEShape] = (STANDARD_SHAPES[1], STANDARD_SHAPES[2])

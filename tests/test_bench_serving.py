@@ -33,12 +33,16 @@ def test_cost_model_on_a_hand_worked_case(bench: ModuleType) -> None:
         blocking=True,
         overlap_penalty=0.1,
         dispatch_seconds=0.001,
+        lagged_seconds=0.004,
+        routing_seconds=0.0005,
     )
     # One step, two layers, two ranks: peaks 3 + 2 = 5 over means 2 + 2 = 4, imbalance 1.25,
-    # so the step takes 0.1 * (0.5 + 0.5 * 1.25) = 0.1125 s; dispatch adds 2 layers x 1 ms.
+    # so the step takes 0.1 * (0.5 + 0.5 * 1.25) = 0.1125 s; per-step dispatch adds 2 layers x 1 ms.
     rank_load = torch.tensor([[[3.0, 1.0], [2.0, 2.0]]])
     assert float(cost.step_times(rank_load)[0]) == pytest.approx(0.1125)
-    assert float(cost.step_times(rank_load, dispatch=True)[0]) == pytest.approx(0.1145)
+    assert float(cost.step_times(rank_load, dispatch="per-step")[0]) == pytest.approx(0.1145)
+    # Lagged: one 4 ms solve per step plus 0.5 ms of routing in each of the 2 layers.
+    assert float(cost.step_times(rank_load, dispatch="lagged")[0]) == pytest.approx(0.1175)
     assert cost.window_seconds(cost.step_times(rank_load)) == pytest.approx(11.25)
     # Refetched slots per (layer, rank): rank 0 receives 1 + 2 = 3 slots of 100 MB at 1 GB/s.
     fetched = torch.tensor([[1, 0], [2, 1]])
