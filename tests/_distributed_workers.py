@@ -308,6 +308,17 @@ def rearrange_with_layers(ep: ExpertParallelContext, record: Record, layers: int
     mismatched.step()
     attempt(record, "mismatched_layers", mismatched, mismatched.rearrange)
 
+    # Per-step replica dispatch: other slots serve the tokens, the outputs stay the same.
+    live = state.model_state()
+    live.expert_load_pass.zero_()
+    logits(model)
+    record.tensors["modulo.load"] = ep.all_reduce_(live.expert_load_pass.clone())
+    model.replica_dispatch = "balanced"
+    live.expert_load_pass.zero_()
+    record.tensors["dispatched.logits"] = logits(model)
+    record.tensors["dispatched.load"] = ep.all_reduce_(live.expert_load_pass.clone())
+    model.replica_dispatch = "modulo"
+
 
 def four_ranks(ep: ExpertParallelContext, record: Record) -> None:
     """Two nodes, one-row batches staged in host memory; a failing rank; a hung rank."""
