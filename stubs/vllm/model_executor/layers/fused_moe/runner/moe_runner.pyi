@@ -1,12 +1,14 @@
 # vLLM 0.33 `vllm/model_executor/layers/fused_moe/runner/moe_runner.py`: the
 # EPLB-facing surface of MoERunner. A concrete nn.Module class, as in vLLM
-# (there via MoERunnerInterface -> PluggableLayer), so that
-# `Sequence[MoERunner]` is as strict here as against the real source.
+# (there via MoERunnerInterface(PluggableLayer, ABC), PluggableLayer being an
+# nn.Module), so that `Sequence[MoERunner]` is as strict here as against the
+# real source.
+from abc import ABC
 from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-class MoERunner(nn.Module):
+class MoERunner(nn.Module, ABC):
     def get_expert_weights(self) -> Iterable[Tensor]: ...
     def set_eplb_state(
         self,
@@ -15,4 +17,3 @@ class MoERunner(nn.Module):
         logical_to_physical_map: Tensor,
         logical_replica_count: Tensor,
     ) -> None: ...
-    def update_expert_map(self) -> None: ...
