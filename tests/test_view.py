@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from unittest.mock import MagicMock
 
@@ -12,6 +13,7 @@ from fakes import (
     CompiledLike,
     DDPLike,
     DecoderWrapper,
+    FakeMoELayer,
     FakeMoELM,
     ForwardingPeftLike,
     Gemma4LikeVLM,
@@ -42,7 +44,8 @@ from moe_protocols.conformance import check_conformance
 from moe_protocols.errors import NotMixtureOfExpertsError
 from moe_protocols.guards import is_mixture_of_experts
 from moe_protocols.models import tiny_proxy_vlm, tiny_vlm
-from moe_protocols.protocols import MixtureOfExperts
+from moe_protocols.models._tiny_moe import TinyMoEBlock
+from moe_protocols.protocols import MixtureOfExperts, MoELayer
 
 COUNTS = (
     "num_moe_layers",
@@ -593,3 +596,70 @@ def test_compiled_moe_model_resolves_to_the_original_module() -> None:
     view = MoEView.require(compiled)
     assert view.model is lm
     assert view.trace.resolved_path == "model._orig_mod"
+
+
+# ------------------------------------------------------------------ layer_type
+
+
+def test_layer_type_checks_every_layer_and_keeps_the_same_objects(fake_vlm: OneLevelVLM) -> None:
+    view = MoEView.require(fake_vlm, layer_type=FakeMoELayer)
+    assert view.moe_layers is fake_vlm.get_language_model().moe_layers
+    assert MoEView.resolve(fake_vlm, layer_type=MoELayer) is not None  # a runtime protocol
+
+
+class OtherLayer:
+    """A conforming MoE layer that is not a FakeMoELayer."""
+
+    def __init__(self, num_local_physical_experts: int) -> None:
+        self._inner = FakeMoELayer(num_local_physical_experts)
+
+    def get_expert_weights(self) -> list[torch.Tensor]:
+        return self._inner.get_expert_weights()
+
+    def set_eplb_state(
+        self,
+        moe_layer_idx: int,
+        expert_load_view: torch.Tensor,
+        logical_to_physical_map: torch.Tensor,
+        logical_replica_count: torch.Tensor,
+    ) -> None: ...
+
+
+def test_a_layer_of_another_type_is_named_and_nothing_is_built(fake_vlm: OneLevelVLM) -> None:
+    lm = fake_vlm.get_language_model()
+    layers = list(lm.moe_layers)
+    lm.moe_layers = [*layers[:2], OtherLayer(lm.num_local_physical_experts)]
+    assert MoEView.resolve(fake_vlm, layer_type=TinyMoEBlock) is None
+    with pytest.raises(NotMixtureOfExpertsError, match=r"moe_layers\[0\] is a FakeMoELayer"):
+        MoEView.require(fake_vlm, layer_type=TinyMoEBlock)
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(fake_vlm, layer_type=type(layers[0]))
+    message = str(info.value)
+    assert "OneLevelVLM (the served model)" in message
+    assert "at model.get_language_model() (FakeMoELM)" in message
+    assert "moe_layers[2] is a OtherLayer instance, not a FakeMoELayer" in message
+    assert info.value.trace is not None
+    assert lm.moe_layers[:2] == layers[:2]
+
+
+@pytest.mark.parametrize("bad", ["FakeMoELayer", FakeMoELayer(2), 3], ids=repr)
+def test_layer_type_must_be_a_class(fake_vlm: OneLevelVLM, bad: object) -> None:
+    for build in (MoEView.resolve, MoEView.require):
+        with pytest.raises(NotMixtureOfExpertsError, match="layer_type must be a class"):
+            build(fake_vlm, layer_type=bad)  # type: ignore[call-overload]  # the misuse under test
+
+
+def test_view_declares_each_protocol_member_as_the_protocol_does() -> None:
+    """The declarations are what type checkers see; the forwarding behind them is
+    by name, so the types agree exactly when these strings do."""
+    ours = dict(MixtureOfExperts.__annotations__)
+    view = {k: v for k, v in MoEView.__annotations__.items() if not k.startswith("_")}
+    assert ours.pop("moe_layers") == "Sequence[MoELayer]"
+    assert view.pop("moe_layers") == "Sequence[LayerT]"
+    assert view == ours
+    methods = ("set_eplb_state", "update_physical_experts_metadata")
+    for name in methods:
+        assert inspect.signature(getattr(MoEView, name)) == inspect.signature(
+            getattr(MixtureOfExperts, name)
+        )
+    assert "forwarded to ._model.num_moe_layers" in repr(vars(MoEView)["num_moe_layers"])

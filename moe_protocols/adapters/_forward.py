@@ -1,4 +1,4 @@
-"""``forwarded``: one explicitly declared member that reads and writes the same member of a target.
+"""Members declared as attributes, backed by descriptors: ``forwarded`` and ``fixed``.
 
 Why not a property: pyright never accepts a property as the implementation of
 a protocol attribute declared ``x: T`` (vLLM declares every
@@ -11,21 +11,24 @@ its users, an attribute, and puts this descriptor behind the declaration::
 Type checkers see ``num_moe_layers: int``; at run time reads and writes go to
 ``self._model.num_moe_layers``. The declared type is the checked part: the
 forwarding classes' tests compare each declaration with the protocol's.
+``fixed`` is the same idea for a count that an adapter computes once and
+cannot change (it may be "set" to its own value, as a host that rewrites all
+counts does).
 """
 
 from __future__ import annotations
 
 from typing import Any, Final, final
 
-__all__ = ["forwarded"]
+from moe_protocols.errors import EplbStateError
+
+__all__ = ["fixed", "forwarded"]
 
 
-@final
-class _Forwarded:
-    """Data descriptor: ``obj.<name>`` is ``getattr(obj, target).<name>``, both ways."""
+class _Declared:
+    """A data descriptor that knows the member name it was declared under."""
 
-    def __init__(self, target: str, doc: str | None) -> None:
-        self._target: Final = target
+    def __init__(self, doc: str | None) -> None:
         self._name = ""
         self.__doc__ = doc
 
@@ -35,6 +38,21 @@ class _Forwarded:
     def __get__(self, obj: object | None, owner: type[object] | None = None) -> object:
         if obj is None:
             return self  # on the class: the descriptor itself (help(), introspection)
+        return self._read(obj)
+
+    def _read(self, obj: object) -> object:
+        raise NotImplementedError
+
+
+@final
+class _Forwarded(_Declared):
+    """``obj.<name>`` is ``getattr(obj, target).<name>``, both ways."""
+
+    def __init__(self, target: str, doc: str | None) -> None:
+        super().__init__(doc)
+        self._target: Final = target
+
+    def _read(self, obj: object) -> object:
         return getattr(getattr(obj, self._target), self._name)
 
     def __set__(self, obj: object, value: object) -> None:
@@ -52,3 +70,33 @@ def forwarded(target: str, doc: str | None = None) -> Any:
     a plain attribute of that type.
     """
     return _Forwarded(target, doc)
+
+
+@final
+class _Fixed(_Declared):
+    """``obj.<name>`` is ``getattr(obj, source)``; setting another value raises."""
+
+    def __init__(self, source: str, why: str, doc: str | None) -> None:
+        super().__init__(doc)
+        self._source: Final = source
+        self._why: Final = why
+
+    def _read(self, obj: object) -> object:
+        return getattr(obj, self._source)
+
+    def __set__(self, obj: object, value: object) -> None:
+        current = getattr(obj, self._source)
+        if value != current:
+            raise EplbStateError(
+                f"{obj!r}: cannot set {self._name}={value!r}: {self._why} "
+                f"({self._name}={current!r})"
+            )
+
+
+def fixed(source: str, why: str, doc: str | None = None) -> Any:
+    """A member that reads ``getattr(self, source)`` and refuses any other value (``why`` says why).
+
+    Raises ``EplbStateError`` on a write of a different value; writing the
+    same value is accepted. Typed ``Any`` for the reason ``forwarded`` is.
+    """
+    return _Fixed(source, why, doc)

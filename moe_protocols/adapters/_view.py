@@ -313,8 +313,8 @@ def _wrong_layer(model: MixtureOfExperts, layer_type: type[MoELayer] | None) -> 
         # layer_type is the caller's class, not one this library names.
         if not isinstance(layer, layer_type):
             return (
-                f"moe_layers[{index}] is a {type(layer).__qualname__}, not the "
-                f"{layer_type.__qualname__} that layer_type asks for"
+                f"moe_layers[{index}] is a {type(layer).__qualname__} instance, not a "
+                f"{layer_type.__qualname__} (the layer_type asked for)"
             )
     return None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from typing_extensions import assert_type
 
@@ -16,7 +18,13 @@ from moe_protocols import (
     check_conformance,
     check_layer_conformance,
 )
-from moe_protocols.models import TinyMoEForCausalLM, tiny_moe, tiny_vlm
+from moe_protocols.adapters import HFMoEAdapter
+from moe_protocols.models import (
+    TinyMoEForCausalLM,
+    TinyProxyVLMForConditionalGeneration,
+    tiny_moe,
+    tiny_vlm,
+)
 
 
 def resolution(served: object) -> MixtureOfExperts:
@@ -36,6 +44,16 @@ def a_reference_model_is_a_mixture_of_experts() -> MixtureOfExperts:
     view = MoEView.require(tiny_vlm())
     assert_type(view.moe_layers[0], MoELayer)
     return model
+
+
+def adapters_and_forwarding_wrappers_are_ours(
+    hf: HFMoEAdapter, proxy: TinyProxyVLMForConditionalGeneration
+) -> list[MixtureOfExperts]:
+    # Attributes, not properties, to both checkers: pyright accepts no property
+    # for a protocol attribute.
+    assert_type(hf.num_physical_experts, int)
+    assert_type(proxy.moe_layers, Sequence[MoELayer])
+    return [hf, proxy, MoEView.require(proxy)]
 
 
 def the_error_carries_the_story(served: object) -> ResolutionTrace | None:
