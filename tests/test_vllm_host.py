@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from moe_protocols import MoEView, is_mixture_of_experts
+from moe_protocols import MoEView, NotMixtureOfExpertsError, is_mixture_of_experts
 
 if TYPE_CHECKING:
     from fakes import FakeMoELM
@@ -70,3 +70,15 @@ def test_vllms_default_set_eplb_state_fills_the_view_and_reaches_every_layer(
     assert view.expert_weights is view.model.expert_weights
     for weights, layer in zip(view.expert_weights, view.moe_layers, strict=True):
         assert [w.data_ptr() for w in weights] == [w.data_ptr() for w in layer.get_expert_weights()]
+
+
+def test_asking_for_vllms_layer_type_names_a_layer_that_is_not_one(
+    skewed_vlm: TinyVLMForConditionalGeneration,
+) -> None:
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    assert MoEView.resolve(skewed_vlm, layer_type=MoERunner) is None
+    with pytest.raises(
+        NotMixtureOfExpertsError, match=r"moe_layers\[0\] is a TinyMoEBlock instance"
+    ):
+        MoEView.require(skewed_vlm, layer_type=MoERunner)
