@@ -41,7 +41,8 @@ class _Normaliser(ast.NodeTransformer):
                 parsed = ast.parse(node.value, mode="eval").body
             except SyntaxError:
                 return node
-            return self.visit(parsed)
+            normalised: ast.AST = self.visit(parsed)
+            return normalised
         return node
 
     def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
@@ -56,7 +57,10 @@ class _Normaliser(ast.NodeTransformer):
 
     def visit_Name(self, node: ast.Name) -> ast.AST:
         alias = self._aliases.get(node.id)
-        return self.visit(alias) if alias is not None else node
+        if alias is None:
+            return node
+        replaced: ast.AST = self.visit(alias)
+        return replaced
 
 
 def normalise(annotation: ast.expr | None, aliases: dict[str, ast.expr] | None = None) -> str:
