@@ -18,6 +18,8 @@ counts does).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from operator import attrgetter
 from typing import Any, Final, final
 
 from moe_protocols.errors import EplbStateError
@@ -26,21 +28,23 @@ __all__ = ["fixed", "forwarded"]
 
 
 class _Declared:
-    """A data descriptor that knows the member name it was declared under."""
+    """Stands in the class body until ``__set_name__``, which replaces it by a ``property``.
+
+    A property whose getter is an ``operator.attrgetter`` reads in C, as fast
+    as a hand-written property or faster; the declaration it replaces is what
+    type checkers see.
+    """
 
     def __init__(self, doc: str | None) -> None:
-        self._name = ""
-        self.__doc__ = doc
+        self._doc = doc
 
     def __set_name__(self, owner: type[object], name: str) -> None:
-        self._name = name
+        getter, setter = self._accessors(name)
+        setattr(owner, name, property(getter, setter, doc=self._doc))
 
-    def __get__(self, obj: object | None, owner: type[object] | None = None) -> object:
-        if obj is None:
-            return self  # on the class: the descriptor itself (help(), introspection)
-        return self._read(obj)
-
-    def _read(self, obj: object) -> object:
+    def _accessors(
+        self, name: str
+    ) -> tuple[Callable[[object], object], Callable[[object, object], None]]:
         raise NotImplementedError
 
 
@@ -52,14 +56,15 @@ class _Forwarded(_Declared):
         super().__init__(doc)
         self._target: Final = target
 
-    def _read(self, obj: object) -> object:
-        return getattr(getattr(obj, self._target), self._name)
+    def _accessors(
+        self, name: str
+    ) -> tuple[Callable[[object], object], Callable[[object, object], None]]:
+        target = self._target
 
-    def __set__(self, obj: object, value: object) -> None:
-        setattr(getattr(obj, self._target), self._name, value)
+        def write(obj: object, value: object) -> None:
+            setattr(getattr(obj, target), name, value)
 
-    def __repr__(self) -> str:
-        return f"<forwarded to .{self._target}.{self._name}>"
+        return attrgetter(f"{target}.{name}"), write
 
 
 def forwarded(target: str, doc: str | None = None) -> Any:
@@ -81,16 +86,19 @@ class _Fixed(_Declared):
         self._source: Final = source
         self._why: Final = why
 
-    def _read(self, obj: object) -> object:
-        return getattr(obj, self._source)
+    def _accessors(
+        self, name: str
+    ) -> tuple[Callable[[object], object], Callable[[object, object], None]]:
+        source, why = self._source, self._why
 
-    def __set__(self, obj: object, value: object) -> None:
-        current = getattr(obj, self._source)
-        if value != current:
-            raise EplbStateError(
-                f"{obj!r}: cannot set {self._name}={value!r}: {self._why} "
-                f"({self._name}={current!r})"
-            )
+        def write(obj: object, value: object) -> None:
+            current = getattr(obj, source)
+            if value != current:
+                raise EplbStateError(
+                    f"{obj!r}: cannot set {name}={value!r}: {why} ({name}={current!r})"
+                )
+
+        return attrgetter(source), write
 
 
 def fixed(source: str, why: str, doc: str | None = None) -> Any:
