@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from moe_protocols.adapters import (
     DEFAULT_UNWRAP_STEPS,
+    HFMoEAdapter,
     MoEView,
     ResolutionTrace,
     TraceOutcome,
@@ -43,7 +44,7 @@ from moe_protocols.adapters import (
 from moe_protocols.conformance import check_conformance
 from moe_protocols.errors import NotMixtureOfExpertsError
 from moe_protocols.guards import is_mixture_of_experts
-from moe_protocols.models import tiny_proxy_vlm, tiny_vlm
+from moe_protocols.models import TinyProxyVLMForConditionalGeneration, tiny_proxy_vlm, tiny_vlm
 from moe_protocols.models._tiny_moe import TinyMoEBlock
 from moe_protocols.protocols import MixtureOfExperts, MoELayer
 
@@ -668,3 +669,10 @@ def test_view_declares_each_protocol_member_as_the_protocol_does() -> None:
             getattr(MixtureOfExperts, name)
         )
     assert vars(MoEView)["num_moe_layers"].__doc__ == "The model's ``num_moe_layers``."
+
+
+@pytest.mark.parametrize("cls", [TinyProxyVLMForConditionalGeneration, HFMoEAdapter])
+def test_other_implementations_declare_the_protocols_counts_as_attributes(cls: type) -> None:
+    ours = {k: v for k, v in MixtureOfExperts.__annotations__.items() if k != "moe_layers"}
+    declared = {k: v for k, v in cls.__annotations__.items() if k in ours}
+    assert declared == ours

@@ -1,14 +1,15 @@
 """Members declared as attributes, backed by descriptors: ``forwarded`` and ``fixed``.
 
-Why not a property: pyright never accepts a property as the implementation of
+Why not a property in the class body: pyright never accepts a property as the implementation of
 a protocol attribute declared ``x: T`` (vLLM declares every
 ``MixtureOfExperts`` member that way), and mypy accepts one only with a
 setter. A class that forwards a member therefore declares it as what it is to
-its users, an attribute, and puts this descriptor behind the declaration::
+its users, an attribute, and puts one of these behind the declaration::
 
     num_moe_layers: int = forwarded("_model")
 
-Type checkers see ``num_moe_layers: int``; at run time reads and writes go to
+Type checkers see ``num_moe_layers: int``; at run time the placeholder turns
+itself into a property when the class is created, and reads and writes go to
 ``self._model.num_moe_layers``. The declared type is the checked part: the
 forwarding classes' tests compare each declaration with the protocol's.
 ``fixed`` is the same idea for a count that an adapter computes once and
