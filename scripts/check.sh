@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Set up the environment, then run every check: ruff (lint + format),
-# mypy --strict (package, stubs, typing tests, benchmarks) and the pytest suite.
+# Set up the environments, then run every check: ruff (lint + format),
+# mypy --strict (package, stubs, typing tests, benchmarks), the pytest suite,
+# and the real-vLLM tier (tests marked `vllm`, run with .venv-vllm's
+# interpreter; a missing tier fails here instead of skipping).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MOE_PROTOCOLS_EXTRAS="${MOE_PROTOCOLS_EXTRAS:-dev,hf}" ./scripts/setup.sh
+./scripts/setup-vllm.sh
 VENV="${MOE_PROTOCOLS_VENV:-.venv}"
+VLLM_VENV="${MOE_PROTOCOLS_VLLM_VENV:-.venv-vllm}"
 
 echo "== ruff"
 "$VENV/bin/ruff" check .
@@ -12,4 +16,6 @@ echo "== ruff"
 echo "== mypy --strict"
 "$VENV/bin/mypy"
 echo "== pytest"
-"$VENV/bin/pytest" "$@"
+"$VENV/bin/pytest" -m "not vllm" "$@"
+echo "== pytest: real-vLLM tier ($VLLM_VENV)"
+MOE_PROTOCOLS_REQUIRE_VLLM=1 "$VLLM_VENV/bin/pytest" -m vllm -p no:cacheprovider
