@@ -1,0 +1,411 @@
+"""The vLLM plugin against the real vLLM 0.33 (the `vllm` tier, scripts/setup-vllm.sh).
+
+What runs for real: vLLM's entry-point loader (``vllm.plugins.load_general_plugins``),
+the runner modules whose ``get_mixture_of_experts_model`` binding the plugin
+replaces (``vllm.v1.worker.gpu_model_runner``, ``vllm.v1.worker.gpu.eplb_utils``),
+vLLM's guard and protocol, vLLM's ``EplbState`` (``add_model``, ``step``,
+``rearrange``, weight movement through its ``torch_gloo`` communicator on a
+1-rank gloo group, ``reconfigure_physical_expert_slots``,
+``_propagate_shared_tensors``), vLLM's ``DefaultEplbPolicy``, Model Runner V2's
+``EPLBController.maybe_register_model`` and the elastic-EP executor's own
+``switch_and_prepare`` and ``transfer_weights`` bodies. Doubles: the model
+runner and worker objects (a GPU runner cannot be built on CPU), the
+elastic-EP process-group helpers those two methods call, and a stand-in for
+``torch.Event`` (CPU has no timing events). One process, one ``register()``:
+the tier's imports take most of the time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from moe_protocols import NotMixtureOfExpertsError, PolicyError
+from moe_protocols.integrations import vllm as plugin
+from moe_protocols.models import tiny_moe, tiny_proxy_vlm, tiny_vlm
+
+pytestmark = pytest.mark.vllm
+
+RUNNER_V1 = "vllm.v1.worker.gpu_model_runner"
+RUNNER_V2 = "vllm.v1.worker.gpu.eplb_utils"
+
+
+def _resolvers() -> list[Any]:
+    import importlib
+
+    return [importlib.import_module(m).get_mixture_of_experts_model for m in (RUNNER_V1, RUNNER_V2)]
+
+
+@pytest.fixture(scope="module")
+def registered() -> Iterator[None]:
+    """The plugin registered once for the module (vLLM's policy), removed afterwards."""
+    plugin.unregister()
+    plugin.register()
+    assert plugin.is_registered()
+    yield
+    plugin.unregister()
+
+
+@contextlib.contextmanager
+def _policy_env(name: str | None) -> Iterator[None]:
+    before = os.environ.get(plugin.POLICY_ENV)
+    if name is None:
+        os.environ.pop(plugin.POLICY_ENV, None)
+    else:
+        os.environ[plugin.POLICY_ENV] = name
+    plugin.unregister()
+    try:
+        yield
+    finally:
+        plugin.unregister()
+        if before is None:
+            os.environ.pop(plugin.POLICY_ENV, None)
+        else:
+            os.environ[plugin.POLICY_ENV] = before
+        plugin.register()
+
+
+# ------------------------------------------------------------------ the entry point
+
+
+def test_the_entry_point_is_found_and_vllms_loader_runs_it(
+    registered: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vllm.plugins
+
+    (entry,) = [
+        e
+        for e in importlib.metadata.entry_points(group="vllm.general_plugins")
+        if e.name == "moe_protocols"
+    ]
+    assert entry.load() is plugin.register
+    plugin.unregister()
+    before = _resolvers()
+    monkeypatch.setenv("VLLM_PLUGINS", "moe_protocols")
+    monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
+    vllm.plugins.load_general_plugins()
+    assert plugin.is_registered()  # vLLM only logs a plugin that fails: check it ran
+    after = _resolvers()
+    assert all(a is not b for a, b in zip(after, before, strict=True))
+    seams = plugin.registered_seams()
+    # Twice more, through vLLM and directly: nothing changes.
+    monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
+    vllm.plugins.load_general_plugins()
+    plugin.register()
+    assert plugin.registered_seams() == seams
+    assert all(a is b for a, b in zip(_resolvers(), after, strict=True))
+
+
+def test_unregister_restores_every_original(registered: None) -> None:
+    from vllm.v1.worker import gpu_model_runner
+
+    patched = [vars(gpu_model_runner.GPUModelRunner)["load_model"], *_resolvers()]
+    plugin.unregister()
+    try:
+        assert plugin.registered_seams() == ()
+        from vllm.model_executor.models import interfaces
+
+        assert all(r is interfaces.get_mixture_of_experts_model for r in _resolvers())
+        assert vars(gpu_model_runner.GPUModelRunner)["load_model"] is not patched[0]
+        plugin.unregister()  # a second undo is a no-op
+    finally:
+        plugin.register()
+
+
+def test_outside_the_supported_range_one_warning_and_nothing_patched(
+    registered: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from vllm.model_executor.models import interfaces
+
+    from moe_protocols.integrations.vllm import _plugin
+
+    plugin.unregister()
+    monkeypatch.setattr(_plugin, "_installed_vllm_version", lambda: "0.34.0")
+    monkeypatch.setattr(_plugin, "_warned", [])
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm.moe_protocols"):
+            plugin.register()
+            plugin.register()
+        assert not plugin.is_registered()
+        assert all(r is interfaces.get_mixture_of_experts_model for r in _resolvers())
+        warnings = [r for r in caplog.records if r.name == "vllm.moe_protocols"]
+        assert len(warnings) == 1
+        assert "0.34.0 is outside the supported range >=0.33,<0.34" in warnings[0].getMessage()
+    finally:
+        monkeypatch.undo()
+        plugin.register()
+
+
+def test_a_missing_seam_patches_nothing(
+    registered: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from vllm.distributed.elastic_ep import elastic_execute
+
+    from moe_protocols.integrations.vllm import _plugin
+
+    plugin.unregister()
+    monkeypatch.delattr(elastic_execute.ElasticEPScalingExecutor, "transfer_weights")
+    monkeypatch.setattr(_plugin, "_warned", [])
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm.moe_protocols"):
+            plugin.register()
+        assert not plugin.is_registered()
+        from vllm.model_executor.models import interfaces
+
+        assert all(r is interfaces.get_mixture_of_experts_model for r in _resolvers())
+        assert "transfer_weights" in caplog.text
+    finally:
+        monkeypatch.undo()
+        plugin.register()
+
+
+def test_a_bad_policy_name_fails_start_up_with_the_known_names(registered: None) -> None:
+    with _policy_env("migration-aware"), pytest.raises(PolicyError) as info:
+        plugin.register()
+    message = str(info.value)
+    assert "MOE_PROTOCOLS_VLLM_POLICY='migration-aware'" in message
+    assert "deepseek, default, migration_aware" in message
+
+
+def test_the_disable_switch_patches_nothing(
+    registered: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugin.unregister()
+    monkeypatch.setenv(plugin.DISABLE_ENV, "1")
+    plugin.register()
+    assert not plugin.is_registered()
+    monkeypatch.undo()
+    plugin.register()
+    assert plugin.is_registered()
+
+
+# ------------------------------------------------------------------ resolution
+
+
+class _DDPLike(nn.Module):
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+class _PeftLike(nn.Module):
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base_model = base
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+
+class _OmniLike(nn.Module):
+    def __init__(self, thinker: nn.Module) -> None:
+        super().__init__()
+        self.thinker = thinker
+        self.talker = nn.Linear(2, 2)
+
+
+def test_the_runner_resolution_finds_the_lm_behind_every_wrapper(registered: None) -> None:
+    from vllm.model_executor.models import interfaces
+
+    vlm = tiny_vlm()
+    lm = vlm.get_language_model()
+    served = {
+        "tiny_vlm": vlm,
+        "compile(DDP-like(tiny_vlm))": torch.compile(_DDPLike(vlm)),
+        "PEFT-style": _PeftLike(vlm),
+        "omni-style thinker": _OmniLike(vlm),
+    }
+    for name, model in served.items():
+        assert interfaces.get_mixture_of_experts_model(model) is None, name  # vLLM alone
+        for resolve in _resolvers():
+            found = resolve(model)
+            assert found is lm, name
+            assert interfaces.is_mixture_of_experts(found), name
+
+
+def test_the_runner_resolution_returns_what_vllm_returned_when_vllm_succeeds(
+    registered: None,
+) -> None:
+    from vllm.model_executor.models import interfaces
+
+    native, proxy, dense = tiny_moe(), tiny_proxy_vlm(), tiny_moe(num_layers=1, first_k_dense=1)
+    for model in (native, proxy):
+        expected = interfaces.get_mixture_of_experts_model(model)
+        assert expected is model
+        assert all(resolve(model) is expected for resolve in _resolvers())
+    assert interfaces.get_mixture_of_experts_model(dense) is None
+    assert all(resolve(dense) is None for resolve in _resolvers())
+
+
+def test_the_health_line_names_class_path_and_policy(
+    registered: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    resolve = _resolvers()[0]
+    with caplog.at_level(logging.INFO, logger="vllm.moe_protocols"):
+        resolve(_PeftLike(tiny_vlm()))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "vllm.moe_protocols"]
+    assert line == (
+        "moe-protocols: serving _PeftLike; MoE model TinyMoEForCausalLM at "
+        "model.get_base_model().get_language_model() (found by moe-protocols); "
+        "EPLB policy: vLLM's default"
+    )
+
+
+# ------------------------------------------------------------------ load fails with the trace
+
+
+def test_v2_controller_with_eplb_and_no_moe_model_fails_at_load_with_the_trace(
+    registered: None,
+) -> None:
+    from vllm.v1.worker.gpu.eplb_utils import EPLBController
+
+    controller = EPLBController(SimpleNamespace(enable_eplb=True), torch.device("cpu"))
+    dense = _PeftLike(tiny_moe(num_layers=1, first_k_dense=1))
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        controller.maybe_register_model(dense, SimpleNamespace(model="org/dense"))
+    message = str(info.value)
+    assert "EPLB enabled (--enable-eplb) for org/dense" in message
+    assert "model.get_base_model()" in message
+    assert info.value.trace is not None
+    off = EPLBController(SimpleNamespace(enable_eplb=False), torch.device("cpu"))
+    assert off.maybe_register_model(dense, SimpleNamespace(model="org/dense")) is False
+
+
+def test_v1_load_model_with_eplb_and_no_moe_model_fails_with_the_trace(
+    registered: None,
+) -> None:
+    """vLLM's V1 ``load_model`` body needs a GPU; the seam wraps it, so a double stands in."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from moe_protocols.integrations.vllm._seams import failing_v1_load_model
+
+    dense = _OmniLike(tiny_moe(num_layers=1, first_k_dense=1))
+
+    class Runner:
+        parallel_config = SimpleNamespace(enable_eplb=True)
+        model_config = SimpleNamespace(model="org/dense")
+        _moe_model = None
+
+        def get_model(self) -> nn.Module:
+            return dense
+
+    load_model = vars(GPUModelRunner)["load_model"]
+    assert load_model.__wrapped__.__qualname__ == "GPUModelRunner.load_model"
+    vllm_body_done = failing_v1_load_model(lambda self, *args, **kwargs: None)
+    with pytest.raises(NotMixtureOfExpertsError, match=r"model\.thinker") as info:
+        vllm_body_done(Runner())
+    assert "EPLB enabled (--enable-eplb) for org/dense" in str(info.value)
+    Runner.parallel_config = SimpleNamespace(enable_eplb=False)
+    vllm_body_done(Runner())  # EPLB off: a dense model loads as before
+
+
+# ------------------------------------------------------------------ vLLM's EplbState, our policy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _NoTimingEvent:
+    """CPU has no timing events; vLLM's rearrange times itself with ``torch.Event``."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def record(self, *args: object) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, other: object) -> float:
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def gloo_world() -> Iterator[None]:
+    """vLLM's distributed environment on one gloo rank, with its EP and EPLB groups."""
+    from vllm.distributed import parallel_state
+    from vllm.distributed.eplb import eplb_state
+
+    if parallel_state._EPLB is None:
+        parallel_state.init_distributed_environment(
+            world_size=1,
+            rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
+            local_rank=0,
+            backend="gloo",
+        )
+        for name in ("_EP", "_EPLB"):
+            group = parallel_state.init_model_parallel_group(
+                [[0]], 0, "gloo", group_name=name.strip("_").lower(), use_device_communicator=False
+            )
+            setattr(parallel_state, name, group)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "Event", _NoTimingEvent)
+        mp.setattr(eplb_state, "PIN_MEMORY", False)
+        yield
+
+
+class _ModelConfig:
+    model = "tiny-vlm"
+
+    def compute_hash(self) -> str:
+        return "tiny-vlm"
+
+
+def _skewed_input_ids() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(7)
+    return torch.randint(0, 12, (4, 24), generator=generator)  # a narrow slice of the vocab
+
+
+def _rearrange_with_vllm(policy: str | None) -> tuple[int, torch.Tensor, torch.Tensor, type[Any]]:
+    """Serve a tiny VLM under vLLM's EplbState for one rearrangement; return what it did."""
+    from vllm.config import EPLBConfig, ParallelConfig
+    from vllm.distributed.eplb.eplb_state import EplbState
+
+    with _policy_env(policy):
+        plugin.register()
+        vlm = tiny_vlm(num_experts=16, num_redundant_experts=4, top_k=2)
+        moe = _resolvers()[0](vlm)
+        config = EPLBConfig(
+            use_async=False, communicator="torch_gloo", window_size=4, step_interval=4
+        )
+        state = EplbState(ParallelConfig(eplb_config=config), torch.device("cpu"))
+        state.add_model(moe, _ModelConfig())
+        model_state = state.model_states["tiny-vlm"]
+        old_map = model_state.physical_to_logical_map.clone()
+        ids = _skewed_input_ids()
+        with torch.no_grad():
+            before = vlm(ids)
+            steps_before = state.expert_rearrangement_step
+            state.step()  # the first rearrangement comes after a quarter of the interval
+            assert state.expert_rearrangement_step == 0 != steps_before  # it rearranged
+            after = vlm(ids)
+        moved = int((model_state.physical_to_logical_map != old_map).sum())
+        return moved, before, after, state.policy
+
+
+def test_vllms_eplb_state_rearranges_the_tiny_vlm_with_our_policy(gloo_world: None) -> None:
+    ours_moved, before, after, ours = _rearrange_with_vllm("migration_aware")
+    assert ours is plugin.vllm_policy_class("migration_aware")
+    torch.testing.assert_close(after, before)  # weights moved with the maps
+    vllm_moved, before_v, after_v, theirs = _rearrange_with_vllm(None)
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+
+    assert theirs is DefaultEplbPolicy
+    torch.testing.assert_close(after_v, before_v)
+    # One rank is always balanced: ours keeps every slot, vLLM's re-replicates (10 of 60).
+    assert ours_moved == 0 < vllm_moved
