@@ -409,3 +409,144 @@ def test_vllms_eplb_state_rearranges_the_tiny_vlm_with_our_policy(gloo_world: No
     torch.testing.assert_close(after_v, before_v)
     # One rank is always balanced: ours keeps every slot, vLLM's re-replicates (10 of 60).
     assert ours_moved == 0 < vllm_moved
+
+
+# ------------------------------------------------------------------ elastic EP
+
+
+class _Runner:
+    """A model-runner double: the attributes vLLM's elastic-EP executor reads."""
+
+    def __init__(self, model: nn.Module, eplb_state: Any) -> None:
+        self.model = model
+        self.eplb_state = eplb_state
+        self.model_config = _ModelConfig()
+
+    def get_model(self) -> nn.Module:
+        return self.model
+
+
+class _Worker:
+    def __init__(self, runner: _Runner, parallel_config: Any) -> None:
+        self.model_runner = runner
+        self.vllm_config = SimpleNamespace(parallel_config=parallel_config)
+
+
+class _SentTensors:
+    """A device-communicator double: records what ``batch_isend_irecv`` would send."""
+
+    def __init__(self) -> None:
+        self.sent: list[torch.Tensor] = []
+
+    def batch_isend_irecv(self, ops: list[Any]) -> None:
+        self.sent.extend(op.tensor for op in ops)
+
+
+@pytest.fixture
+def elastic_executor(
+    gloo_world: None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Any, nn.Module, Any, _SentTensors]]:
+    """vLLM's ElasticEPScalingExecutor over a tiny VLM registered with vLLM's EplbState.
+
+    Its process-group helpers (standby groups, group swap, all2all manager,
+    the config context) are doubles; its methods' bodies are vLLM's.
+    """
+    from vllm.config import EPLBConfig, ParallelConfig
+    from vllm.distributed.elastic_ep import elastic_execute
+    from vllm.distributed.eplb.eplb_state import EplbState
+    from vllm.v1.engine import ReconfigureRankType
+
+    vlm = tiny_vlm(num_experts=8, num_redundant_experts=2)
+    lm = vlm.get_language_model()
+    config = EPLBConfig(use_async=False, communicator="torch_gloo")
+    parallel_config = ParallelConfig(eplb_config=config)
+    state = EplbState(parallel_config, torch.device("cpu"))
+    state.add_model(_resolvers()[0](vlm), _ModelConfig())
+    blocks = list(lm.moe_layers)
+    for block in blocks:  # the vLLM-layer surface switch_and_prepare reads off each MoE layer
+        vars(block)["moe_config"] = SimpleNamespace(num_local_experts=lm.num_local_physical_experts)
+        vars(block)["_quant_method"] = SimpleNamespace()
+        vars(block)["_set_moe_config"] = lambda moe_config: None
+    sent = _SentTensors()
+    standby = SimpleNamespace(
+        rank_in_group=0,
+        tcp_store_group=SimpleNamespace(broadcast=lambda tensor, src: tensor),
+        device_communicator=sent,
+    )
+    monkeypatch.setattr(elastic_execute, "is_moe_layer", lambda module: module in blocks)
+    monkeypatch.setattr(elastic_execute, "pop_standby_groups", dict)
+    monkeypatch.setattr(elastic_execute, "_replace_active_groups", lambda **groups: ())
+    monkeypatch.setattr(elastic_execute, "get_dp_group", lambda: None)
+    monkeypatch.setattr(elastic_execute, "get_standby_dp_group", lambda: standby)
+    monkeypatch.setattr(
+        elastic_execute,
+        "get_ep_all2all_manager",
+        lambda: SimpleNamespace(commit_ep_size=lambda: None),
+    )
+    monkeypatch.setattr(
+        elastic_execute, "set_current_vllm_config", lambda c: contextlib.nullcontext()
+    )
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda: None)
+    worker = _Worker(_Runner(vlm, state), parallel_config)
+    executor = elastic_execute.ElasticEPScalingExecutor(worker)
+    executor._can_reuse_fused_moe_kernel = lambda: True
+    executor._make_eep_moe_config = lambda module, dp, ep: module.moe_config
+    executor._prepared_eplb_communicator = state.model_states["tiny-vlm"].communicator
+    keep = ReconfigureRankType.KEEP_CURRENT_RANK
+    executor.reconfig_request = SimpleNamespace(
+        new_data_parallel_size=1,
+        new_data_parallel_rank=keep,
+        new_data_parallel_rank_local=keep,
+        new_data_parallel_master_ip="127.0.0.1",
+        new_data_parallel_master_port=_free_port(),
+    )
+    yield executor, vlm, worker, sent
+    executor._async_executor.shutdown()
+
+
+def test_elastic_ep_rescales_the_language_model_not_the_wrapper(
+    registered: None, elastic_executor: tuple[Any, nn.Module, Any, _SentTensors]
+) -> None:
+    executor, vlm, worker, _ = elastic_executor
+    lm = vlm.get_language_model()
+    calls: list[tuple[int, int]] = []
+    original = lm.update_physical_experts_metadata
+
+    def spy(num_physical_experts: int, num_local_physical_experts: int) -> None:
+        calls.append((num_physical_experts, num_local_physical_experts))
+        original(num_physical_experts, num_local_physical_experts)
+
+    vars(lm)["update_physical_experts_metadata"] = spy
+    lm.expert_weights = []
+    executor.switch_and_prepare()  # vLLM's body, through the plugin's seam
+    assert calls == [(lm.num_physical_experts, lm.num_local_physical_experts)]
+    assert len(lm.expert_weights) == lm.num_moe_layers  # set_eplb_state reached the LM
+    assert "expert_weights" not in vars(vlm)  # ... and nothing landed on the wrapper
+    assert worker.model_runner.get_model() is vlm  # the seam is gone once the method returns
+
+
+def test_without_the_plugin_vllms_elastic_ep_fails_on_a_wrapped_model(
+    registered: None, elastic_executor: tuple[Any, nn.Module, Any, _SentTensors]
+) -> None:
+    executor, _, _, _ = elastic_executor
+    plugin.unregister()
+    try:
+        with pytest.raises(AttributeError, match="expert_weights"):
+            executor.transfer_weights(old_dp_size=1, new_dp_size=2)
+        with pytest.raises(AttributeError, match="set_eplb_state"):
+            executor.switch_and_prepare()
+    finally:
+        plugin.register()
+
+
+def test_elastic_ep_sends_a_new_worker_the_whole_model_minus_the_lms_experts(
+    registered: None, elastic_executor: tuple[Any, nn.Module, Any, _SentTensors]
+) -> None:
+    executor, vlm, _, sent = elastic_executor
+    lm = vlm.get_language_model()
+    executor.transfer_weights(old_dp_size=1, new_dp_size=2)
+    sent_ptrs = {t.data_ptr() for t in sent.sent}
+    expert_ptrs = {w.data_ptr() for layer in lm.expert_weights for w in layer}
+    vision_ptrs = {p.data_ptr() for p in vlm.vision_tower.parameters()}
+    assert vision_ptrs <= sent_ptrs  # the wrapper's own weights go to the new worker
+    assert not expert_ptrs & sent_ptrs  # the experts move later, through EPLB
