@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -409,6 +413,41 @@ def test_vllms_eplb_state_rearranges_the_tiny_vlm_with_our_policy(gloo_world: No
     torch.testing.assert_close(after_v, before_v)
     # One rank is always balanced: ours keeps every slot, vLLM's re-replicates (10 of 60).
     assert ours_moved == 0 < vllm_moved
+
+
+def test_two_gloo_ranks_vllms_eplb_state_moves_fewer_slots_with_our_policy(
+    tmp_path: Path,
+) -> None:
+    """Two processes: vLLM's EplbState and torch_gloo communicator move experts between them."""
+    worker = Path(__file__).with_name("_vllm_two_rank_worker.py")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(rank), str(port), str(tmp_path)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    errors = [rank.communicate(timeout=300)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for policy in ("vllm", "migration_aware"):
+        assert results[0][policy]["map"] == results[1][policy]["map"]  # one placement
+    for result in results:
+        theirs, ours = result["vllm"], result["migration_aware"]
+        assert theirs["policy"] == "DefaultEplbPolicy"
+        assert ours["policy"] == "MoEProtocolsMigrationAwareEplbPolicy"
+        assert theirs["rearranged"]
+        assert ours["rearranged"]
+        assert theirs["max_output_change"] == ours["max_output_change"] == 0.0
+        # Measured: vLLM's default moves 25 of 60 slots to 0.9914, ours 16 to 0.9983.
+        assert 0 < ours["moved"] < theirs["moved"]
+        assert ours["planned_balancedness"] >= theirs["planned_balancedness"]
+        assert ours["planned_balancedness"] > ours["old_balancedness"]
 
 
 # ------------------------------------------------------------------ elastic EP
