@@ -265,6 +265,65 @@ def test_the_health_line_names_class_path_and_policy(
     )
 
 
+def _raising_vlm(inner: nn.Module | None) -> nn.Module:
+    """A vLLM multimodal model whose ``get_language_model()`` fails with a RuntimeError."""
+    from vllm.model_executor.models.interfaces import SupportsMultiModal
+
+    class RaisingVLM(nn.Module, SupportsMultiModal):
+        def __init__(self) -> None:
+            super().__init__()
+            if inner is not None:
+                self.language_model = inner
+
+        def get_language_model(self) -> nn.Module:
+            raise RuntimeError("language model not built on this rank")
+
+    return RaisingVLM()
+
+
+def test_a_failing_get_language_model_falls_back_to_the_walk(registered: None) -> None:
+    from vllm.model_executor.models import interfaces
+
+    lm = tiny_moe()
+    wrapped = _raising_vlm(lm)
+    with pytest.raises(RuntimeError, match="not built"):
+        interfaces.get_mixture_of_experts_model(wrapped)  # vLLM alone
+    assert all(resolve(wrapped) is lm for resolve in _resolvers())  # found at .language_model
+    empty = _raising_vlm(None)
+    for resolve in _resolvers():  # nothing to find: vLLM's own error, unchanged
+        with pytest.raises(RuntimeError, match="not built"):
+            resolve(empty)
+
+
+def test_hostile_objects_resolve_as_vllm_resolves_them(registered: None) -> None:
+    from vllm.model_executor.models import interfaces
+
+    for hostile in (None, 3, "model", object(), nn.Linear(2, 2), type("Cls", (), {})):
+        assert interfaces.get_mixture_of_experts_model(hostile) is None
+        assert all(resolve(hostile) is None for resolve in _resolvers())
+
+
+# ------------------------------------------------------------------ the policy classes
+
+
+def test_policy_classes_are_vllm_policies_and_check_their_input(registered: None) -> None:
+    from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy
+
+    cls = plugin.vllm_policy_class("migration_aware")
+    assert issubclass(cls, AbstractEplbPolicy)
+    assert plugin.vllm_policy_class("migration_aware") is cls  # one class per name
+    weight = torch.tensor([[5.0, 1.0, 1.0, 1.0]])
+    placement = cls.rebalance_experts(weight, 8, 1, 1, 2, old_global_expert_indices=None)
+    assert placement.shape == (1, 8)
+    assert set(placement.flatten().tolist()) == {0, 1, 2, 3}
+    with pytest.raises(PolicyError, match="multiple"):
+        cls.rebalance_experts(weight, 7, 1, 1, 2)  # 7 slots on 2 ranks
+    with pytest.raises(PolicyError):
+        cls.rebalance_experts(-weight, 8, 1, 1, 2)  # negative load
+    with pytest.raises(PolicyError, match="known policies"):
+        plugin.vllm_policy_class("fastest")
+
+
 # ------------------------------------------------------------------ load fails with the trace
 
 

@@ -67,21 +67,30 @@ def resolving_get_mixture_of_experts_model(
     """Replacement for ``get_mixture_of_experts_model`` as bound in vLLM's runner modules.
 
     vLLM's rule (the object, then one ``get_language_model()``) runs first and
-    its answer is returned unchanged whenever it finds a model; otherwise
+    its answer is returned unchanged whenever it finds a model; otherwise (also
+    when vLLM's rule raised, e.g. a ``get_language_model()`` failing with
+    something other than ``NotImplementedError``)
     ``MoEView.resolve`` walks the default unwrap steps and the MoE model it
     finds is returned (the model itself, not a view: vLLM registers, steps and
-    rescales that object). None when neither finds one, as vLLM.
+    rescales that object). When neither finds one: None, or vLLM's exception
+    if it raised one, as without the plugin.
     """
 
     @functools.wraps(vllm_resolve)
     def get_mixture_of_experts_model(model: object) -> Any:
-        found = vllm_resolve(model)
+        vllm_error: Exception | None = None
+        try:
+            found = vllm_resolve(model)
+        except Exception as exc:  # vLLM catches only NotImplementedError; the walk records the rest
+            vllm_error, found = exc, None
         view = MoEView.resolve(model)
         path = "" if view is None else (view.trace.resolved_path or "")
         if found is not None:
             _health(model, found, path if view is not None and view.model is found else "", "vLLM")
             return found
         if view is None:
+            if vllm_error is not None:
+                raise vllm_error  # nothing found either way: vLLM's own failure, unchanged
             LOGGER.info(
                 "moe-protocols: no MixtureOfExperts model in %s (vLLM's rule and the "
                 "moe-protocols walk found none); EPLB policy: %s",
