@@ -14,32 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-
-class _NoTimingEvent:
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def record(self, *args: object) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def elapsed_time(self, other: object) -> float:
-        return 0.0
-
-
-class _NoStream:
-    def synchronize(self) -> None:
-        pass
-
-
-class _ModelConfig:
-    model = "tiny-vlm"
-
-    def compute_hash(self) -> str:
-        return "tiny-vlm"
+from _vllm_cpu import TinyModelConfig, init_gloo_ep, install
 
 
 def _run(rank: int, policy: str | None) -> dict[str, object]:
@@ -66,7 +41,7 @@ def _run(rank: int, policy: str | None) -> dict[str, object]:
     moe = gpu_model_runner.get_mixture_of_experts_model(vlm)
     config = EPLBConfig(use_async=False, communicator="torch_gloo", window_size=4, step_interval=4)
     state = EplbState(ParallelConfig(eplb_config=config), torch.device("cpu"))
-    state.add_model(moe, _ModelConfig())
+    state.add_model(moe, TinyModelConfig())
     model_state = state.model_states["tiny-vlm"]
     old_map = model_state.physical_to_logical_map.clone()
     ids = torch.randint(0, 12, (4, 24), generator=torch.Generator().manual_seed(7))
@@ -91,31 +66,8 @@ def _run(rank: int, policy: str | None) -> dict[str, object]:
 def main() -> None:
     rank, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     torch.set_num_threads(1)
-    from vllm.distributed import parallel_state
-    from vllm.distributed.eplb import eplb_communicator, eplb_state
-
-    torch.Event = _NoTimingEvent  # type: ignore[misc,assignment]  # reason: CPU has no timing events
-    eplb_state.PIN_MEMORY = False  # no pinned-memory allocator without an accelerator
-    eplb_communicator.PIN_MEMORY = False
-    # The gloo communicator waits for device-to-host copies on the current
-    # accelerator stream; on CPU there is none, and nothing to wait for.
-    torch.accelerator.current_stream = lambda device=None: _NoStream()  # type: ignore[assignment]  # reason: CPU stand-in
-    parallel_state.init_distributed_environment(
-        world_size=2,
-        rank=rank,
-        distributed_init_method=f"tcp://127.0.0.1:{port}",
-        local_rank=rank,
-        backend="gloo",
-    )
-    for name in ("_EP", "_EPLB"):
-        group = parallel_state.init_model_parallel_group(
-            [[0, 1]],
-            rank,
-            "gloo",
-            group_name=name.strip("_").lower(),
-            use_device_communicator=False,
-        )
-        setattr(parallel_state, name, group)
+    install(setattr)
+    init_gloo_ep(2, rank, port)
     results = {policy or "vllm": _run(rank, policy) for policy in (None, "migration_aware")}
     (out / f"rank{rank}.json").write_text(json.dumps(results))
 

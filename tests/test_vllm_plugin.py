@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import torch
+from _vllm_cpu import TinyModelConfig, init_gloo_ep, install
 from torch import nn
 
 from moe_protocols import NotMixtureOfExpertsError, PolicyError
@@ -381,52 +382,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _NoTimingEvent:
-    """CPU has no timing events; vLLM's rearrange times itself with ``torch.Event``."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def record(self, *args: object) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def elapsed_time(self, other: object) -> float:
-        return 0.0
-
-
 @pytest.fixture(scope="module")
 def gloo_world() -> Iterator[None]:
     """vLLM's distributed environment on one gloo rank, with its EP and EPLB groups."""
     from vllm.distributed import parallel_state
-    from vllm.distributed.eplb import eplb_state
 
     if parallel_state._EPLB is None:
-        parallel_state.init_distributed_environment(
-            world_size=1,
-            rank=0,
-            distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
-            local_rank=0,
-            backend="gloo",
-        )
-        for name in ("_EP", "_EPLB"):
-            group = parallel_state.init_model_parallel_group(
-                [[0]], 0, "gloo", group_name=name.strip("_").lower(), use_device_communicator=False
-            )
-            setattr(parallel_state, name, group)
+        init_gloo_ep(1, 0, _free_port())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "Event", _NoTimingEvent)
-        mp.setattr(eplb_state, "PIN_MEMORY", False)
+        install(mp.setattr)
         yield
-
-
-class _ModelConfig:
-    model = "tiny-vlm"
-
-    def compute_hash(self) -> str:
-        return "tiny-vlm"
 
 
 def _skewed_input_ids() -> torch.Tensor:
@@ -447,7 +412,7 @@ def _rearrange_with_vllm(policy: str | None) -> tuple[int, torch.Tensor, torch.T
             use_async=False, communicator="torch_gloo", window_size=4, step_interval=4
         )
         state = EplbState(ParallelConfig(eplb_config=config), torch.device("cpu"))
-        state.add_model(moe, _ModelConfig())
+        state.add_model(moe, TinyModelConfig())
         model_state = state.model_states["tiny-vlm"]
         old_map = model_state.physical_to_logical_map.clone()
         ids = _skewed_input_ids()
@@ -518,7 +483,7 @@ class _Runner:
     def __init__(self, model: nn.Module, eplb_state: Any) -> None:
         self.model = model
         self.eplb_state = eplb_state
-        self.model_config = _ModelConfig()
+        self.model_config = TinyModelConfig()
 
     def get_model(self) -> nn.Module:
         return self.model
@@ -559,7 +524,7 @@ def elastic_executor(
     config = EPLBConfig(use_async=False, communicator="torch_gloo")
     parallel_config = ParallelConfig(eplb_config=config)
     state = EplbState(parallel_config, torch.device("cpu"))
-    state.add_model(_resolvers()[0](vlm), _ModelConfig())
+    state.add_model(_resolvers()[0](vlm), TinyModelConfig())
     blocks = list(lm.moe_layers)
     for block in blocks:  # the vLLM-layer surface switch_and_prepare reads off each MoE layer
         vars(block)["moe_config"] = SimpleNamespace(num_local_experts=lm.num_local_physical_experts)
