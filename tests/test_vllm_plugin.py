@@ -174,9 +174,17 @@ def test_a_missing_seam_patches_nothing(
         plugin.register()
 
 
-def test_a_bad_policy_name_fails_start_up_with_the_known_names(registered: None) -> None:
-    with _policy_env("migration-aware"), pytest.raises(PolicyError) as info:
-        plugin.register()
+def test_a_bad_policy_name_fails_start_up_with_the_known_names(
+    registered: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vllm.plugins
+
+    monkeypatch.setenv("VLLM_PLUGINS", "moe_protocols")
+    monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
+    with _policy_env("migration-aware"):
+        with pytest.raises(PolicyError) as info:
+            vllm.plugins.load_general_plugins()  # what vLLM runs at start-up, in every process
+        assert not plugin.is_registered()  # and nothing was patched
     message = str(info.value)
     assert "MOE_PROTOCOLS_VLLM_POLICY='migration-aware'" in message
     assert "deepseek, default, migration_aware" in message
