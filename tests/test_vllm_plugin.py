@@ -621,3 +621,21 @@ def test_elastic_ep_sends_a_new_worker_the_whole_model_minus_the_lms_experts(
     vision_ptrs = {p.data_ptr() for p in vlm.vision_tower.parameters()}
     assert vision_ptrs <= sent_ptrs  # the wrapper's own weights go to the new worker
     assert not expert_ptrs & sent_ptrs  # the experts move later, through EPLB
+
+
+def test_releasing_cuda_graphs_during_a_rescale_resets_the_real_top_level_model(
+    registered: None,
+    elastic_executor: tuple[Any, nn.Module, Any, _SentTensors],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vllm.distributed.elastic_ep import elastic_execute
+
+    executor, vlm, _, _ = elastic_executor
+    reset: list[object] = []
+    monkeypatch.setattr(elastic_execute, "reset_compile_wrapper", reset.append)
+    monkeypatch.setattr(torch.compiler, "reset", lambda: None)
+    monkeypatch.setattr(torch.accelerator, "empty_cache", lambda: None)
+    executor._can_reuse_fused_moe_kernel = lambda: False  # vLLM then releases graphs first
+    executor.switch_and_prepare()
+    assert reset == [vlm]  # not the EPLB-facing stand-in
+    assert len(vlm.get_language_model().expert_weights) > 0
