@@ -5,14 +5,16 @@ the runner modules whose ``get_mixture_of_experts_model`` binding the plugin
 replaces (``vllm.v1.worker.gpu_model_runner``, ``vllm.v1.worker.gpu.eplb_utils``),
 vLLM's guard and protocol, vLLM's ``EplbState`` (``add_model``, ``step``,
 ``rearrange``, weight movement through its ``torch_gloo`` communicator on a
-1-rank gloo group, ``reconfigure_physical_expert_slots``,
+1-rank gloo group and between two gloo processes, ``reconfigure_physical_expert_slots``,
 ``_propagate_shared_tensors``), vLLM's ``DefaultEplbPolicy``, Model Runner V2's
 ``EPLBController.maybe_register_model`` and the elastic-EP executor's own
-``switch_and_prepare`` and ``transfer_weights`` bodies. Doubles: the model
-runner and worker objects (a GPU runner cannot be built on CPU), the
-elastic-EP process-group helpers those two methods call, and a stand-in for
-``torch.Event`` (CPU has no timing events). One process, one ``register()``:
-the tier's imports take most of the time.
+``switch_and_prepare``, ``transfer_weights`` and ``_release_cuda_graphs``
+bodies. Doubles: the model runner and worker objects (a GPU runner cannot be
+built on CPU; V1 ``load_model``'s body is replaced by a no-op, the seam's
+wrapper is ours), the elastic-EP process-group helpers those methods call,
+the vLLM-layer attributes they read off each MoE layer, and the CPU
+stand-ins in ``_vllm_cpu.py``. One process and one ``register()`` for all but
+the two-rank test: the tier's imports take most of the time.
 """
 
 from __future__ import annotations
