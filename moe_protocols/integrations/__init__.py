@@ -1,0 +1,1 @@
+"""Integrations with serving engines; each subpackage imports its engine, nothing else does."""
