@@ -16,7 +16,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.moe-protocols-setup"
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1) extras=$EXTRAS"
+# editable_mode=compat installs a plain .pth path entry instead of setuptools'
+# default import hook: mypy and pyright cannot follow the hook, so without it a
+# script outside the repo would type-check moe_protocols as missing (Any).
+EDITABLE_MODE=compat
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1) extras=$EXTRAS editable=$EDITABLE_MODE"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import moe_protocols" 2>/dev/null; then
     exit 0
 fi
@@ -24,5 +28,5 @@ fi
 echo "setup: installing moe-protocols[$EXTRAS] into $VENV (torch pinned by constraints.txt)"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -c constraints.txt -e ".[$EXTRAS]"
+    -c constraints.txt --config-settings editable_mode="$EDITABLE_MODE" -e ".[$EXTRAS]"
 echo "$want" > "$stamp"
