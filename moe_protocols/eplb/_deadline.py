@@ -241,7 +241,9 @@ def _report_in(
         )
         return (), phase, note
     missing = tuple(r for r in range(ep.world_size) if r not in present)
-    earliest = min((p for p in PHASES if p in phases), key=PHASES.index, default=phase)
+    # PHASES is in running order: the first one reported is the earliest.
+    reported: list[Phase] = [p for p in PHASES if p in phases]
+    earliest = reported[0] if reported else phase
     return missing, earliest, ""
 
 

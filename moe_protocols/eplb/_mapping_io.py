@@ -24,15 +24,20 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import attrs
 import torch
 from torch import Tensor
 
+from moe_protocols._torch_typed import int_rows
 from moe_protocols.errors import MappingError
 
 from ._maps import validate_placement
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+    from typing import TypeGuard
 
 __all__ = ["PLACEMENT_FORMAT", "PLACEMENT_VERSION", "Placement", "load_placement", "save_placement"]
 
@@ -49,12 +54,12 @@ _OPTIONAL_FIELDS: Final = frozenset({"metadata"})
 _SUFFIXES: Final = (".json", ".safetensors")
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _positive_count(instance: Placement, attribute: attrs.Attribute[int], value: object) -> None:
-    if not _is_count(value) or value < 1:  # type: ignore[operator]  # int checked by _is_count
+    if not _is_count(value) or value < 1:
         raise MappingError(f"Placement.{attribute.name} must be an int >= 1, got {value!r}")
 
 
@@ -74,10 +79,13 @@ def _frozen_metadata(value: object) -> Mapping[str, str]:
         raise MappingError(
             f"Placement.metadata must be a mapping of str to str, got {type(value).__name__}"
         )
-    for key, item in value.items():
+    entries = cast("Mapping[object, object]", value)
+    checked: dict[str, str] = {}
+    for key, item in entries.items():
         if not isinstance(key, str) or not isinstance(item, str):
             raise MappingError(f"Placement.metadata must map str to str, got {key!r}: {item!r}")
-    return MappingProxyType(dict(value))
+        checked[key] = item
+    return MappingProxyType(checked)
 
 
 def _check_nodes(instance: Placement, attribute: attrs.Attribute[int], value: int) -> None:
@@ -100,7 +108,8 @@ class Placement:
     """
 
     physical_to_logical_map: Tensor = attrs.field(
-        converter=_to_int64_cpu,
+        # The converter passes a non-tensor through for validate_placement to reject.
+        converter=_to_int64_cpu,  # pyright: ignore[reportGeneralTypeIssues]  # returns object, see above
         eq=attrs.cmp_using(eq=torch.equal),
         hash=False,
     )
@@ -111,7 +120,9 @@ class Placement:
     """EP ranks the slots are spread over; slot ``p`` lives on rank ``p // (P // R)``."""
     num_nodes: int = attrs.field(default=1, validator=_check_nodes)
     """Nodes the ranks were spread over when the placement was computed (informational)."""
-    metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_metadata, hash=False)
+    metadata: Mapping[str, str] = attrs.field(
+        factory=dict[str, str], converter=_frozen_metadata, hash=False
+    )
     """Free-form string annotations (model name, policy, date, ...)."""
 
     def __attrs_post_init__(self) -> None:
@@ -208,7 +219,7 @@ def _json_text(placement: Placement) -> str:
     lines += [
         f"  {json.dumps(key)}: {json.dumps(value)}," for key, value in _header(placement).items()
     ]
-    rows = placement.physical_to_logical_map.tolist()
+    rows = int_rows(placement.physical_to_logical_map)
     lines.append(f"  {json.dumps(_MAP_KEY)}: [")
     lines.append(",\n".join(f"    {json.dumps(row)}" for row in rows))
     lines.append("  ],")
@@ -219,7 +230,7 @@ def _json_text(placement: Placement) -> str:
 
 def _safetensors_save() -> Callable[[dict[str, Tensor], str, dict[str, str]], None]:
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # pyright: ignore[reportUnknownVariableType]  # bare PathLike
     except ImportError as exc:
         raise MappingError(
             "writing .safetensors placements needs the safetensors package "
@@ -266,13 +277,14 @@ def _read_json(source: Path, where: str) -> tuple[_Header, Tensor]:
     except (OSError, UnicodeDecodeError) as exc:
         raise MappingError(f"cannot read {where}: {exc}") from exc
     try:
-        document = json.loads(text, parse_constant=_reject_constant)
+        document: object = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:  # JSONDecodeError is a ValueError
         raise MappingError(f"{where} is not valid JSON: {exc}") from exc
     if not isinstance(document, dict):
         raise MappingError(
             f"{where}: the top level must be a JSON object, got {type(document).__name__}"
         )
+    document = cast("dict[str, object]", document)  # JSON object keys are strings
     unknown = sorted(set(document) - _FIELDS)
     if unknown:
         raise MappingError(f"{where}: unknown field(s) {unknown}; expected {sorted(_FIELDS)}")
@@ -295,7 +307,7 @@ def _string_object(value: object, field: str, where: str) -> dict[str, str]:
     if not isinstance(value, dict):
         raise MappingError(f"{where}: {field} must be an object of strings, got {value!r}")
     result: dict[str, str] = {}
-    for key, item in value.items():
+    for key, item in cast("dict[object, object]", value).items():
         if not isinstance(key, str) or not isinstance(item, str):
             raise MappingError(
                 f"{where}: {field} must be an object of strings, got {key!r}: {item!r}"
@@ -323,7 +335,6 @@ def _json_count(value: object, key: str, where: str) -> int:
         raise MappingError(
             f"{where}: field {key!r} must be an integer, got {type(value).__name__} {value!r}"
         )
-    assert isinstance(value, int)
     return value
 
 
@@ -332,11 +343,12 @@ def _json_table(value: object, where: str) -> Tensor:
     if not isinstance(value, list) or not value:
         raise MappingError(f"{field} must be a non-empty list of rows (one per layer)")
     width: int | None = None
-    for layer, row in enumerate(value):
+    for layer, row in enumerate(cast("list[object]", value)):
         if not isinstance(row, list):
             raise MappingError(
                 f"{field}: row {layer} must be a list of expert ids, got {type(row).__name__}"
             )
+        row = cast("list[object]", row)
         if width is None:
             width = len(row)
         elif len(row) != width:
@@ -363,7 +375,10 @@ def _read_safetensors(source: Path, where: str) -> tuple[_Header, Tensor]:
             "(pip install 'moe-protocols[safetensors]')"
         ) from exc
     try:
-        with safe_open(str(source), framework="pt") as handle:
+        opened = cast(
+            "AbstractContextManager[_SafetensorsFile]", safe_open(str(source), framework="pt")
+        )
+        with opened as handle:
             header = handle.metadata() or {}
             keys = list(handle.keys())
             if keys != [_MAP_KEY]:
@@ -395,6 +410,14 @@ def _read_safetensors(source: Path, where: str) -> tuple[_Header, Tensor]:
         metadata=_string_object(metadata, "metadata field 'metadata'", where),
     )
     return fields, table
+
+
+class _SafetensorsFile(Protocol):
+    """What we read of an open safetensors file (its own stub leaves these untyped)."""
+
+    def metadata(self) -> dict[str, str] | None: ...
+    def keys(self) -> list[str]: ...
+    def get_tensor(self, name: str) -> Tensor: ...
 
 
 def _decimal(text: str, key: str, where: str) -> int:

@@ -230,9 +230,9 @@ def _check_policies(
     value: Mapping[str, RebalancePolicy],
 ) -> None:
     for key, policy in value.items():
-        if not isinstance(key, str) or not key:
+        if not isinstance(key, str) or not key:  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
             raise PolicyError(f"policy names must be non-empty strings, got {key!r}")
-        if not isinstance(policy, RebalancePolicy):
+        if not isinstance(policy, RebalancePolicy):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
             raise PolicyError(
                 f"policy registered as {key!r} ({type(policy).__name__}) does not implement "
                 "RebalancePolicy (needs a 'name' property and 'rebalance_experts')"
@@ -278,7 +278,7 @@ class PolicyRegistry:
             PolicyError: the name is taken and ``replace`` is false, or
                 ``policy`` does not implement :class:`RebalancePolicy`.
         """
-        if not isinstance(policy, RebalancePolicy):
+        if not isinstance(policy, RebalancePolicy):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
             raise PolicyError(
                 f"{type(policy).__name__} does not implement RebalancePolicy "
                 "(needs a 'name' property and 'rebalance_experts')"
