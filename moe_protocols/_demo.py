@@ -12,11 +12,12 @@ slots and bytes moved, and that the model's outputs did not change.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 import attrs
 import torch
 
+from moe_protocols._torch_typed import float_list
 from moe_protocols.eplb import EplbConfig
 from moe_protocols.models import tiny_vlm
 from moe_protocols.runner import ReferenceRunner, RunnerConfig
@@ -241,6 +242,23 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
     )
 
 
+class _Axes(Protocol):
+    """The part of matplotlib's Axes the plot uses (its stubs leave these partly unknown)."""
+
+    def bar(self, x: list[float], height: list[float], width: float, *, label: str) -> object: ...
+    def set_xlabel(self, xlabel: str) -> object: ...
+    def set_ylabel(self, ylabel: str) -> object: ...
+    def set_title(self, label: str) -> object: ...
+    def set_xticks(self, ticks: list[float]) -> object: ...
+    def legend(self) -> object: ...
+
+
+class _Figure(Protocol):
+    """The part of matplotlib's Figure the plot uses (``savefig`` is partly unknown)."""
+
+    def savefig(self, fname: Path, *, dpi: int) -> None: ...
+
+
 def plot_rank_load(report: DemoReport, path: Path) -> None:
     """Write a PNG of per-rank load in the first window vs the last (needs matplotlib)."""
     import matplotlib
@@ -248,26 +266,27 @@ def plot_rank_load(report: DemoReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranks = torch.arange(report.rank_load_first.numel())
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ranks = torch.arange(report.rank_load_first.numel(), dtype=torch.float64)
+    fig, axes = plt.subplots(figsize=(7, 3.5))
+    ax = cast("_Axes", axes)
     width = 0.4
     ax.bar(
-        (ranks - width / 2).tolist(),
-        report.rank_load_first.tolist(),
+        float_list(ranks - width / 2),
+        float_list(report.rank_load_first.double()),
         width,
         label=f"first window (balancedness {report.first_window_balancedness:.2f})",
     )
     ax.bar(
-        (ranks + width / 2).tolist(),
-        report.rank_load_last.tolist(),
+        float_list(ranks + width / 2),
+        float_list(report.rank_load_last.double()),
         width,
         label=f"last window (balancedness {report.last_window_balancedness:.2f})",
     )
     ax.set_xlabel("EP rank")
     ax.set_ylabel("token-expert assignments (all MoE layers)")
     ax.set_title("Per-rank expert load before and after EPLB")
-    ax.set_xticks(ranks.tolist())
+    ax.set_xticks(float_list(ranks))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    cast("_Figure", fig).savefig(path, dpi=120)
     plt.close(fig)

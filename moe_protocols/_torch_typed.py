@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from contextlib import AbstractContextManager
 
-    from torch import Tensor
+    from torch import Tensor, nn
 
 __all__ = [
     "all_reduce",
@@ -27,6 +28,7 @@ __all__ = [
     "int_list",
     "int_rows",
     "manual_seed",
+    "named_modules",
 ]
 
 
@@ -43,6 +45,11 @@ def int_rows(values: Tensor) -> list[list[int]]:
 def float_list(values: Tensor) -> list[float]:
     """The elements of a 1-D floating tensor as Python floats (``Tensor.tolist``, typed)."""
     return values.tolist()  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]  # torch's stub returns a bare list
+
+
+def named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``root.named_modules()``, typed (torch infers its recursive generator partly unknown)."""
+    yield from root.named_modules()
 
 
 def fork_rng() -> AbstractContextManager[None]:

@@ -17,7 +17,7 @@ import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final, TextIO, cast
 
 import torch
 
@@ -168,7 +168,7 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     plot_path: Path | None = args.plot
     if plot_path is not None:
         try:
-            import matplotlib  # noqa: F401  (checked before the run, not after it)
+            importlib.import_module("matplotlib")  # checked before the run, not after it
         except ImportError:
             print(
                 "moe-protocols demo: --plot needs matplotlib: pip install 'moe-protocols[plot]'",
@@ -217,7 +217,12 @@ def _verify(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_USAGE
     try:
         report = verify_eplb_integration(
-            model, inputs, exact=args.exact, seed=args.seed, max_depth=args.max_depth
+            model,
+            # Mapping keys are checked by verify_eplb_integration itself.
+            cast("torch.Tensor | Mapping[str, object] | None", inputs),
+            exact=args.exact,
+            seed=args.seed,
+            max_depth=args.max_depth,
         )
     except VerificationInputError as exc:
         print(f"moe-protocols verify: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ import enum
 import inspect
 from collections.abc import Callable, Iterator, Mapping, MutableSequence, Sequence
 from functools import partial
-from typing import Final, Protocol, TypeVar, runtime_checkable
+from typing import Final, Protocol, TypeVar, cast, runtime_checkable
 
 import attrs
 import torch
@@ -532,6 +532,7 @@ def _check_expert_weights(
             )
         )
         return
+    value = cast("MutableSequence[object]", value)  # items are checked one by one below
     num_moe_layers = counts.get("num_moe_layers")
     if len(value) and num_moe_layers is not None and len(value) != num_moe_layers:
         invariants.append(
@@ -555,7 +556,7 @@ def _check_expert_weights(
                 )
             )
             continue
-        for k, weight in enumerate(layer_weights):
+        for k, weight in enumerate(cast("Sequence[object]", layer_weights)):
             if not isinstance(weight, torch.Tensor):
                 items.append(
                     Problem(
@@ -597,7 +598,7 @@ def _check_moe_layers(value: object, path: str, found: list[Problem]) -> int | N
                 "moe_layers",
                 ProblemKind.WRONG_TYPE,
                 "must be a sequence (a list, tuple or nn.ModuleList), got the one-shot iterator "
-                f"{_describe(value)}, which would be exhausted after one use",
+                f"{_describe(cast('object', value))}, which would be exhausted after one use",
             )
         )
         return None
@@ -615,7 +616,7 @@ def _check_moe_layers(value: object, path: str, found: list[Problem]) -> int | N
                 "moe_layers",
                 ProblemKind.WRONG_TYPE,
                 "must be a sequence of MoE layers (a list, tuple or nn.ModuleList), "
-                f"got {_describe(value)}",
+                f"got {_describe(value)}",  # pyright: ignore[reportUnknownArgumentType]  # any object
             )
         )
         return None

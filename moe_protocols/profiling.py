@@ -130,9 +130,9 @@ def record_expert_load(
     """
     moe = _resolve(model, view)
     run = forward if forward is not None else _default_forward
-    claim = find_owner(moe)
+    claim = find_owner(moe)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
     physical_to_logical, l2p, count = _borrowed_maps(moe, claim)
-    device = _weights_device(moe)
+    device = _weights_device(moe)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
     load = torch.zeros(
         moe.num_moe_layers, moe.num_physical_experts, dtype=torch.int64, device=device
     )
@@ -307,12 +307,12 @@ def plan_placement(
         ("num_nodes", num_nodes, 1),
         ("num_redundant_experts", num_redundant_experts, 0),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
             raise EplbConfigError(
                 f"plan_placement: {name} must be an int >= {least}, got {value!r}"
             )
-    if not isinstance(load, Tensor) or load.dim() != 2 or 0 in load.shape:
-        shape = tuple(load.shape) if isinstance(load, Tensor) else type(load).__name__
+    if not isinstance(load, Tensor) or load.dim() != 2 or 0 in load.shape:  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+        shape = tuple(load.shape) if isinstance(load, Tensor) else type(load).__name__  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
         raise EplbConfigError(
             f"plan_placement: load must be a non-empty [layers, logical] tensor, got {shape}"
         )
@@ -452,7 +452,7 @@ def run_profile(args: argparse.Namespace, out: TextIO) -> int:
         )
         return EXIT_LOAD_ERROR
     generator = torch.Generator().manual_seed(args.seed)
-    device = _weights_device(view)
+    device = _weights_device(view)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
     batches = [
         torch.randint(0, vocab, (1, args.tokens), generator=generator).to(device)
         for _ in range(args.batches)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_protocols._torch_typed import int_list, int_rows
 from moe_protocols.eplb._maps import (
     compute_logical_maps,
     initial_physical_to_logical_map,
@@ -256,14 +257,14 @@ class TinyMoEBlock(nn.Module):
         if bool(((replica_count < 1) | (replica_count > l2p.shape[1])).any()):
             raise MappingError(
                 f"{self._name()}: logical_replica_count gives a chosen expert a replica count "
-                f"outside [1, {l2p.shape[1]}]: {count.tolist()}"
+                f"outside [1, {l2p.shape[1]}]: {int_list(count)}"
             )
         token = torch.arange(logical_ids.shape[0], device=logical_ids.device).unsqueeze(1)
         physical = l2p[logical_ids, token % replica_count]
         if bool(((physical < 0) | (physical >= self.num_physical_experts)).any()):
             raise MappingError(
                 f"{self._name()}: logical_to_physical_map sends a chosen expert to a slot "
-                f"outside [0, {self.num_physical_experts}): {l2p.tolist()}"
+                f"outside [0, {self.num_physical_experts}): {int_rows(l2p)}"
             )
         return physical
 
@@ -289,7 +290,7 @@ class TinyMoEBlock(nn.Module):
         is_local = (local >= 0) & (local < self.num_local_physical_experts)
         slots = torch.where(is_local, local, torch.zeros_like(local)).reshape(-1)
         pair_inputs = hidden.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # [pairs, hidden, 1]
-        chunks = []
+        chunks: list[Tensor] = []
         for start in range(0, slots.shape[0], _PAIR_CHUNK):
             chunk = slots[start : start + _PAIR_CHUNK]
             w13 = self.w13.index_select(0, chunk)  # [chunk, 2 * inter, hidden]
@@ -472,7 +473,8 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
             )
         if input_ids is not None:
             hidden = self.embed_input_ids(input_ids)
-        elif inputs_embeds is not None:
+        else:
+            assert inputs_embeds is not None  # exactly one of the two, checked above
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ModelInputError(
                     f"TinyMoEForCausalLM: inputs_embeds must be [batch, seq, "

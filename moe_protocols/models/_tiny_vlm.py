@@ -27,7 +27,7 @@ from moe_protocols.models._tiny_moe import (
     SINGLE_PROCESS,
     TinyDenseMLP,
     TinyMoEForCausalLM,
-    _normal,
+    _normal,  # pyright: ignore[reportPrivateUsage]  # shared inside the private models package
 )
 
 if TYPE_CHECKING:
@@ -268,10 +268,10 @@ class TinyProxyVLMForConditionalGeneration(TinyVLMForConditionalGeneration):
 
 if TYPE_CHECKING:
     # mypy proves here that the forwarding is complete and correctly typed.
-    def _proxy_is_mixture_of_experts(
+    def _proxy_is_mixture_of_experts(  # pyright: ignore[reportUnusedFunction]  # a static check
         model: TinyProxyVLMForConditionalGeneration,
     ) -> MixtureOfExperts:
-        return model
+        return model  # pyright: ignore[reportReturnType]  # pyright takes no property for a protocol attribute (issue 15)
 
 
 def _vlm_config(overrides: dict[str, int]) -> TinyVLMConfig:
