@@ -64,8 +64,12 @@ class TinyDenseMLP(nn.Module):
     ) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up = _normal(generator, 2 * intermediate_size, hidden_size, std=hidden_size**-0.5)
-        self.down = _normal(generator, hidden_size, intermediate_size, std=intermediate_size**-0.5)
+        self.gate_up: nn.Parameter = _normal(
+            generator, 2 * intermediate_size, hidden_size, std=hidden_size**-0.5
+        )
+        self.down: nn.Parameter = _normal(
+            generator, hidden_size, intermediate_size, std=intermediate_size**-0.5
+        )
 
     def forward(self, hidden: Tensor) -> Tensor:
         gate, up = F.linear(hidden, self.gate_up).chunk(2, dim=-1)
@@ -126,19 +130,19 @@ class TinyMoEBlock(nn.Module):
             )
         self.layer_idx = layer_idx
         self.ep = ep
-        self.hidden_size = config.hidden_size
-        self.intermediate_size = config.intermediate_size
-        self.top_k = config.top_k
-        self.num_expert_groups = config.num_expert_groups
-        self.topk_groups = config.topk_groups
-        self.num_logical_experts = config.num_experts
-        self.num_physical_experts = num_physical
-        self.num_local_physical_experts = num_physical // ep.world_size
+        self.hidden_size: int = config.hidden_size
+        self.intermediate_size: int = config.intermediate_size
+        self.top_k: int = config.top_k
+        self.num_expert_groups: int = config.num_expert_groups
+        self.topk_groups: int = config.topk_groups
+        self.num_logical_experts: int = config.num_experts
+        self.num_physical_experts: int = num_physical
+        self.num_local_physical_experts: int = num_physical // ep.world_size
         self.record_expert_load = True
         self._eplb: LayerEplbRows | None = None
 
         hidden, inter = config.hidden_size, config.intermediate_size
-        self.router = _normal(generator, config.num_experts, hidden, std=hidden**-0.5)
+        self.router: nn.Parameter = _normal(generator, config.num_experts, hidden, std=hidden**-0.5)
         # Every rank draws all logical experts so the generator stream, and hence
         # every other weight, is the same on every rank and for any slot count.
         logical_w13 = torch.randn(config.num_experts, 2 * inter, hidden, generator=generator)
@@ -148,8 +152,10 @@ class TinyMoEBlock(nn.Module):
         local_logical = torch.tensor(
             placement[first : first + self.num_local_physical_experts], dtype=torch.int64
         )
-        self.w13 = nn.Parameter((logical_w13 * hidden**-0.5)[local_logical].contiguous())
-        self.w2 = nn.Parameter((logical_w2 * inter**-0.5)[local_logical].contiguous())
+        self.w13: nn.Parameter = nn.Parameter(
+            (logical_w13 * hidden**-0.5)[local_logical].contiguous()
+        )
+        self.w2: nn.Parameter = nn.Parameter((logical_w2 * inter**-0.5)[local_logical].contiguous())
         self.shared_expert: TinyDenseMLP | None = None
         if config.num_shared_experts > 0:
             self.shared_expert = TinyDenseMLP(hidden, config.num_shared_experts * inter, generator)
@@ -381,7 +387,7 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
         self.ep = ep
         generator = torch.Generator().manual_seed(config.seed)
         hidden = config.hidden_size
-        self.embed_tokens = _normal(generator, config.vocab_size, hidden, std=1.0)
+        self.embed_tokens: nn.Parameter = _normal(generator, config.vocab_size, hidden, std=1.0)
         layers: list[_DecoderLayer] = []
         blocks: list[TinyMoEBlock] = []
         for idx in range(config.num_layers):
@@ -392,9 +398,9 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
                 ffn = TinyMoEBlock(config, layer_idx=idx, ep=ep, generator=generator)
                 blocks.append(ffn)
             layers.append(_DecoderLayer(hidden, ffn, generator))
-        self.layers = nn.ModuleList(layers)
-        self.norm = nn.RMSNorm(hidden, eps=1e-6)
-        self.lm_head = _normal(generator, config.vocab_size, hidden, std=hidden**-0.5)
+        self.layers: nn.ModuleList = nn.ModuleList(layers)
+        self.norm: nn.RMSNorm = nn.RMSNorm(hidden, eps=1e-6)
+        self.lm_head: nn.Parameter = _normal(generator, config.vocab_size, hidden, std=hidden**-0.5)
         self._decoder_layers = layers
         self._moe_blocks = blocks
         self._record_expert_load = True
@@ -402,14 +408,14 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
         # MixtureOfExperts members: plain attributes, read and written by EPLB.
         self.expert_weights: MutableSequence[Sequence[Tensor]] = []
         self.moe_layers: Sequence[MoELayer] = blocks
-        self.num_moe_layers = len(blocks)
-        self.num_expert_groups = config.num_expert_groups
-        self.num_logical_experts = config.num_experts
-        self.num_physical_experts = config.num_physical_experts
-        self.num_local_physical_experts = config.num_physical_experts // ep.world_size
-        self.num_routed_experts = config.num_experts
-        self.num_shared_experts = config.num_shared_experts
-        self.num_redundant_experts = config.num_redundant_experts
+        self.num_moe_layers: int = len(blocks)
+        self.num_expert_groups: int = config.num_expert_groups
+        self.num_logical_experts: int = config.num_experts
+        self.num_physical_experts: int = config.num_physical_experts
+        self.num_local_physical_experts: int = config.num_physical_experts // ep.world_size
+        self.num_routed_experts: int = config.num_experts
+        self.num_shared_experts: int = config.num_shared_experts
+        self.num_redundant_experts: int = config.num_redundant_experts
 
     @property
     def record_expert_load(self) -> bool:
