@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "all_reduce",
+    "barrier",
     "float_list",
     "fork_rng",
     "from_numpy",
@@ -66,6 +67,11 @@ def manual_seed(seed: int) -> None:
 def from_numpy(array: object) -> Tensor:
     """``torch.from_numpy(array)``, typed (torch leaves ``ndarray`` unannotated)."""
     return torch.from_numpy(array)  # pyright: ignore[reportUnknownMemberType]  # torch leaves `ndarray` unannotated
+
+
+def barrier() -> None:
+    """``torch.distributed.barrier()`` on the default group, typed."""
+    dist.barrier()  # pyright: ignore[reportUnknownMemberType]  # torch leaves `group` unannotated
 
 
 def all_reduce(
