@@ -454,7 +454,7 @@ def deadlines(ep: ExpertParallelContext, record: Record) -> None:
         )
         for case, victim in zip(DEADLINE_CASES, DEADLINE_VICTIMS, strict=True)
     ]
-    turns = dist.group.WORLD.get_group_store()  # type: ignore[union-attr]
+    turns = dist.group.WORLD.get_group_store()  # type: ignore[union-attr]  # WORLD is None before init; it is set here
     if ep.rank in DEADLINE_VICTIMS:
         # Wait until the survivors are done with the earlier cases: a collective
         # would otherwise pass its deadline before the phase this rank dies in.
@@ -483,7 +483,7 @@ def _worker(scenario: str, rank: int, world: int, port: int, directory: str) -> 
     out = Path(directory)
     try:
         # TCPStore is public API that torch.distributed imports without re-exporting.
-        store = dist.TCPStore(  # type: ignore[attr-defined]
+        store = dist.TCPStore(  # type: ignore[attr-defined]  # public, but not re-exported by torch.distributed
             "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=GROUP_TIMEOUT_S)
         )
         dist.init_process_group(

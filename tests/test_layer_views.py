@@ -55,4 +55,4 @@ def test_misfits_are_named(change: object, error: type[Exception], fragment: str
 def test_layer_index_outside_the_load_rows_is_refused(index: object) -> None:
     load, l2p, count = _tensors()
     with pytest.raises(EplbStateError, match="moe_layer_idx"):
-        layer_eplb_rows("layer", index, load, l2p, count, num_logical=4, num_physical=6)  # type: ignore[arg-type]
+        layer_eplb_rows("layer", index, load, l2p, count, num_logical=4, num_physical=6)  # type: ignore[arg-type]  # deliberately not an int
