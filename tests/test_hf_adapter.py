@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
@@ -181,7 +182,7 @@ def test_layout_is_plain_linear_orientation(family: tuple[Family, nn.Module]) ->
                 by_hand = by_hand + w.down_bias[e]
             else:
                 assert w.gate_bias is None
-                act = _tree(layer.experts).act_fn
+                act: Callable[[Tensor], Tensor] = _tree(layer.experts).act_fn
                 assert callable(act)
                 by_hand = (act(gate) * up) @ w.down[e].T
             torch.testing.assert_close(by_hand, layer.expert_forward(e, x))
@@ -570,7 +571,7 @@ def test_every_family_registers_with_an_eplb_state(family: tuple[Family, nn.Modu
     spec, model = family
     view = MoEView.require(model, steps=STEPS)
     with EplbState(EplbConfig()) as state:
-        state.add_model(view)
+        state.add_model(view)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
         with torch.no_grad():
             spec.run(model, _ids())
         state.step()
