@@ -12,13 +12,14 @@ slots and bytes moved, and that the model's outputs did not change.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
 
 from moe_protocols._torch_typed import float_list
-from moe_protocols.eplb import EplbConfig
+from moe_protocols.eplb import BalancednessStats, EplbConfig
+from moe_protocols.eplb._metrics import rank_loads_from_physical
 from moe_protocols.models import tiny_vlm
 from moe_protocols.runner import ReferenceRunner, RunnerConfig
 from moe_protocols.verification import (
@@ -31,7 +32,16 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import TextIO
 
-__all__ = ["DemoOptions", "DemoReport", "RearrangementLine", "run_demo"]
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "DemoOptions",
+    "DemoReport",
+    "RearrangementLine",
+    "demo_figure",
+    "plot_demo",
+    "run_demo",
+]
 
 
 @attrs.frozen
@@ -75,6 +85,9 @@ class DemoReport:
     last_window_balancedness: float
     rank_load_first: torch.Tensor
     rank_load_last: torch.Tensor
+    step_balancedness: tuple[float, ...]
+    """Per engine step: balancedness (mean over MoE layers of mean/max rank load) of that
+    step's measured load, under the placement it ran on."""
     outputs_unchanged: bool
     verification: VerificationReport
     """The self-test run on the model before it was served (``moe-protocols verify``)."""
@@ -164,6 +177,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
         probe_before = model(probe)
 
     lines: list[RearrangementLine] = []
+    step_balance: list[float] = []
     first_balance: float | None = None
     first_load: torch.Tensor | None = None
     progress = _Progress(options.steps, out)
@@ -174,7 +188,17 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
         done_before = state.num_rearrangements
         # The window as it stands before this step: what the next rearrangement plans from.
         window_load = state.balancedness(config.model_name).rank_load.sum(dim=0)
-        runner.execute_model(ids)
+        # execute_model() split in two, to read this step's load before the EPLB step folds
+        # it into the window: forward, then the step.
+        with torch.no_grad():
+            model(ids)
+        step_load = state.model_state(config.model_name).expert_load_pass
+        step_balance.append(
+            BalancednessStats.from_rank_load(
+                config.model_name, rank_loads_from_physical(step_load, state.num_ranks).cpu()
+            ).overall
+        )
+        runner.eplb_step()
         if state.num_rearrangements > done_before:
             result = state.last_rearrangement
             assert result is not None
@@ -237,56 +261,82 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
         last_window_balancedness=last_balance,
         rank_load_first=first_load,
         rank_load_last=last_load,
+        step_balancedness=tuple(step_balance),
         outputs_unchanged=unchanged,
         verification=verification,
     )
 
 
-class _Axes(Protocol):
-    """The part of matplotlib's Axes the plot uses (its stubs leave these partly unknown)."""
-
-    def bar(self, x: list[float], height: list[float], width: float, *, label: str) -> object: ...
-    def set_xlabel(self, xlabel: str) -> object: ...
-    def set_ylabel(self, ylabel: str) -> object: ...
-    def set_title(self, label: str) -> object: ...
-    def set_xticks(self, ticks: list[float]) -> object: ...
-    def legend(self) -> object: ...
+def _bar_balancedness(rank_load: torch.Tensor) -> float:
+    """mean / max of the bars as drawn (rank load summed over layers)."""
+    top = float(rank_load.max())
+    return float(rank_load.double().mean()) / top if top > 0 else float("nan")
 
 
-class _Figure(Protocol):
-    """The part of matplotlib's Figure the plot uses (``savefig`` is partly unknown)."""
+def plot_demo(report: DemoReport, path: Path) -> None:
+    """Write :func:`demo_figure` to ``path`` (needs matplotlib); the format follows the suffix."""
+    import matplotlib.pyplot as plt
 
-    def savefig(self, fname: Path, *, dpi: int) -> None: ...
+    fig = demo_figure(report)
+    try:
+        fig.savefig(path, dpi=110)  # pyright: ignore[reportUnknownMemberType]  # matplotlib's stub
+    finally:
+        plt.close(fig)
 
 
-def plot_rank_load(report: DemoReport, path: Path) -> None:
-    """Write a PNG of per-rank load in the first window vs the last (needs matplotlib)."""
+def demo_figure(report: DemoReport) -> Figure:
+    """The demo's figure (needs matplotlib), two panels.
+
+    Top: balancedness of every step's load, with the rearrangements marked.
+    Bottom: per-rank load of the first and the last window, summed over the
+    MoE layers, with the ideal (every rank at the mean) drawn as a line; the
+    legend's balancedness is that of the bars drawn.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5))
+    steps = list(range(1, len(report.step_balancedness) + 1))
+    top.plot(steps, list(report.step_balancedness), color="tab:blue", label="per step")
+    for index, line in enumerate(report.rearrangements):
+        top.axvline(
+            line.step,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label="rearrangement" if index == 0 else None,
+        )
+    top.set_ylim(0.0, 1.05)
+    top.set_xlabel("engine step")
+    top.set_ylabel("balancedness (mean/max rank load)")
+    top.set_title("Balancedness per step (mean over MoE layers; 1.0 = perfectly even)")
+    top.legend(loc="lower right")
+
     ranks = torch.arange(report.rank_load_first.numel(), dtype=torch.float64)
-    fig, axes = plt.subplots(figsize=(7, 3.5))
-    ax = cast("_Axes", axes)
     width = 0.4
-    ax.bar(
+    first, last = report.rank_load_first, report.rank_load_last
+    bottom.bar(
         float_list(ranks - width / 2),
-        float_list(report.rank_load_first.double()),
+        float_list(first.double()),
         width,
-        label=f"first window (balancedness {report.first_window_balancedness:.2f})",
+        label=f"first window (balancedness {_bar_balancedness(first):.2f})",
     )
-    ax.bar(
+    bottom.bar(
         float_list(ranks + width / 2),
-        float_list(report.rank_load_last.double()),
+        float_list(last.double()),
         width,
-        label=f"last window (balancedness {report.last_window_balancedness:.2f})",
+        label=f"last window (balancedness {_bar_balancedness(last):.2f})",
     )
-    ax.set_xlabel("EP rank")
-    ax.set_ylabel("token-expert assignments (all MoE layers)")
-    ax.set_title("Per-rank expert load before and after EPLB")
-    ax.set_xticks(float_list(ranks))
-    ax.legend()
+    for load, color in ((first, "tab:blue"), (last, "tab:orange")):
+        bottom.axhline(float(load.double().mean()), color=color, linestyle=":", linewidth=1.5)
+    bottom.plot([], [], color="gray", linestyle=":", label="ideal (every rank at the mean)")
+    bottom.set_xlabel("EP rank")
+    bottom.set_ylabel("token-expert assignments")
+    bottom.set_title("Per-rank load, summed over the MoE layers")
+    bottom.set_xticks(float_list(ranks))
+    bottom.set_ylim(0, 1.3 * float(torch.maximum(first.max(), last.max())))
+    bottom.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
-    cast("_Figure", fig).savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

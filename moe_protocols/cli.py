@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
-import inspect
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, TextIO, cast
+from typing import Final, TextIO
 
-import torch
-
-from moe_protocols.adapters import MoEView
-from moe_protocols.conformance import check_conformance
+from moe_protocols._cli_profile import PROFILE_DESCRIPTION, add_profile_arguments, run_profile
+from moe_protocols._cli_types import at_least, finite_at_least, target_argument, writable_file
+from moe_protocols._target import TargetLoadError, describe_exception, load_target
 
 __all__ = ["main"]
 
@@ -32,75 +29,6 @@ EXIT_USAGE: Final = 2
 EXIT_LOAD_ERROR: Final = 3
 
 
-class _LoadError(Exception):
-    """The MODULE:ATTR target could not be imported or built."""
-
-
-def split_target(spec: str) -> tuple[str, str]:
-    """``(module, attribute path)`` of a ``MODULE:ATTR`` spec; ValueError when malformed."""
-    module_part, sep, attr_path = spec.partition(":")
-    if not sep or not module_part or not attr_path:
-        raise ValueError(
-            f"expected MODULE:ATTR (e.g. examples/wrapped_model.py:build), got {spec!r}"
-        )
-    return module_part, attr_path
-
-
-def _target_argument(spec: str) -> str:
-    """argparse ``type=``: a malformed MODULE:ATTR is a usage error (exit 2)."""
-    try:
-        split_target(spec)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return spec
-
-
-def load_target(spec: str) -> object:
-    """Import ``MODULE:ATTR`` (or ``path/to/file.py:ATTR``) and build the model.
-
-    A function or class is called with no arguments (a model factory); any
-    other object is the model itself.
-    """
-    try:
-        module_part, attr_path = split_target(spec)
-    except ValueError as exc:
-        raise _LoadError(str(exc)) from None
-    try:
-        if module_part.endswith(".py") or "/" in module_part:
-            path = Path(module_part)
-            if not path.is_file():
-                raise _LoadError(f"no such file: {path}")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            if module_spec is None or module_spec.loader is None:
-                raise _LoadError(f"cannot import {path}")
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_part)
-    except _LoadError:
-        raise
-    except (Exception, SystemExit) as exc:
-        # SystemExit too: a module that calls sys.exit(0) while importing did not build a model.
-        raise _LoadError(f"importing {module_part!r} failed: {_describe(exc)}") from exc
-    target: object = module
-    for name in attr_path.split("."):
-        try:
-            target = getattr(target, name)
-        except AttributeError:
-            raise _LoadError(f"{module_part!r} has no attribute {attr_path!r}") from None
-        except Exception as exc:  # a module __getattr__ or a property that raises
-            raise _LoadError(
-                f"reading {attr_path!r} from {module_part!r} failed: {_describe(exc)}"
-            ) from exc
-    if inspect.isfunction(target) or inspect.isclass(target):
-        factory: Callable[[], object] = target
-        try:
-            return factory()
-        except (Exception, SystemExit) as exc:
-            raise _LoadError(f"building the model with {spec}() failed: {_describe(exc)}") from exc
-    return target
-
-
 def _show_cause(args: argparse.Namespace, exc: BaseException) -> None:
     """With ``--traceback``, print the traceback of what made the load fail."""
     cause = exc.__cause__
@@ -108,37 +36,25 @@ def _show_cause(args: argparse.Namespace, exc: BaseException) -> None:
         traceback.print_exception(cause, file=sys.stderr)
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, SystemExit):
-        return f"it called sys.exit({exc.code!r})"
-    return f"{type(exc).__name__}: {exc}"
+def _version() -> str:
+    """The installed distribution's version (the source tree's when run uninstalled)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-
-def _depth(text: str) -> int:
-    """``--max-depth``: an int >= 0 (a usage error otherwise)."""
     try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
-    return value
+        return version("moe-protocols")
+    except PackageNotFoundError:
+        from moe_protocols import __version__
 
-
-def _writable_file(text: str) -> Path:
-    """``--plot``: a file whose folder exists, checked before any work starts."""
-    path = Path(text)
-    if not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"no folder {str(path.parent)!r} to write {text!r} into")
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
-    return path
+        return __version__
 
 
 def _inspect(args: argparse.Namespace, out: TextIO) -> int:
+    from moe_protocols.adapters import MoEView
+    from moe_protocols.conformance import check_conformance
+
     try:
         model = load_target(args.target)
-    except _LoadError as exc:
+    except TargetLoadError as exc:
         _show_cause(args, exc)
         print(f"moe-protocols inspect: {exc}", file=sys.stderr)
         return EXIT_LOAD_ERROR
@@ -161,10 +77,24 @@ def _inspect(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _demo(args: argparse.Namespace, out: TextIO) -> int:
-    from moe_protocols._demo import DemoOptions, plot_rank_load, run_demo
-    from moe_protocols.errors import MoEProtocolsError
+def _demo_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of ``demo`` flags (each flag alone is already checked)."""
+    from moe_protocols.eplb import DEFAULT_POLICIES
 
+    slots = args.experts + args.redundant
+    if slots % args.ranks != 0:
+        return (
+            f"--experts {args.experts} + --redundant {args.redundant} = {slots} slots do not "
+            f"split evenly over --ranks {args.ranks}; choose them so that experts + redundant "
+            f"is a multiple of the ranks"
+        )
+    if args.policy not in DEFAULT_POLICIES:
+        known = ", ".join(DEFAULT_POLICIES.names)
+        return f"--policy {args.policy!r} is not a registered policy (known: {known})"
+    return None
+
+
+def _demo(args: argparse.Namespace, out: TextIO) -> int:
     plot_path: Path | None = args.plot
     if plot_path is not None:
         try:
@@ -175,40 +105,45 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
                 file=sys.stderr,
             )
             return EXIT_LOAD_ERROR
-    try:
-        options = DemoOptions(
-            steps=args.steps,
-            num_experts=args.experts,
-            num_redundant_experts=args.redundant,
-            num_ranks=args.ranks,
-            window_size=args.window,
-            step_interval=args.interval,
-            zipf_exponent=args.zipf,
-            policy=args.policy,
-            seed=args.seed,
-        )
-        report = run_demo(options, out)
-    except (ValueError, MoEProtocolsError) as exc:
-        print(f"moe-protocols demo: {exc}", file=sys.stderr)
+    problem = _demo_problem(args)
+    if problem is not None:
+        print(f"moe-protocols demo: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    import torch
+
+    from moe_protocols._demo import DemoOptions, plot_demo, run_demo
+
+    torch.set_num_threads(args.threads)
+    options = DemoOptions(
+        steps=args.steps,
+        num_experts=args.experts,
+        num_redundant_experts=args.redundant,
+        num_ranks=args.ranks,
+        window_size=args.window,
+        step_interval=args.interval,
+        zipf_exponent=args.zipf,
+        policy=args.policy,
+        seed=args.seed,
+    )
+    report = run_demo(options, out)
     if plot_path is not None:
-        plot_rank_load(report, plot_path)
+        plot_demo(report, plot_path)
         print(f"Wrote {plot_path}", file=out)
     return EXIT_OK if report.outputs_unchanged and report.verification.ok else EXIT_NOT_MOE
 
 
 def _verify(args: argparse.Namespace, out: TextIO) -> int:
     from moe_protocols.errors import VerificationInputError
-    from moe_protocols.verification import verify_eplb_integration
+    from moe_protocols.verification import is_sample_batch, verify_eplb_integration
 
     try:
         model = load_target(args.target)
         inputs = None if args.inputs is None else load_target(args.inputs)
-    except _LoadError as exc:
+    except TargetLoadError as exc:
         _show_cause(args, exc)
         print(f"moe-protocols verify: {exc}", file=sys.stderr)
         return EXIT_LOAD_ERROR
-    if inputs is not None and not isinstance(inputs, (torch.Tensor, Mapping)):
+    if inputs is not None and not is_sample_batch(inputs):
         print(
             f"moe-protocols verify: --inputs {args.inputs} gave a {type(inputs).__name__}; "
             "expected a tensor of input_ids or a mapping of forward keyword arguments",
@@ -217,12 +152,7 @@ def _verify(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_USAGE
     try:
         report = verify_eplb_integration(
-            model,
-            # Mapping keys are checked by verify_eplb_integration itself.
-            cast("torch.Tensor | Mapping[str, object] | None", inputs),
-            exact=args.exact,
-            seed=args.seed,
-            max_depth=args.max_depth,
+            model, inputs, exact=args.exact, seed=args.seed, max_depth=args.max_depth
         )
     except VerificationInputError as exc:
         print(f"moe-protocols verify: {exc}", file=sys.stderr)
@@ -235,12 +165,13 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line if line else line for line in text.splitlines())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "moe-protocols") -> argparse.ArgumentParser:
     """The argument parser of the ``moe-protocols`` command."""
     parser = argparse.ArgumentParser(
-        prog="moe-protocols",
+        prog=prog,
         description="Find the Mixture-of-Experts model inside any wrapper and balance its experts.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "--traceback",
         action="store_true",
@@ -259,12 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_inspect.add_argument(
         "target",
         metavar="MODULE:ATTR",
-        type=_target_argument,
+        type=target_argument,
         help="e.g. examples/wrapped_model.py:build or pkg.mod:fn",
     )
     p_inspect.add_argument(
         "--max-depth",
-        type=_depth,
+        type=at_least(0),
         default=6,
         help="unwrapping depth limit, >= 0 (default 6); raise it when the trace says the "
         "limit was reached",
@@ -286,13 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_verify.add_argument(
         "target",
         metavar="MODULE:ATTR",
-        type=_target_argument,
+        type=target_argument,
         help="the model, e.g. moe_protocols.models:tiny_vlm or examples/wrapped_model.py:build",
     )
     p_verify.add_argument(
         "--inputs",
         metavar="MODULE:ATTR",
-        type=_target_argument,
+        type=target_argument,
         help="sample inputs (input_ids, or a mapping of forward keywords; a factory is called); "
         "default: token ids drawn from the model's vocabulary",
     )
@@ -314,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_verify.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p_verify.add_argument(
-        "--max-depth", type=_depth, default=6, help="unwrapping depth limit, >= 0 (default 6)"
+        "--max-depth", type=at_least(0), default=6, help="unwrapping depth limit, >= 0 (default 6)"
     )
     p_verify.set_defaults(handler=_verify)
 
@@ -330,45 +261,72 @@ def build_parser() -> argparse.ArgumentParser:
             "not, 2 on invalid options."
         ),
     )
-    p_demo.add_argument("--steps", type=int, default=48, help="engine steps (default 48)")
-    p_demo.add_argument("--experts", type=int, default=16, help="logical experts (default 16)")
+    p_demo.add_argument("--steps", type=at_least(1), default=48, help="engine steps (default 48)")
     p_demo.add_argument(
-        "--redundant", type=int, default=4, help="redundant expert slots (default 4)"
+        "--experts", type=at_least(2), default=16, help="logical experts (default 16)"
     )
     p_demo.add_argument(
-        "--ranks", type=int, default=4, help="EP ranks to plan for, simulated here (default 4)"
+        "--redundant",
+        type=at_least(0),
+        default=4,
+        help="redundant expert slots; experts + redundant must be a multiple of --ranks "
+        "(default 4)",
     )
-    p_demo.add_argument("--window", type=int, default=8, help="load window in steps (default 8)")
     p_demo.add_argument(
-        "--interval", type=int, default=10, help="steps between rearrangements (default 10)"
+        "--ranks",
+        type=at_least(1),
+        default=4,
+        help="EP ranks to plan for, simulated here (default 4)",
     )
     p_demo.add_argument(
-        "--zipf", type=float, default=1.2, help="skew of the token stream (default 1.2)"
+        "--window", type=at_least(1), default=8, help="load window in steps (default 8)"
     )
-    p_demo.add_argument("--policy", default="deepseek", help="rebalancing policy name")
-    p_demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p_demo.add_argument(
+        "--interval",
+        type=at_least(1),
+        default=10,
+        help="steps between rearrangements (default 10)",
+    )
+    p_demo.add_argument(
+        "--zipf",
+        type=finite_at_least(0.0),
+        default=1.2,
+        help="Zipf exponent of the token stream: 0 is uniform, larger is more skewed (default 1.2)",
+    )
+    p_demo.add_argument(
+        "--policy", default="deepseek", help="rebalancing policy (default deepseek)"
+    )
+    p_demo.add_argument("--seed", type=at_least(0), default=0, help="random seed (default 0)")
+    p_demo.add_argument(
+        "--threads",
+        type=at_least(1),
+        default=1,
+        help="torch CPU threads; the tiny model runs fastest on one (default 1)",
+    )
     p_demo.add_argument(
         "--plot",
-        type=_writable_file,
+        type=writable_file(".png", ".svg", ".pdf"),
         metavar="FILE",
-        help="write a PNG of per-rank load before/after",
+        help="write a figure: balancedness per step with the rearrangements marked, and "
+        "per-rank load of the first and last window with the ideal line",
     )
     p_demo.set_defaults(handler=_demo)
-
-    from moe_protocols.profiling import add_profile_arguments, run_profile
 
     p_profile = sub.add_parser(
         "profile",
         help="record per-expert load of a model and plan a placement for a deployment",
+        description=PROFILE_DESCRIPTION,
     )
     add_profile_arguments(p_profile)
     p_profile.set_defaults(handler=run_profile)
     return parser
 
 
-def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, out: TextIO | None = None, prog: str = "moe-protocols"
+) -> int:
     """Run the command line; return the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     handler: Callable[[argparse.Namespace, TextIO], int] = args.handler
     try:
         return handler(args, out if out is not None else sys.stdout)
@@ -380,7 +338,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         if args.traceback:
             traceback.print_exc()
         print(
-            f"moe-protocols {args.command}: unexpected error: {_describe(exc)}"
+            f"moe-protocols {args.command}: unexpected error: {describe_exception(exc)}"
             + ("" if args.traceback else " (rerun with --traceback for details)"),
             file=sys.stderr,
         )

@@ -6,8 +6,8 @@ the hf-experts adapter) and returns the tokens each logical expert received,
 ``[layers, logical]``. ``plan_placement`` turns such a load window into a
 placement for a target deployment (EP ranks, nodes, redundant slots) with any
 registered policy and reports the balancedness it would reach next to the
-naive contiguous placement. ``run_profile`` is the ``moe-protocols profile``
-command built from the two.
+naive contiguous placement. The ``moe-protocols profile`` command is built
+from the two (:mod:`moe_protocols._cli_profile`).
 
 The recorder is deliberately small instead of an ``EplbState``: profiling
 needs only the load of a few forwards, whereas ``EplbState`` rearranges (and
@@ -16,16 +16,14 @@ moves weights) on its own schedule and keeps a window sized for serving.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Final, TextIO
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
 from torch import Tensor
 
-from moe_protocols.eplb._mapping_io import Placement, save_placement
+from moe_protocols.eplb._mapping_io import Placement
 from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
 from moe_protocols.eplb._metrics import balancedness, expected_rank_loads
 from moe_protocols.eplb._ownership import Claim, find_owner
@@ -33,36 +31,24 @@ from moe_protocols.eplb._policy import DEFAULT_POLICIES, PolicyRegistry
 from moe_protocols.errors import (
     EplbConfigError,
     EplbOwnershipError,
-    EplbStateError,
     MappingError,
-    MoEProtocolsError,
+    ModelInputError,
     NotMixtureOfExpertsError,
-    PolicyError,
 )
 
 if TYPE_CHECKING:
-    import argparse
-
     from moe_protocols.adapters._view import MoEView
     from moe_protocols.protocols import MixtureOfExperts
 
 __all__ = [
-    "DEFAULT_PROFILE_FACTORY",
+    "Batch",
     "PlacementPlan",
-    "add_profile_arguments",
     "load_skew",
     "plan_placement",
     "record_expert_load",
-    "run_profile",
+    "vocabulary_size",
+    "weights_device",
 ]
-
-DEFAULT_PROFILE_FACTORY: Final = "moe_protocols.adapters._hf_factories:tiny_qwen3_moe"
-"""The model ``moe-protocols profile`` builds when no MODULE:ATTR is given."""
-
-EXIT_OK: Final = 0
-EXIT_NOT_MOE: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_LOAD_ERROR: Final = 3
 
 Batch = Tensor | Mapping[str, object]
 """One forward's input: ``input_ids`` (run as ``model(input_ids=batch)``) or keyword arguments."""
@@ -76,7 +62,8 @@ def _resolve(model: object, view: MoEView | None) -> MoEView:
     return MoEView.require(model)
 
 
-def _weights_device(moe: MixtureOfExperts) -> torch.device:
+def weights_device(moe: MixtureOfExperts) -> torch.device:
+    """The device of the model's first expert weight (CPU for a model without any)."""
     for layer in moe.moe_layers:
         for weight in layer.get_expert_weights():
             return weight.device
@@ -91,12 +78,25 @@ def _default_forward(model: object, batch: Batch) -> object:
     return model(**batch)
 
 
+def _check_batch(batch: Batch, index: int) -> None:
+    """A tensor batch is ``input_ids``: ``[batch, sequence]`` integers (a mapping is the user's)."""
+    if not isinstance(batch, Tensor):
+        return
+    if batch.dim() != 2 or batch.dtype.is_floating_point or batch.dtype == torch.bool:
+        hint = "; add the batch dimension with ids.unsqueeze(0)" if batch.dim() == 1 else ""
+        raise ModelInputError(
+            f"batch {index}: input_ids must be a [batch, sequence] integer tensor, got shape "
+            f"{tuple(batch.shape)} of {batch.dtype}{hint}"
+        )
+
+
 def record_expert_load(
     model: object,
     batches: Iterable[Batch],
     *,
     view: MoEView | None = None,
     forward: Callable[[object, Batch], object] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Run ``batches`` through ``model`` and return the tokens each logical expert received.
 
@@ -108,6 +108,8 @@ def record_expert_load(
         view: the already-resolved view of ``model``.
         forward: ``forward(model, batch)``; default ``model(input_ids=batch)``
             for a tensor, ``model(**batch)`` for a mapping.
+        progress: called after each batch with the number of batches done
+            (e.g. to draw a progress bar).
 
     Returns:
         ``[layers, logical]`` int64 on CPU: token-expert assignments per
@@ -125,6 +127,8 @@ def record_expert_load(
         NotMixtureOfExpertsError: no MixtureOfExperts is reachable from ``model``.
         EplbOwnershipError: some, not all, of the model's MoE layers belong to a
             live EPLB state registration of another model.
+        ModelInputError: a tensor batch (run as ``input_ids``) is not a 2-D
+            ``[batch, sequence]`` integer tensor.
         EplbStateError: a layer's load hook never fired (its block was replaced,
             e.g. by a hub kernel), so its load would read zero.
     """
@@ -132,7 +136,7 @@ def record_expert_load(
     run = forward if forward is not None else _default_forward
     claim = find_owner(moe)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
     physical_to_logical, l2p, count = _borrowed_maps(moe, claim)
-    device = _weights_device(moe)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+    device = weights_device(moe)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
     load = torch.zeros(
         moe.num_moe_layers, moe.num_physical_experts, dtype=torch.int64, device=device
     )
@@ -144,8 +148,12 @@ def record_expert_load(
             logical_replica_count=count.to(device),
         )
         with torch.no_grad():
-            for batch in batches:
+            for done, batch in enumerate(batches, start=1):
+                if forward is None:
+                    _check_batch(batch, done - 1)
                 run(model, batch)
+                if progress is not None:
+                    progress(done)
         check = getattr(target, "check_recording", None)
         if callable(check):
             check()
@@ -255,7 +263,7 @@ class PlacementPlan:
             f"placement for {p.num_ranks} EP rank(s) on {p.num_nodes} node(s), "
             f"{p.num_physical_experts} slots per layer ({p.num_logical_experts} experts + "
             f"{p.num_physical_experts - p.num_logical_experts} redundant), policy {self.policy!r}",
-            f"{'layer':>5}  {'tokens':>9}  {'skew':>6}  {'hottest':>7}  "
+            f"{'layer':>5}  {'load':>9}  {'skew':>6}  {'hottest':>7}  "
             f"{'naive bal':>9}  {'planned bal':>11}",
         ]
         skew = self.load_skew
@@ -269,6 +277,14 @@ class PlacementPlan:
         lines.append(
             f"{'all':>5}  {int(self.logical_load.sum()):>9}  {float(skew.mean()):>6.2f}  "
             f"{'':>7}  {self.naive_balancedness:>9.3f}  {self.balancedness:>11.3f}"
+        )
+        lines.extend(
+            [
+                "load: token-expert assignments (a token counts once per expert it is routed to)",
+                "skew: hottest expert's load / mean expert load (1.00 = uniform)",
+                "hottest: id of the hottest expert; naive: expert p in slot p",
+                "bal: balancedness, mean / max rank load (1.00 = every rank equally loaded)",
+            ]
         )
         return "\n".join(lines)
 
@@ -354,45 +370,12 @@ def plan_placement(
     )
 
 
-# ---------------------------------------------------------------- command line
+def vocabulary_size(model: object) -> int | None:
+    """The vocabulary size ``model`` states, or None when it states none.
 
-
-def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``moe-protocols profile`` arguments to ``parser``."""
-    parser.add_argument(
-        "target",
-        nargs="?",
-        default=None,
-        metavar="MODULE:ATTR",
-        help=f"model factory or object (default: tiny offline Qwen3-MoE {DEFAULT_PROFILE_FACTORY})",
-    )
-    parser.add_argument("--ranks", type=int, default=4, help="EP ranks to plan for (default 4)")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes the ranks span (default 1)")
-    parser.add_argument(
-        "--redundant", type=int, default=0, help="redundant expert slots per layer (default 0)"
-    )
-    parser.add_argument(
-        "--groups",
-        type=int,
-        default=None,
-        help="expert groups for hierarchical placement (default: the model's)",
-    )
-    parser.add_argument("--policy", default="deepseek", help="placement policy (default deepseek)")
-    parser.add_argument("--tokens", type=int, default=256, help="tokens per batch (default 256)")
-    parser.add_argument("--batches", type=int, default=4, help="batches to record (default 4)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the random token ids (default 0)"
-    )
-    parser.add_argument(
-        "--save",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="write the placement (.json or .safetensors)",
-    )
-
-
-def _vocab_size(model: object) -> int | None:
+    Read from ``get_input_embeddings().num_embeddings``, else from
+    ``config.get_text_config().vocab_size`` or ``config.vocab_size``.
+    """
     get_embeddings = getattr(model, "get_input_embeddings", None)
     if callable(get_embeddings):
         try:
@@ -409,93 +392,3 @@ def _vocab_size(model: object) -> int | None:
         if isinstance(size, int) and size > 0:
             return size
     return None
-
-
-def _build(spec: str | None) -> object:
-    from moe_protocols.cli import load_target
-
-    if spec is None:
-        from moe_protocols.adapters._hf_factories import tiny_qwen3_moe
-
-        return tiny_qwen3_moe()
-    return load_target(spec)
-
-
-def run_profile(args: argparse.Namespace, out: TextIO) -> int:
-    """``moe-protocols profile``: record expert load, plan a placement, print (and save) it.
-
-    Exit codes: 0 success; 1 no MixtureOfExperts in the model; 2 bad
-    deployment arguments; 3 the model could not be built (e.g. transformers
-    is missing for the default model).
-    """
-    err = sys.stderr
-    for name in ("tokens", "batches"):
-        if getattr(args, name) < 1:
-            print(f"moe-protocols profile: --{name} must be >= 1", file=err)
-            return EXIT_USAGE
-    try:
-        model = _build(args.target)
-    except Exception as exc:  # the factory's own failure, whatever it is, is a load error
-        print(f"moe-protocols profile: {exc}", file=err)
-        return EXIT_LOAD_ERROR
-    try:
-        view = _resolve(model, None)
-    except NotMixtureOfExpertsError as exc:
-        print(str(exc), file=out)
-        return EXIT_NOT_MOE
-    vocab = _vocab_size(model)
-    if vocab is None:
-        print(
-            f"moe-protocols profile: cannot tell the vocabulary size of {type(model).__name__} "
-            "(no get_input_embeddings() or config.vocab_size) to draw token ids",
-            file=err,
-        )
-        return EXIT_LOAD_ERROR
-    generator = torch.Generator().manual_seed(args.seed)
-    device = _weights_device(view)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
-    batches = [
-        torch.randint(0, vocab, (1, args.tokens), generator=generator).to(device)
-        for _ in range(args.batches)
-    ]
-    try:
-        load = record_expert_load(model, batches, view=view)
-    except EplbStateError as exc:
-        print(f"moe-protocols profile: recording failed: {exc}", file=err)
-        return EXIT_NOT_MOE
-    groups = args.groups if args.groups is not None else view.num_expert_groups
-    try:
-        plan = plan_placement(
-            load,
-            num_ranks=args.ranks,
-            num_nodes=args.nodes,
-            num_redundant_experts=args.redundant,
-            num_groups=groups,
-            policy=args.policy,
-            metadata={"model": type(model).__name__, "source": "moe-protocols profile"},
-        )
-    except (EplbConfigError, PolicyError) as exc:
-        print(f"moe-protocols profile: {exc}", file=err)
-        return EXIT_USAGE
-    print(
-        f"model: {type(model).__name__}, MoE model at: {view.trace.resolved_path or 'model'}",
-        file=out,
-    )
-    print(
-        f"MoE layers: {view.num_moe_layers}, experts: {view.num_logical_experts}, "
-        f"groups: {view.num_expert_groups}; recorded {args.batches} batch(es) x "
-        f"{args.tokens} tokens",
-        file=out,
-    )
-    print(str(plan), file=out)
-    print(
-        f"balancedness: naive {plan.naive_balancedness:.3f} -> planned {plan.balancedness:.3f}",
-        file=out,
-    )
-    if args.save is not None:
-        try:
-            save_placement(plan.placement, args.save)
-        except (MoEProtocolsError, OSError) as exc:
-            print(f"moe-protocols profile: cannot save to {args.save}: {exc}", file=err)
-            return EXIT_USAGE
-        print(f"saved placement to {args.save}", file=out)
-    return EXIT_OK

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Final, cast, final
+from typing import TYPE_CHECKING, Final, TypeGuard, cast, final
 
 import attrs
 import torch
@@ -50,8 +50,8 @@ from moe_protocols.errors import (
 from moe_protocols.profiling import (
     Batch,
     _default_forward,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
-    _vocab_size,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
-    _weights_device,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
+    vocabulary_size,
+    weights_device,
 )
 from moe_protocols.protocols import MixtureOfExperts
 
@@ -202,12 +202,17 @@ class VerificationReport:
 # ---------------------------------------------------------------- inputs
 
 
+def is_sample_batch(value: object) -> TypeGuard[Batch]:
+    """Whether ``value`` can be fed as it is: a tensor of input_ids or a mapping of keywords."""
+    return isinstance(value, (Tensor, Mapping))
+
+
 def _sample_batch(
     root: object, view: MoEView, sample_inputs: SampleInputs | None, seed: int
 ) -> tuple[Batch, str]:
     """The batch every forward is fed, and how it was obtained."""
     if sample_inputs is None:
-        vocab = _vocab_size(root) or _vocab_size(view.model)
+        vocab = vocabulary_size(root) or vocabulary_size(view.model)
         if vocab is None:
             raise VerificationInputError(
                 f"verify_eplb_integration: no sample inputs were given and none can be "
@@ -219,7 +224,7 @@ def _sample_batch(
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab, _SYNTHETIC_SHAPE, generator=generator)
         shape = "x".join(map(str, _SYNTHETIC_SHAPE))
-        return ids.to(_weights_device(view)), (  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+        return ids.to(weights_device(view)), (  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
             f"synthesised input_ids [{shape}] from vocab_size={vocab} (seed {seed})"
         )
     given: object = sample_inputs
@@ -460,7 +465,7 @@ class _Verifier:
                 num_redundant_experts=self.view.num_redundant_experts,
             ),
             # layers add their load on the experts' device
-            device=_weights_device(self.view),  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+            device=weights_device(self.view),  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
             integrity=integrity,
         )
 

@@ -20,13 +20,25 @@ stamp="$VENV/.moe-protocols-setup"
 # default import hook: mypy and pyright cannot follow the hook, so without it a
 # script outside the repo would type-check moe_protocols as missing (Any).
 EDITABLE_MODE=compat
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1) extras=$EXTRAS editable=$EDITABLE_MODE"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import moe_protocols" 2>/dev/null; then
+hash="$({ cat pyproject.toml constraints.txt; echo "editable_mode=$EDITABLE_MODE"; } | sha256sum | cut -d' ' -f1)"
+# Extras accumulate: a venv set up for the checks (dev,hf) also serves the demo (dev), so
+# alternating demo.sh and check.sh installs once. The stamp is "<hash> <extra,extra,...>".
+installed=""
+if [ -f "$stamp" ]; then
+    read -r stamp_hash installed < "$stamp" || true
+    installed="${installed#extras=}"  # the stamp format before extras accumulated
+    [ "$stamp_hash" = "$hash" ] || installed=""
+fi
+union="$(printf '%s\n' ${installed//,/ } ${EXTRAS//,/ } | sort -u | paste -sd, -)"
+# find_spec, not import: the no-op check must not pay for importing torch.
+if [ "$union" = "$installed" ] && "$VENV/bin/python" -c \
+    "import importlib.util, sys; sys.exit(importlib.util.find_spec('moe_protocols') is None)" \
+    2>/dev/null; then
     exit 0
 fi
 
-echo "setup: installing moe-protocols[$EXTRAS] into $VENV (torch pinned by constraints.txt)"
+echo "setup: installing moe-protocols[$union] into $VENV (torch pinned by constraints.txt)"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -c constraints.txt --config-settings editable_mode="$EDITABLE_MODE" -e ".[$EXTRAS]"
-echo "$want" > "$stamp"
+    -c constraints.txt --config-settings editable_mode="$EDITABLE_MODE" -e ".[$union]"
+echo "$hash $union" > "$stamp"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -27,6 +29,8 @@ def test_inspect_prints_the_trace_through_compile_and_vlm_wrappers() -> None:
     assert "model (OptimizedModule): not MixtureOfExperts" in text
     assert "-> model.get_language_model() (TinyMoEForCausalLM): MixtureOfExperts" in text
     assert "satisfies MixtureOfExperts (3 MoE layers)" in text
+    # the compiled wrapper's own step was taken too; the trace says what it reached
+    assert "not checked (the walk ends at the first MoE model): model._orig_mod (TinyVLM" in text
 
 
 def test_inspect_of_a_dense_model_exits_1_and_explains(tmp_path: Path) -> None:
@@ -62,6 +66,39 @@ def test_demo_rebalances_and_keeps_outputs_identical(tmp_path: Path) -> None:
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+def test_demo_figure_shows_every_step_and_legends_that_match_the_bars() -> None:
+    import io
+    import re
+
+    import matplotlib.pyplot as plt
+
+    from moe_protocols._demo import DemoOptions, demo_figure, run_demo
+
+    report = run_demo(DemoOptions(steps=12, step_interval=5, window_size=4), io.StringIO())
+    fig = demo_figure(report)
+    try:
+        steps_axes, ranks_axes = fig.axes
+        line = steps_axes.get_lines()[0]
+        # casts: matplotlib types line data as ArrayLike and legend handles as Artist.
+        ydata = cast("Sequence[float]", line.get_ydata())
+        assert list(ydata) == pytest.approx(list(report.step_balancedness))
+        assert len(report.step_balancedness) == 12
+        marked = [
+            float(cast("Sequence[float]", m.get_xdata())[0]) for m in steps_axes.get_lines()[1:]
+        ]
+        assert marked == [r.step for r in report.rearrangements] == [5, 10]
+        handles, labels = ranks_axes.get_legend_handles_labels()
+        bars = [h for h, label in zip(handles, labels, strict=True) if "window" in label]
+        assert len(bars) == 2  # both windows are in the legend, the ideal line too
+        assert any("ideal" in label for label in labels)
+        for container, label in zip(bars, [lb for lb in labels if "window" in lb], strict=True):
+            heights = [patch.get_height() for patch in cast("Iterable[Any]", container)]
+            shown = float(re.findall(r"balancedness (\d\.\d\d)", label)[0])
+            assert shown == pytest.approx(sum(heights) / len(heights) / max(heights), abs=0.005)
+    finally:
+        plt.close(fig)
+
+
 def test_demo_rejects_invalid_options_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _ = _run("demo", "--ranks", "3")  # 20 slots do not split over 3 ranks
     assert code == 2
@@ -74,24 +111,118 @@ def test_demo_rejects_an_unknown_policy(capsys: pytest.CaptureFixture[str]) -> N
     assert "deepseek" in capsys.readouterr().err  # lists the known policies
 
 
-def test_console_script_help_and_usage_errors() -> None:
+def test_console_script_help_version_and_python_m() -> None:
+    import moe_protocols
+
+    for argv in (["-m", "moe_protocols.cli", "--help"], ["-m", "moe_protocols", "--help"]):
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        for command in ("inspect", "verify", "demo", "profile"):
+            assert command in done.stdout
+    assert "usage: python -m moe_protocols" in done.stdout
+    version = subprocess.run(
+        [sys.executable, "-m", "moe_protocols", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert version.returncode == 0
+    assert version.stdout.split() == ["python", "-m", "moe_protocols", moe_protocols.__version__]
+
+
+def test_help_does_not_import_torch() -> None:
+    # What keeps `moe-protocols --help` fast: neither the parser nor the package imports torch.
     done = subprocess.run(
-        [sys.executable, "-m", "moe_protocols.cli", "--help"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, contextlib, io\n"
+            "from moe_protocols.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    main(['profile', '--help'])\n"
+            "print('torch' in sys.modules)",
+        ],
         capture_output=True,
         text=True,
         check=False,
     )
-    assert done.returncode == 0
-    for command in ("inspect", "demo", "profile"):
-        assert command in done.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "moe_protocols.cli", "demo", "--steps", "x"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert bad.returncode == 2
-    assert "invalid int value" in bad.stderr
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+_BAD_USAGE = [
+    # (argv, what the message must name)
+    (["demo", "--steps", "x"], "argument --steps: must be an int >= 1, got 'x'"),
+    (["demo", "--steps", "0"], "argument --steps: must be an int >= 1"),
+    (["demo", "--experts", "1"], "argument --experts: must be an int >= 2"),
+    (["demo", "--ranks", "0"], "argument --ranks: must be an int >= 1"),
+    (["demo", "--redundant", "-1"], "argument --redundant: must be an int >= 0"),
+    (["demo", "--zipf", "-0.5"], "argument --zipf: must be a number >= 0"),
+    (["demo", "--zipf", "nan"], "argument --zipf: must be a number >= 0"),
+    (["demo", "--threads", "0"], "argument --threads: must be an int >= 1"),
+    (["demo", "--plot", "load.txt"], "argument --plot: 'load.txt' must end in .png"),
+    (["demo", "--ranks", "3"], "--experts 16 + --redundant 4 = 20 slots do not split"),
+    (["demo", "--policy", "nope"], "--policy 'nope' is not a registered policy"),
+    (["profile", "--ranks", "0"], "argument --ranks: must be an int >= 1"),
+    (["profile", "--save", "plan.pkl"], "argument --save: 'plan.pkl' must end in .json"),
+    (["profile", "--tokens", "0"], "argument --tokens: must be an int >= 1"),
+    (["profile", "--groups", "0"], "argument --groups: must be an int >= 1"),
+    (["profile", "--vocab-size", "-3"], "argument --vocab-size: must be an int >= 1"),
+    (["profile", "--ranks", "4", "--nodes", "3"], "--ranks 4 is not a multiple of --nodes 3"),
+    (["profile", "--policy", "nope"], "--policy 'nope' is not a registered policy"),
+    (["profile", "nomodule"], "expected MODULE:ATTR"),
+    (["inspect", "moe_protocols.models:tiny_vlm", "--max-depth", "-1"], "--max-depth"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), _BAD_USAGE)
+def test_bad_usage_exits_2_naming_the_flag_before_any_model_is_built(
+    argv: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import moe_protocols._cli_profile as cli_profile
+    import moe_protocols._demo as demo
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built before the options were checked")
+
+    monkeypatch.setattr(demo, "run_demo", must_not_run)
+    monkeypatch.setattr(cli_profile, "_build", must_not_run)
+    code: str | int | None
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_profile_checks_the_groups_against_the_model_before_recording(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import moe_protocols.profiling as profiling
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("batches were recorded before the options were checked")
+
+    monkeypatch.setattr(profiling, "record_expert_load", must_not_run)
+    assert main(["profile", "moe_protocols.models:tiny_vlm", "--groups", "3"]) == 2
+    assert "--groups 3 does not divide the model's 8 experts" in capsys.readouterr().err
+    assert main(["profile", "moe_protocols.models:tiny_vlm", "--redundant", "1"]) == 2
+    assert "8 experts + --redundant 1 = 9 slots" in capsys.readouterr().err
+
+
+def test_profile_of_the_tiny_vlm_reads_the_vocabulary_of_its_language_model(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["profile", "moe_protocols.models:tiny_vlm", "--tokens", "16"]) == 0
+    captured = capsys.readouterr()
+    assert "MoE model at: model.get_language_model()" in captured.out
+    assert "recording batch 4/4" in captured.err
 
 
 # ---------------------------------------------------------------- verify

@@ -18,20 +18,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from moe_protocols.eplb._mapping_io import load_placement, save_placement
-from moe_protocols.errors import EplbConfigError, EplbStateError, PolicyError
-from moe_protocols.models._tiny_moe import tiny_moe
-from moe_protocols.profiling import (
+from moe_protocols._cli_profile import (
     EXIT_LOAD_ERROR,
     EXIT_NOT_MOE,
     EXIT_OK,
     EXIT_USAGE,
     add_profile_arguments,
-    load_skew,
-    plan_placement,
-    record_expert_load,
     run_profile,
 )
+from moe_protocols.eplb._mapping_io import load_placement, save_placement
+from moe_protocols.errors import EplbConfigError, EplbStateError, PolicyError
+from moe_protocols.models._tiny_moe import tiny_moe
+from moe_protocols.profiling import load_skew, plan_placement, record_expert_load
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -155,8 +153,9 @@ def test_plan_table_has_a_row_per_layer() -> None:
     load = torch.tensor([[9, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
     plan = plan_placement(load, num_ranks=2)
     lines = str(plan).splitlines()
-    assert len(lines) == 2 + 3 + 1
-    assert lines[-1].split()[0] == "all"
+    # A header, a row per layer, the total, then a legend of the columns.
+    assert [line.split()[0] for line in lines[1:6]] == ["layer", "0", "1", "2", "all"]
+    assert [line.split(":")[0] for line in lines[6:]] == ["load", "skew", "hottest", "bal"]
     assert load_skew(load).tolist() == [3.0, 1.0, 1.0]
 
 
@@ -253,7 +252,7 @@ def test_profile_without_transformers_exits_3(monkeypatch: pytest.MonkeyPatch) -
 def test_profile_rejects_ranks_that_do_not_divide_the_slots() -> None:
     code, _, err = _profile(["moe_protocols.models._tiny_moe:tiny_moe", "--ranks", "3"])
     assert code == EXIT_USAGE
-    assert "3 ranks" in err
+    assert "--ranks 3" in err
 
 
 def test_profile_of_a_dense_model_exits_1() -> None:
@@ -266,3 +265,15 @@ def test_profile_of_a_missing_factory_exits_3() -> None:
     code, _, err = _profile(["no_such_module_here:build"])
     assert code == EXIT_LOAD_ERROR
     assert "no_such_module_here" in err
+
+
+def test_recording_refuses_input_ids_without_a_batch_dimension() -> None:
+    from moe_protocols.errors import ModelInputError
+
+    model = tiny_moe()
+    ids = torch.randint(0, model.config.vocab_size, (10,))
+    with pytest.raises(ModelInputError, match=r"batch 0: .*shape \(10,\).*unsqueeze\(0\)"):
+        record_expert_load(model, [ids])
+    # the layers were handed back: a second, valid recording works and counts every token
+    load = record_expert_load(model, [ids.unsqueeze(0)])
+    assert int(load.sum()) == 10 * model.config.top_k * model.num_moe_layers

@@ -47,3 +47,60 @@ def test_every_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "get_language_model()" in out  # the trace printed by the first example
     assert "placement for 8 EP rank(s)" in out  # the plan printed by the last one
+
+
+# ---------------------------------------------------------------- shell commands
+
+SHELL_BLOCK = re.compile(r"```bash\n(?P<code>.*?)\n```", re.DOTALL)
+ITSELF = "./scripts/check.sh"  # the command that runs this test suite
+
+
+def quick_start_commands() -> list[str]:
+    """The shell commands of "Quick start" and "After the quick start", comments stripped."""
+    text = README.read_text()
+    start = text.index("## Quick start")
+    section = text[start : text.index("\n## ", start + 1)]
+    commands = []
+    for block in SHELL_BLOCK.finditer(section):
+        for line in block["code"].splitlines():
+            command = line.split("  #", 1)[0].strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def test_the_quick_start_lists_the_two_commands_and_the_venv_commands() -> None:
+    commands = quick_start_commands()
+    assert commands[:2] == ["./scripts/demo.sh", ITSELF]
+    assert ".venv/bin/moe-protocols --version" in commands
+    assert ".venv/bin/python -m moe_protocols --help" in commands
+    assert all(c.startswith((".venv/bin/", "./scripts/")) for c in commands)
+
+
+@pytest.mark.parametrize("command", [c for c in quick_start_commands() if c != ITSELF])
+def test_every_quick_start_command_runs(command: str, tmp_path: Path) -> None:
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    # A checkout as a reader has it: the repository's top-level entries, with this
+    # environment as its .venv (so setup.sh finds it set up and the demo does not reinstall).
+    root = README.parent
+    for entry in root.iterdir():
+        if entry.name not in {".venv", ".git"} and not entry.name.startswith("."):
+            (tmp_path / entry.name).symlink_to(entry)
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOE_PROTOCOLS_VENV": ".venv"}
+    done = subprocess.run(
+        shlex.split(command),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    assert "setup: installing" not in done.stdout, "the quick start reinstalled"
+    assert "Traceback" not in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 from unittest.mock import MagicMock
 
 import attrs
@@ -277,6 +278,10 @@ def test_chain_deeper_than_max_depth_is_cut_and_says_so(fake_lm: FakeMoELM) -> N
     assert len(limits) == 1
     assert "max_depth=6" in limits[0].detail
     assert "depth limit:" in str(trace)
+    # the way out is the depth limit, not a new unwrapping step
+    message = str(info.value)
+    assert "raise the limit (--max-depth N on the command line, max_depth=N in Python" in message
+    assert "UnwrapStep(...)" not in message
 
     view = MoEView.resolve(root, max_depth=8)
     assert view is not None
@@ -594,3 +599,39 @@ def test_compiled_moe_model_resolves_to_the_original_module() -> None:
     view = MoEView.require(compiled)
     assert view.model is lm
     assert view.trace.resolved_path == "model._orig_mod"
+
+
+def test_the_trace_lists_objects_reached_but_not_checked_when_the_walk_resolves() -> None:
+    from moe_protocols.adapters import TraceOutcome
+    from moe_protocols.models import tiny_vlm
+
+    class Compiled(torch.nn.Module):
+        """Shaped like torch.compile's wrapper: forwards reads, holds the model as _orig_mod."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self._orig_mod, name)
+
+    vlm = tiny_vlm()
+    view = MoEView.require(Compiled(vlm))
+    assert view.model is vlm.get_language_model()
+    waiting = [e for e in view.trace.entries if e.outcome is TraceOutcome.NOT_CHECKED]
+    assert [e.path for e in waiting] == ["model._orig_mod"]
+    assert "model._orig_mod (TinyVLMForConditionalGeneration)" in str(view.trace)
+
+
+def test_a_near_miss_language_model_is_named_in_the_headline(fake_lm: FakeMoELM) -> None:
+    del fake_lm.num_redundant_experts  # one member short of the protocol
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(OneLevelVLM(fake_lm))
+    headline = str(info.value).splitlines()[0]
+    assert headline.startswith("OneLevelVLM (the served model) is not a MixtureOfExperts")
+    assert "The closest object inside it, model.get_language_model() (FakeMoELM)" in headline
+    assert "missing num_redundant_experts" in headline
+    assert "none was found inside it" not in headline

@@ -42,6 +42,10 @@ class TraceOutcome(enum.Enum):
     """A rejected object at ``max_depth`` was not unwrapped further."""
     BUDGET_EXHAUSTED = "budget exhausted"
     """The candidate budget ran out; no further objects were probed."""
+    NOT_CHECKED = "not checked"
+    """An object a step had found was still waiting to be checked when the walk
+    resolved (the walk ends at the first MoE model): listed so that the trace
+    shows every object the steps reached."""
 
 
 _CANDIDATE_OUTCOMES: Final = frozenset(
@@ -130,6 +134,8 @@ class ResolutionTrace:
         not_applicable: list[str] = []
         step_prefix = ""
 
+        not_checked = [e.detail for e in self.entries if e.outcome is TraceOutcome.NOT_CHECKED]
+
         def flush() -> None:
             if not_applicable:
                 lines.append(f"{step_prefix}not applicable: {', '.join(not_applicable)}")
@@ -145,6 +151,8 @@ class ResolutionTrace:
                 step_prefix = " " * (len(prefix) + 2)
             elif entry.outcome is TraceOutcome.NOT_APPLICABLE:
                 not_applicable.append(entry.step)
+            elif entry.outcome is TraceOutcome.NOT_CHECKED:
+                continue  # one summary line at the end
             elif entry.outcome is TraceOutcome.RAISED:
                 lines.append(f"{step_prefix}{entry.step}: raised {entry.detail}")
             elif entry.outcome is TraceOutcome.ALREADY_VISITED:
@@ -152,4 +160,9 @@ class ResolutionTrace:
             else:
                 lines.append(f"{step_prefix}{entry.outcome.value}: {entry.detail}")
         flush()
+        if not_checked:
+            lines.append(
+                "also reached, not checked (the walk ends at the first MoE model): "
+                + ", ".join(not_checked)
+            )
         return "\n".join(lines)

@@ -218,6 +218,14 @@ def walk(
                         report,
                     )
                 )
+                for waiting in queue:
+                    record(
+                        waiting.depth,
+                        waiting.path,
+                        waiting.step,
+                        TraceOutcome.NOT_CHECKED,
+                        f"{waiting.path} ({type(waiting.obj).__qualname__})",
+                    )
                 return obj, ResolutionTrace(tuple(entries), step_names)
         else:
             entries.append(

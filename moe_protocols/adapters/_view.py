@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Final, final
 
 import attrs
 
-from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace
+from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace, TraceOutcome
 from moe_protocols.adapters._unwrap import DEFAULT_UNWRAP_STEPS, UnwrapStep, walk
+from moe_protocols.conformance import MIXTURE_OF_EXPERTS, MODEL_MEMBERS, ProblemKind
 from moe_protocols.errors import NotMixtureOfExpertsError
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
     from torch import Tensor
 
+    from moe_protocols.conformance import ConformanceReport
     from moe_protocols.protocols import MixtureOfExperts, MoELayer
 
 __all__ = ["MoEView"]
@@ -265,12 +267,50 @@ class MoEView:
         )
 
 
+def _near_miss(reports: Sequence[ConformanceReport]) -> ConformanceReport | None:
+    """The candidate closest to a MixtureOfExperts: most members present, fewest problems.
+
+    None when every candidate is a plain wrapper (none of the members) or when
+    the closest one has more missing members than present ones.
+    """
+    closest: ConformanceReport | None = None
+    for report in reports:
+        if report.lacks_every_member or report.protocol != MIXTURE_OF_EXPERTS:
+            continue
+        missing = sum(p.kind is ProblemKind.MISSING for p in report.problems)
+        if 2 * missing > len(MODEL_MEMBERS):
+            continue
+        if closest is None or len(report.problems) < len(closest.problems):
+            closest = report
+    return closest
+
+
 def _not_found_message(model: object, trace: ResolutionTrace, *, max_depth: int) -> str:
     served = type(model).__qualname__
     reports = trace.reports
+    near = _near_miss(reports)
+    if near is not None and near.num_moe_layers == 0 and near.ok:
+        headline = (
+            f"{served} (the served model) is not a MixtureOfExperts with MoE layers: it "
+            f"leads to {near.path} ({near.subject}), a MixtureOfExperts with num_moe_layers "
+            "== 0 (a dense model, or a pipeline stage without MoE layers): nothing to balance."
+        )
+    elif near is not None:
+        problems = "; ".join(p.brief for p in near.problems[:3])
+        more = len(near.problems) - 3
+        headline = (
+            f"{served} (the served model) is not a MixtureOfExperts with MoE layers. The "
+            f"closest object inside it, {near.path} ({near.subject}), almost is: "
+            f"{problems}" + (f" (+{more} more)" if more > 0 else "") + "."
+        )
+    else:
+        headline = (
+            f"{served} (the served model) is not a MixtureOfExperts with MoE layers, and none "
+            f"was found inside it after checking {len(reports)} object(s) up to depth "
+            f"{max_depth}."
+        )
     lines = [
-        f"{served} (the served model) is not a MixtureOfExperts with MoE layers, and none was "
-        f"found inside it after checking {len(reports)} object(s) up to depth {max_depth}.",
+        headline,
         f"Unwrapping steps tried at each level: {', '.join(trace.steps) or '(none)'}.",
         "Resolution trace:",
         _indent(str(trace)),
@@ -287,8 +327,17 @@ def _not_found_message(model: object, trace: ResolutionTrace, *, max_depth: int)
     hidden = len(reports) - _MAX_REPORTS_IN_MESSAGE
     if hidden > 0:
         lines.append(f"  ... and {hidden} more candidates (see the error's .reports)")
-    lines.append(
-        "A wrapper that hides the model some other way can be taught with "
-        "steps=(*DEFAULT_UNWRAP_STEPS, UnwrapStep(...))."
-    )
+    stopped = [e.path for e in trace.entries if e.outcome is TraceOutcome.DEPTH_LIMIT]
+    if stopped:
+        lines.append(
+            f"The walk stopped at depth {max_depth} before unwrapping {', '.join(stopped[:3])}"
+            + (f" (+{len(stopped) - 3} more)" if len(stopped) > 3 else "")
+            + f": raise the limit (--max-depth N on the command line, max_depth=N in Python; "
+            f"now {max_depth})."
+        )
+    elif near is None:
+        lines.append(
+            "A wrapper that hides the model some other way can be taught with "
+            "steps=(*DEFAULT_UNWRAP_STEPS, UnwrapStep(...))."
+        )
     return "\n".join(lines)

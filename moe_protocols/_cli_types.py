@@ -1,0 +1,79 @@
+"""argparse ``type=`` converters of the command line: bad values are usage errors (exit 2).
+
+Each converter rejects its value while the arguments are parsed, before any
+model is built, with a message that argparse prefixes with the flag's name.
+This module imports nothing heavy, so ``moe-protocols --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from moe_protocols._target import split_target
+
+__all__ = ["at_least", "finite_at_least", "target_argument", "writable_file"]
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """A converter to an int ``>= minimum``."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        return value
+
+    convert.__name__ = f"int >= {minimum}"  # what argparse shows in 'invalid ... value'
+    return convert
+
+
+def finite_at_least(minimum: float) -> Callable[[str], float]:
+    """A converter to a finite float ``>= minimum``."""
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a number >= {minimum:g}, got {text!r}")
+        return value
+
+    convert.__name__ = f"number >= {minimum:g}"
+    return convert
+
+
+def target_argument(spec: str) -> str:
+    """A ``MODULE:ATTR`` spec, checked for shape only (importing it comes later)."""
+    try:
+        split_target(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
+
+
+def writable_file(*suffixes: str) -> Callable[[str], Path]:
+    """A converter to a file path whose folder exists (and, if given, with one of ``suffixes``)."""
+
+    def convert(text: str) -> Path:
+        path = Path(text)
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must end in {' or '.join(suffixes)}, got {path.suffix or 'no suffix'!r}"
+            )
+        if not path.parent.is_dir():
+            raise argparse.ArgumentTypeError(
+                f"no folder {str(path.parent)!r} to write {text!r} into"
+            )
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+        return path
+
+    convert.__name__ = "file"
+    return convert
