@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import time
 from collections.abc import Callable, Iterator, Mapping, MutableSequence, Sequence
 from functools import partial
 from typing import Final, Protocol, TypeVar, cast, runtime_checkable
@@ -75,9 +76,33 @@ _MAX_ITEM_PROBLEMS: Final = 12
 # Layers beyond this index are not checked: no real model has that many MoE
 # layers, and a hostile ``__len__`` must not make the check run for ever.
 _MAX_LAYERS_CHECKED: Final = 4096
+# Weight tensors checked per layer of ``expert_weights`` (real layers have 2 or 3).
+_MAX_WEIGHTS_CHECKED: Final = 256
+# Wall-clock budget of one check: sequences whose items are slow to produce
+# (or that never end) turn into a problem instead of a hang.
+_TIME_BUDGET_S: Final = 5.0
 _REPR_LIMIT: Final = 80
 
 _T = TypeVar("_T")
+
+
+@attrs.define
+class _Budget:
+    """The time one ``check_conformance`` call may take; ``spent()`` once it is over."""
+
+    deadline: float = attrs.field(factory=lambda: time.monotonic() + _TIME_BUDGET_S)
+
+    def spent(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+def _over_budget(member: str) -> Problem:
+    return Problem(
+        member,
+        ProblemKind.INVALID_VALUE,
+        f"checking it took longer than {_TIME_BUDGET_S:g} s (items that are slow to produce, "
+        "or a sequence that never ends); the rest was not checked",
+    )
 
 
 @runtime_checkable
@@ -280,6 +305,17 @@ def _read(obj: object, name: str, problems: list[Problem]) -> object:
     return _MISSING
 
 
+def _item(sequence: object, index: int, member: str, problems: list[Problem]) -> object:
+    """``sequence[index]``, or ``_MISSING`` after a RAISED problem on ``member`` when it raises."""
+    try:
+        return sequence[index]  # type: ignore[index]  # checked to be a sequence by the caller
+    except Exception as exc:
+        problems.append(
+            Problem(member, ProblemKind.RAISED, f"indexing raised {_describe_exception(exc)}")
+        )
+        return _MISSING
+
+
 def _guarded(member: str, problems: list[Problem], check: Callable[[], _T]) -> _T | None:
     """Run one check; an exception inside it becomes a RAISED problem on ``member``."""
     try:
@@ -450,6 +486,11 @@ def check_conformance(obj: object, *, path: str = "model") -> ConformanceReport:
     ``len(moe_layers) == num_moe_layers`` and ``physical % local_physical == 0``
     with ``local_physical > 0`` (the last is waived for a dense model,
     ``num_moe_layers == 0``).
+
+    Bounded for any input: sequences are read by index (never iterated, so
+    one that never ends is not a hang), at most 4096 layers and 256 weights
+    per layer are checked (more is a problem), and a check that runs past 5 s
+    stops with a problem saying so.
     """
     try:
         if _is_class(obj):
@@ -465,6 +506,7 @@ def check_conformance(obj: object, *, path: str = "model") -> ConformanceReport:
 
 
 def _check_model(obj: object, path: str) -> ConformanceReport:
+    budget = _Budget()
     read_problems: list[Problem] = []
     expert_weights = _read(obj, "expert_weights", read_problems)
     raw_counts = {name: _read(obj, name, read_problems) for name in COUNT_MEMBERS}
@@ -485,14 +527,14 @@ def _check_model(obj: object, path: str) -> ConformanceReport:
     weights_invariants: list[Problem] = []
     if expert_weights is not _MISSING:
         check_weights = partial(
-            _check_expert_weights, expert_weights, counts, weights_found, weights_invariants
+            _check_expert_weights, expert_weights, counts, weights_found, weights_invariants, budget
         )
         _guarded("expert_weights", weights_found, check_weights)
 
     layers_found = by_member.setdefault("moe_layers", [])
     num_layers: int | None = None  # len(moe_layers), when it could be taken
     if moe_layers is not _MISSING:
-        check_layers = partial(_check_moe_layers, moe_layers, path, layers_found)
+        check_layers = partial(_check_moe_layers, moe_layers, path, layers_found, budget)
         num_layers = _guarded("moe_layers", layers_found, check_layers)
 
     method_problems: list[Problem] = []
@@ -519,7 +561,11 @@ def _is_text(value: object) -> bool:
 
 
 def _check_expert_weights(
-    value: object, counts: Mapping[str, int | None], found: list[Problem], invariants: list[Problem]
+    value: object,
+    counts: Mapping[str, int | None],
+    found: list[Problem],
+    invariants: list[Problem],
+    budget: _Budget,
 ) -> None:
     """``MutableSequence[Sequence[Tensor]]``: per layer, that layer's ``[local_physical, ...]``."""
     if not isinstance(value, MutableSequence):
@@ -534,19 +580,36 @@ def _check_expert_weights(
         return
     value = cast("MutableSequence[object]", value)  # items are checked one by one below
     num_moe_layers = counts.get("num_moe_layers")
-    if len(value) and num_moe_layers is not None and len(value) != num_moe_layers:
+    length = len(value)
+    if length and num_moe_layers is not None and length != num_moe_layers:
         invariants.append(
             Problem(
                 "expert_weights",
                 ProblemKind.INVARIANT,
-                f"holds {len(value)} layers of weights but num_moe_layers is {num_moe_layers}",
+                f"holds {length} layers of weights but num_moe_layers is {num_moe_layers}",
+            )
+        )
+    if length > _MAX_LAYERS_CHECKED:
+        found.append(
+            Problem(
+                "expert_weights",
+                ProblemKind.INVALID_VALUE,
+                f"holds {length} layers, more than the {_MAX_LAYERS_CHECKED} a model may have",
             )
         )
     local = counts.get("num_local_physical_experts")
     items: list[Problem] = []
     shapes: list[Problem] = []
-    for layer_idx, layer_weights in enumerate(value):
+    # By index, never by iteration: a sequence whose __getitem__ never raises
+    # IndexError iterates for ever.
+    for layer_idx in range(min(length, _MAX_LAYERS_CHECKED)):
         member = f"expert_weights[{layer_idx}]"
+        if budget.spent():
+            items.append(_over_budget("expert_weights"))
+            break
+        layer_weights = _item(value, layer_idx, member, items)
+        if layer_weights is _MISSING:
+            continue
         if _is_text(layer_weights) or not isinstance(layer_weights, Sequence):
             items.append(
                 Problem(
@@ -556,7 +619,25 @@ def _check_expert_weights(
                 )
             )
             continue
-        for k, weight in enumerate(cast("Sequence[object]", layer_weights)):
+        layer_weights = cast("Sequence[object]", layer_weights)
+        try:
+            num_weights = len(layer_weights)
+            weights = [layer_weights[k] for k in range(min(num_weights, _MAX_WEIGHTS_CHECKED))]
+        except Exception as exc:
+            items.append(
+                Problem(member, ProblemKind.RAISED, f"reading it raised {_describe_exception(exc)}")
+            )
+            continue
+        if num_weights > _MAX_WEIGHTS_CHECKED:
+            items.append(
+                Problem(
+                    member,
+                    ProblemKind.INVALID_VALUE,
+                    f"holds {num_weights} weight tensors, more than the {_MAX_WEIGHTS_CHECKED} "
+                    "a MoE layer may have",
+                )
+            )
+        for k, weight in enumerate(weights):
             if not isinstance(weight, torch.Tensor):
                 items.append(
                     Problem(
@@ -586,7 +667,9 @@ def _check_expert_weights(
     invariants += _capped(shapes, "expert_weights", "tensors with the wrong dim 0")
 
 
-def _check_moe_layers(value: object, path: str, found: list[Problem]) -> int | None:
+def _check_moe_layers(
+    value: object, path: str, found: list[Problem], budget: _Budget
+) -> int | None:
     """A sized, indexable, re-iterable sequence of ``MoELayer``; iterators are never consumed.
 
     Returns ``len(moe_layers)`` when it could be taken.
@@ -628,14 +711,21 @@ def _check_moe_layers(value: object, path: str, found: list[Problem]) -> int | N
         )
         return None
     layer_problems: list[Problem] = []
+    if length > _MAX_LAYERS_CHECKED:
+        found.append(
+            Problem(
+                "moe_layers",
+                ProblemKind.INVALID_VALUE,
+                f"holds {length} layers, more than the {_MAX_LAYERS_CHECKED} a model may have",
+            )
+        )
     for idx in range(min(length, _MAX_LAYERS_CHECKED)):
         member = f"moe_layers[{idx}]"
-        try:
-            layer = value[idx]
-        except Exception as exc:
-            layer_problems.append(
-                Problem(member, ProblemKind.RAISED, f"indexing raised {_describe_exception(exc)}")
-            )
+        if budget.spent():
+            layer_problems.append(_over_budget("moe_layers"))
+            break
+        layer = _item(value, idx, member, layer_problems)
+        if layer is _MISSING:
             continue
         report = check_layer_conformance(layer, path=f"{path}.{member}")
         for problem in report.problems:

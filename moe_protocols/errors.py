@@ -24,7 +24,9 @@ __all__ = [
     "ModelInputError",
     "MoEProtocolsError",
     "NotMixtureOfExpertsError",
+    "PlacementFileError",
     "PolicyError",
+    "ResolutionConfigError",
     "TransferError",
     "TransferTimeoutError",
     "VerificationInputError",
@@ -62,6 +64,30 @@ class EplbConfigError(MoEProtocolsError, ValueError):
 
 class MappingError(MoEProtocolsError, ValueError):
     """An expert placement (physical-to-logical map) is malformed or does not fit the model."""
+
+
+class PlacementFileError(MappingError):
+    """A placement file cannot be read or written, is not a placement, or holds an invalid one.
+
+    Raised by ``load_placement``/``save_placement`` for every failure: a path
+    that is not a ``str``/``PathLike``, a file that is not a regular file (a
+    FIFO, a device, a directory), larger than the size limit, nested deeper
+    than ``MAX_JSON_DEPTH``, malformed, or whose placement is invalid.
+    ``path`` is the file as given, or ``None`` when the argument was no path.
+    """
+
+    def __init__(self, message: str, *, path: str | None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ResolutionConfigError(MoEProtocolsError, ValueError, TypeError):
+    """``MoEView.resolve``/``require`` were given arguments they cannot use.
+
+    A ``max_depth`` or ``max_candidates`` that is not an int in range, or
+    unwrapping steps that are not ``UnwrapStep``s. Also a ``ValueError`` and a
+    ``TypeError``, the errors these arguments raised before.
+    """
 
 
 class PolicyError(MoEProtocolsError, ValueError):

@@ -295,7 +295,11 @@ def two_ranks(ep: ExpertParallelContext, record: Record) -> None:
 
     # Rank 1 built its model with two more MoE layers: both ranks refuse, naming rank 1,
     # before any collective whose size depends on the layers (no rank dies by signal).
-    layers = 4 if ep.rank == 0 else 6
+    rearrange_with_layers(ep, record, 4 if ep.rank == 0 else 6)
+
+
+def rearrange_with_layers(ep: ExpertParallelContext, record: Record, layers: int) -> None:
+    """Register a model of ``layers`` decoder layers (this rank's choice) and rearrange it."""
     uneven = tiny_moe(
         ep=ep, num_experts=NUM_EXPERTS, num_redundant_experts=NUM_REDUNDANT, num_layers=layers
     )
@@ -331,6 +335,10 @@ def four_ranks(ep: ExpertParallelContext, record: Record) -> None:
     state.update_mapping("model", placement)
     record.weights("restored", model)
     record.tensors["restored.logits"] = logits(model)
+
+    # Ranks 2 and 3 built their model with more MoE layers (and not the same number):
+    # every rank refuses, naming both, before any collective of their size.
+    rearrange_with_layers(ep, record, {2: 6, 3: 7}.get(ep.rank, 4))
 
     # Rank 1 hangs at MoE layer 1 longer than the EPLB group's timeout.
     # cast: torch types new_group with its non-member sentinels; every rank is a member.

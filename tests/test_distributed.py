@@ -270,6 +270,20 @@ def test_ranks_with_other_layer_counts_are_named_before_any_collective_of_their_
 
 
 @pytest.mark.distributed
+def test_four_ranks_of_which_two_differ_all_raise_the_same_error_naming_both(
+    four: list[RankResult],
+) -> None:
+    for result in four:  # every rank exited 0 (run_group checks): none died by signal
+        error = result.values["mismatched_layers"]
+        assert isinstance(error, dict)
+        assert error["type"] == "EplbStateError"
+        assert error["message"].startswith("EP ranks 2, 3 registered other models")
+        layers = {2: 5, 3: 6}.get(result.rank, 3)
+        assert f"EP rank {result.rank} has: model 'model': {layers} MoE layers" in error["message"]
+        assert result.values["mismatched_layers.changed"] == []
+
+
+@pytest.mark.distributed
 def test_a_rank_failing_mid_transfer_leaves_every_rank_as_it_was_and_is_named(
     four: list[RankResult],
 ) -> None:

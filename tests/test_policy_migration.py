@@ -304,7 +304,8 @@ def test_no_placement_beats_the_lower_bound(data: st.DataObject) -> None:
             if placement is old and shape.hierarchical:
                 # A random placement need not keep groups on nodes: global bound only.
                 continue
-            assert bool((peak >= bound * (1 - 1e-9)).all())
+            # The absolute slack: a subnormal load split over replicas underflows to 0.
+            assert bool((peak >= bound * (1 - 1e-9) - 1e-300).all())
     assert bool((balancedness_bound(weight, shape.physical, shape.ranks) <= 1 + 1e-12).all())
 
 

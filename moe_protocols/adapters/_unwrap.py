@@ -11,6 +11,7 @@ passed explicitly where it is needed (there is no global registry to mutate).
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -21,6 +22,7 @@ from moe_protocols.adapters._hf import HF_EXPERTS_STEP, HF_GET_DECODER_STEP
 from moe_protocols.adapters._step import UnwrapStep, attribute_probe, method_probe
 from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace, TraceEntry, TraceOutcome
 from moe_protocols.conformance import ConformanceReport, check_conformance
+from moe_protocols.errors import ResolutionConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -83,22 +85,51 @@ def _is_moe(candidate: object, report: ConformanceReport) -> TypeIs[MixtureOfExp
     return report.is_moe
 
 
+# Far above any real wrapper stack (a few levels): a larger value is a bug, and
+# every candidate costs a conformance check, so it also bounds the walk's time.
+_MAX_LIMIT: Final = 4096
+_MAX_STEPS: Final = 1024
+
+
 def _check_limit(name: str, value: object, *, minimum: int) -> None:
     if type(value) is bool or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__qualname__} {value!r}")
+        raise ResolutionConfigError(
+            f"{name} must be an int, got {type(value).__qualname__} {_short_repr(value)}"
+        )
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ResolutionConfigError(f"{name} must be >= {minimum}, got {value}")
+    if value > _MAX_LIMIT:
+        raise ResolutionConfigError(f"{name} must be <= {_MAX_LIMIT}, got {value}")
+
+
+def _short_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        return "<unprintable>"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _checked_steps(steps: Sequence[UnwrapStep]) -> tuple[UnwrapStep, ...]:
     """The steps as a tuple; a bad entry is reported before the walk starts, not midway."""
-    checked = tuple(steps)
+    try:
+        checked = tuple(itertools.islice(steps, _MAX_STEPS + 1))
+    except Exception as exc:
+        raise ResolutionConfigError(
+            f"steps must be a sequence of UnwrapStep, got {type(steps).__qualname__} "
+            f"(iterating it raised {type(exc).__qualname__}: {exc})"
+        ) from exc
+    if len(checked) > _MAX_STEPS:
+        raise ResolutionConfigError(f"steps holds more than {_MAX_STEPS} unwrapping steps")
     for index, step in enumerate(checked):
-        name, probe = getattr(step, "name", None), getattr(step, "probe", None)
+        try:
+            name, probe = getattr(step, "name", None), getattr(step, "probe", None)
+        except Exception:
+            name = probe = None
         if not isinstance(name, str) or not callable(probe):
-            raise TypeError(
+            raise ResolutionConfigError(
                 f"steps[{index}] must be an UnwrapStep (a name and a probe), "
-                f"got {type(step).__qualname__} {step!r}"
+                f"got {type(step).__qualname__} {_short_repr(step)}"
             )
     return checked
 

@@ -17,7 +17,7 @@ import attrs
 from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace, TraceOutcome
 from moe_protocols.adapters._unwrap import DEFAULT_UNWRAP_STEPS, UnwrapStep, walk
 from moe_protocols.conformance import MIXTURE_OF_EXPERTS, MODEL_MEMBERS, ProblemKind
-from moe_protocols.errors import NotMixtureOfExpertsError
+from moe_protocols.errors import NotMixtureOfExpertsError, ResolutionConfigError
 
 if TYPE_CHECKING:
     from collections.abc import MutableSequence, Sequence
@@ -42,7 +42,7 @@ def _has_resolved_path(
     instance: object, attribute: attrs.Attribute[ResolutionTrace], value: ResolutionTrace
 ) -> None:
     if value.resolved_path is None:
-        raise ValueError(
+        raise ResolutionConfigError(
             "MoEView needs the trace of a successful resolution; use MoEView.resolve() "
             "or MoEView.require() to build one"
         )
@@ -86,6 +86,11 @@ class MoEView:
         that conforms to ``MixtureOfExperts`` with at least one MoE layer. A
         failing step is recorded in the trace, never raised. Nothing in the
         model is modified.
+
+        Raises:
+            ResolutionConfigError: ``max_depth`` (>= 0) or ``max_candidates``
+                (>= 1) is not an int up to 4096, or ``steps`` is not a sequence
+                of at most 1024 ``UnwrapStep``.
         """
         found, trace = walk(model, steps, max_depth=max_depth, max_candidates=max_candidates)
         return None if found is None else cls(model, found, trace)
@@ -106,6 +111,7 @@ class MoEView:
                 model; the message names the served class, prints the trace
                 (every step tried at every level) and every candidate's
                 conformance report, and the exception carries both.
+            ResolutionConfigError: the arguments are invalid (see ``resolve``).
         """
         found, trace = walk(model, steps, max_depth=max_depth, max_candidates=max_candidates)
         if found is not None:

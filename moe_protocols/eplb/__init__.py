@@ -7,11 +7,13 @@ expert weights (:func:`plan_transfer` / :func:`apply_transfer` in one process,
 committed only when every rank succeeded) and keeps the maps the MoE layers
 route with up to date, in place. Placements persist as JSON or safetensors
 (:func:`save_placement` / :func:`load_placement`). Semantics follow vLLM
-0.33's EPLB.
+0.33's EPLB. Sizes are bounded by the limits in :mod:`limits`
+(``moe_protocols.eplb.limits.MAX_LOGICAL_EXPERTS`` and friends).
 """
 
 from __future__ import annotations
 
+from . import _limits as limits
 from ._bounds import (
     MigrationStats,
     balancedness_bound,
@@ -120,6 +122,7 @@ __all__ = [
     "expected_rank_loads",
     "initial_physical_to_logical_map",
     "initial_placement",
+    "limits",
     "load_placement",
     "max_rank_load_lower_bound",
     "max_replicas",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from moe_protocols.eplb import _limits
 from moe_protocols.eplb._metrics import balancedness, expected_rank_loads
 from moe_protocols.eplb._migration import (
     _heaviest_nodes,  # pyright: ignore[reportPrivateUsage]  # shared inside the private eplb package
@@ -50,6 +51,21 @@ __all__ = [
     "realised_balancedness",
     "sampled_balancedness",
 ]
+
+
+def _check_sizes(
+    placement: torch.Tensor, *, num_physical: int | None = None, num_ranks: int, num_nodes: int = 1
+) -> None:
+    """Refuse shapes and counts over the limits (``_limits``) before allocating for them."""
+    if placement.dim() == 2:
+        _limits.check_count("layers", int(placement.shape[0]), "MAX_LAYERS", MappingError)
+    for name, value, limit in (
+        ("num_physical", num_physical, "MAX_PHYSICAL_SLOTS"),
+        ("num_ranks", num_ranks, "MAX_RANKS"),
+        ("num_nodes", num_nodes, "MAX_NODES"),
+    ):
+        if value is not None:
+            _limits.check_count(name, value, limit, MappingError)
 
 
 def _as_load(logical_load: torch.Tensor) -> torch.Tensor:
@@ -84,6 +100,7 @@ def max_rank_load_lower_bound(
     Raises:
         MappingError: shapes or counts that admit no placement.
     """
+    _check_sizes(logical_load, num_physical=num_physical, num_ranks=num_ranks)
     load = _as_load(logical_load)
     num_layers, num_logical = load.shape
     if num_ranks < 1 or num_physical < num_logical or num_physical % num_ranks != 0:
@@ -167,14 +184,16 @@ def migration_stats(
     no rank of its node held the expert before.
 
     Raises:
-        MappingError: the maps differ in shape, hold ids below ``-1``, or do
-            not split over ``num_ranks`` ranks and ``num_nodes`` nodes.
+        MappingError: the maps differ in shape, hold ids below ``-1`` or of
+            ``MAX_LOGICAL_EXPERTS`` and above, or do not split over
+            ``num_ranks`` ranks and ``num_nodes`` nodes.
     """
     if old_map.shape != new_map.shape or new_map.dim() != 2:
         raise MappingError(
             f"cannot compare placements of shapes {tuple(old_map.shape)} and {tuple(new_map.shape)}"
         )
     num_layers, num_physical = new_map.shape
+    _check_sizes(new_map, num_physical=num_physical, num_ranks=num_ranks, num_nodes=num_nodes)
     if num_ranks < 1 or num_physical % num_ranks or num_nodes < 1 or num_ranks % num_nodes:
         raise MappingError(
             f"{num_physical} slots do not split over {num_ranks} ranks on {num_nodes} nodes"
@@ -183,7 +202,12 @@ def migration_stats(
     new = new_map.detach().to(device="cpu", dtype=torch.int64)
     if bool((old < -1).any() or (new < -1).any()):
         raise MappingError("placements may hold only expert ids >= 0 and -1 for an empty slot")
-    width = int(torch.maximum(old.max(), new.max())) + 2
+    largest = int(torch.maximum(old.max(), new.max())) if old.numel() else -1
+    # The histograms below are [.., largest + 2] wide: an id of 2**40 must not size them.
+    _limits.check_count(
+        "the largest expert id + 1", largest + 1, "MAX_LOGICAL_EXPERTS", MappingError
+    )
+    width = largest + 2
 
     def histogram(placement: torch.Tensor, parts: int) -> torch.Tensor:
         rows = placement.reshape(num_layers * parts, -1) + 1

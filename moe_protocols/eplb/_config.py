@@ -8,6 +8,8 @@ import attrs
 
 from moe_protocols.errors import EplbConfigError
 
+from . import _limits
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -30,6 +32,12 @@ def _int_at_least(minimum: int) -> Callable[[object, attrs.Attribute[int], objec
             raise EplbConfigError(f"{_NAME}.{attribute.name} must be {bound}, got {value}")
 
     return check
+
+
+def _check_window(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    _int_at_least(1)(instance, attribute, value)
+    assert isinstance(value, int)
+    _limits.check_count(f"{_NAME}.window_size", value, "MAX_WINDOW_SIZE", EplbConfigError)
 
 
 def _check_bool(instance: object, attribute: attrs.Attribute[bool], value: object) -> None:
@@ -55,8 +63,10 @@ class EplbConfig:
     ``num_redundant_experts`` matches a model is checked when the model is added.
     """
 
-    window_size: int = attrs.field(default=1000, validator=_int_at_least(1))
-    """Steps of expert load kept in the sliding window that a rearrangement plans on."""
+    window_size: int = attrs.field(default=1000, validator=_check_window)
+    """Steps of expert load kept in the sliding window that a rearrangement plans on.
+
+    At most ``MAX_WINDOW_SIZE`` (65536, see ``moe_protocols.eplb.limits``)."""
 
     step_interval: int = attrs.field(default=3000, validator=_int_at_least(1))
     """Steps between two rearrangements (the first one happens after ``step_interval`` steps)."""

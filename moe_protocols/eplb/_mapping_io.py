@@ -13,30 +13,36 @@ The file format is chosen by suffix:
     of strings).
 
 Loading checks everything a placement must satisfy and raises a
-:class:`~moe_protocols.errors.MappingError` naming the file and the field.
+:class:`~moe_protocols.errors.PlacementFileError` (a ``MappingError``) naming
+the file and the field. Reading is bounded: regular files only, at most
+``max_bytes`` (16 MiB by default), JSON nested at most ``MAX_JSON_DEPTH``
+levels, maps within the size limits of :mod:`moe_protocols.eplb._limits`, and
+safetensors read from memory, never mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import attrs
 import torch
 from torch import Tensor
 
 from moe_protocols._torch_typed import int_rows
-from moe_protocols.errors import MappingError
+from moe_protocols.errors import MappingError, PlacementFileError
 
+from . import _limits
 from ._maps import validate_placement
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
     from typing import TypeGuard
 
 __all__ = ["PLACEMENT_FORMAT", "PLACEMENT_VERSION", "Placement", "load_placement", "save_placement"]
@@ -67,8 +73,12 @@ def _to_int64_cpu(value: object) -> object:
     # Integer tensors are copied to int64 on the CPU so a Placement never aliases
     # live EPLB state. Anything else passes through for the validator to reject
     # (a float or bool tensor is not silently turned into expert ids).
-    if isinstance(value, Tensor) and not (
-        value.dtype == torch.bool or value.is_floating_point() or value.is_complex()
+    # A tensor over the map limit (an expanded view claims any size) is not
+    # copied either: the validator refuses it by its shape.
+    if (
+        isinstance(value, Tensor)
+        and value.numel() <= _limits.MAX_MAP_ENTRIES
+        and not (value.dtype == torch.bool or value.is_floating_point() or value.is_complex())
     ):
         return value.detach().to(device="cpu", dtype=torch.int64, copy=True).contiguous()
     return value
@@ -194,10 +204,32 @@ def save_placement(placement: Placement, path: str | os.PathLike[str]) -> None:
     """Write ``placement`` to ``path`` (``.json`` or ``.safetensors``), replacing any file there.
 
     Raises:
-        MappingError: unknown suffix, missing safetensors package, or the file
-            cannot be written.
+        PlacementFileError: ``placement`` is not a valid :class:`Placement`, ``path``
+            is not a ``str``/``PathLike``, unknown suffix, missing safetensors
+            package, or the file cannot be written.
     """
-    target = Path(path)
+    target = _path(path)
+    with _as_file_error(target):
+        _save(_checked_placement(placement, target), target)
+
+
+def _checked_placement(placement: object, target: Path) -> Placement:
+    """``placement`` re-validated from its fields (the type is never asked)."""
+    names = ("physical_to_logical_map", "num_logical_experts", "num_ranks", "num_nodes")
+    try:
+        fields = {name: getattr(placement, name) for name in names}
+        fields["metadata"] = getattr(placement, "metadata", {})
+    except Exception as exc:
+        raise PlacementFileError(
+            f"save_placement({str(target)!r}): expected a Placement, got "
+            f"{type(placement).__name__} ({type(exc).__name__}: {exc}); build one with "
+            "Placement(physical_to_logical_map=..., num_logical_experts=...)",
+            path=str(target),
+        ) from exc
+    return Placement(**fields)
+
+
+def _save(placement: Placement, target: Path) -> None:
     suffix = _suffix(target)
     try:
         if suffix == ".json":
@@ -243,22 +275,86 @@ def _safetensors_save() -> Callable[[dict[str, Tensor], str, dict[str, str]], No
     return save
 
 
-def load_placement(path: str | os.PathLike[str]) -> Placement:
+def _path(path: object) -> Path:
+    """``path`` as a ``Path``; anything but a ``str`` or ``os.PathLike[str]`` is refused."""
+    if isinstance(path, str):
+        text = path
+    elif callable(getattr(type(path), "__fspath__", None)):  # os.PathLike, structurally
+        try:
+            text = os.fspath(cast("os.PathLike[str]", path))
+        except Exception as exc:
+            raise PlacementFileError(
+                f"placement path {type(path).__name__}: os.fspath() raised {exc!r}", path=None
+            ) from exc
+        if not isinstance(text, str):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+            raise PlacementFileError(
+                f"placement path must name a file by a str, got {type(text).__name__} {text!r}",
+                path=None,
+            )
+    else:
+        raise PlacementFileError(
+            f"placement path must be a str or os.PathLike, got {type(path).__name__} {path!r}",
+            path=None,
+        )
+    if not text or "\x00" in text:
+        raise PlacementFileError(f"placement path {text!r} names no file", path=text)
+    return Path(text)
+
+
+@contextlib.contextmanager
+def _as_file_error(source: Path) -> Generator[None, None, None]:
+    """Turn every ``MappingError`` raised inside into a ``PlacementFileError`` naming ``source``."""
+    try:
+        yield
+    except PlacementFileError:
+        raise
+    except MappingError as exc:
+        raise PlacementFileError(str(exc), path=str(source)) from exc
+
+
+def load_placement(
+    path: str | os.PathLike[str], *, max_bytes: int = _limits.MAX_PLACEMENT_FILE_BYTES
+) -> Placement:
     """Read and validate a placement written by :func:`save_placement` (or by hand).
 
+    The file is read whole into memory (never memory-mapped, so a concurrent
+    writer cannot pull pages away) and only when it is a regular file of at
+    most ``max_bytes`` bytes (default 16 MiB, ``MAX_PLACEMENT_FILE_BYTES``);
+    a FIFO, device or directory is refused without blocking. JSON may nest at
+    most ``MAX_JSON_DEPTH`` levels and hold no more arrays and values than a
+    map within ``MAX_LAYERS``/``MAX_MAP_ENTRIES`` needs, checked in linear
+    time before it is parsed.
+
     Raises:
-        MappingError: the file cannot be read or parsed, or its format, version,
-            a field's type, the map's shape, an id's range, an expert without
-            replica, or the slots per rank are wrong; the message names the file
-            and the field.
+        PlacementFileError: (a ``MappingError``) ``path`` is not a ``str`` or
+            ``PathLike``; the file is not a regular file, too large, cannot be
+            read or parsed, nests too deep; or its format, version, a field's
+            type, the map's shape, an id's range, an expert without replica, or
+            the slots per rank are wrong. The message names the file and the
+            field; ``path`` carries the file.
     """
-    source = Path(path)
+    source = _path(path)
+    if (
+        isinstance(max_bytes, bool)
+        or not isinstance(max_bytes, int)  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+        or max_bytes < 1
+    ):
+        raise PlacementFileError(
+            f"load_placement({str(source)!r}): max_bytes must be an int >= 1, got {max_bytes!r}",
+            path=str(source),
+        )
+    with _as_file_error(source):
+        return _load(source, max_bytes)
+
+
+def _load(source: Path, max_bytes: int) -> Placement:
     suffix = _suffix(source)
     where = f"placement file {str(source)!r}"
+    data = _read_bounded(source, where, max_bytes)
     if suffix == ".json":
-        fields, table = _read_json(source, where)
+        fields, table = _read_json(data, where)
     else:
-        fields, table = _read_safetensors(source, where)
+        fields, table = _read_safetensors(data, where)
     try:
         return Placement(
             physical_to_logical_map=table,
@@ -271,15 +367,147 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
         raise MappingError(f"{where}: {exc}") from exc
 
 
-def _read_json(source: Path, where: str) -> tuple[_Header, Tensor]:
+def _read_bounded(source: Path, where: str, max_bytes: int) -> bytes:
+    """The whole file, if it is a regular file of at most ``max_bytes`` bytes.
+
+    Opened without blocking (a FIFO with no writer would block an ordinary
+    open), then checked on the open descriptor, so the file checked is the
+    file read; read to at most ``max_bytes + 1`` bytes in case it grows.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        text = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MappingError(f"cannot read {where}: {exc}") from exc
+        fd = os.open(source, flags)
+    except OSError as exc:
+        raise MappingError(f"cannot read {where}: {exc.strerror or exc}") from exc
     try:
-        document: object = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:  # JSONDecodeError is a ValueError
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MappingError(
+                f"cannot read {where}: it is {_file_kind(info.st_mode)}, not a regular file"
+            )
+        if info.st_size > max_bytes:
+            raise MappingError(_too_large(where, info.st_size, max_bytes))
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(max_bytes + 1 - size, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise MappingError(f"cannot read {where}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise MappingError(_too_large(where, size, max_bytes))
+    return b"".join(chunks)
+
+
+def _too_large(where: str, size: int, max_bytes: int) -> str:
+    return (
+        f"{where} holds {size} bytes or more, over the limit of {max_bytes} bytes; pass "
+        "load_placement(..., max_bytes=) to read a larger one"
+    )
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+_STRUCTURE_CHUNK: Final = 1 << 20
+_BACKSLASH, _QUOTE, _COMMA = ord("\\"), ord('"'), ord(",")
+
+
+@attrs.define
+class _Structure:
+    """Running totals of a JSON text's structure outside strings, scanned chunk by chunk."""
+
+    depth: int = 0
+    deepest: int = 0
+    containers: int = 0
+    commas: int = 0
+    in_string: int = 0
+    backslashes: int = 0  # the run of backslashes that ended the previous chunk
+
+    def scan(self, chunk: Tensor) -> None:
+        """Add ``chunk`` (uint8) to the totals; vectorised, so linear in time and memory."""
+        n = chunk.numel()
+        positions = torch.arange(n)
+        is_backslash = chunk == _BACKSLASH
+        # The last index before each position that is no backslash (the carried
+        # run counts as backslashes before index 0); a quote after an odd run is escaped.
+        marker = torch.where(is_backslash, -1 - self.backslashes, positions).cummax(0).values
+        before = torch.cat([torch.tensor([-1 - self.backslashes]), marker[:-1]])
+        escaped = (positions - 1 - before) % 2 == 1
+        quotes = (chunk == _QUOTE) & ~escaped
+        seen = quotes.to(torch.int32).cumsum(0)
+        outside = (seen + self.in_string) % 2 == 0
+        outside &= ~quotes
+        opens = ((chunk == ord("[")) | (chunk == ord("{"))) & outside
+        closes = ((chunk == ord("]")) | (chunk == ord("}"))) & outside
+        running = (opens.to(torch.int32) - closes.to(torch.int32)).cumsum(0) + self.depth
+        self.deepest = max(self.deepest, int(running.max()))
+        self.depth = int(running[-1])
+        self.containers += int(opens.sum())
+        self.commas += int(((chunk == _COMMA) & outside).sum())
+        self.in_string = (self.in_string + int(seen[-1])) % 2
+        last = int(marker[-1])
+        self.backslashes = (n - 1 - last) if bool(is_backslash[-1]) else 0
+
+
+def _check_structure(data: bytes, where: str) -> None:
+    """Refuse JSON too deep or too big for a placement, before ``json.loads`` builds it.
+
+    Nesting beyond ``MAX_JSON_DEPTH`` (``json.loads`` recurses per level),
+    more arrays and objects than a map of ``MAX_LAYERS`` rows needs, or more
+    values than ``MAX_MAP_ENTRIES`` (each a Python object once parsed).
+    Brackets and commas inside strings do not count.
+    """
+    totals = _Structure()
+    for start in range(0, len(data), _STRUCTURE_CHUNK):
+        piece = bytearray(data[start : start + _STRUCTURE_CHUNK])
+        totals.scan(torch.frombuffer(piece, dtype=torch.uint8))
+        if totals.deepest > _limits.MAX_JSON_DEPTH:
+            raise MappingError(
+                f"{where} nests deeper than {_limits.MAX_JSON_DEPTH} levels; a placement "
+                "needs 3 (MAX_JSON_DEPTH in moe_protocols.eplb.limits)"
+            )
+    most_containers = _limits.MAX_LAYERS + 16
+    most_values = _limits.MAX_MAP_ENTRIES + 1024
+    if totals.containers > most_containers or totals.commas > most_values:
+        raise MappingError(
+            f"{where} holds {totals.containers} arrays and objects and {totals.commas + 1} "
+            f"values or more; a placement within the limits (MAX_LAYERS={_limits.MAX_LAYERS}, "
+            f"MAX_MAP_ENTRIES={_limits.MAX_MAP_ENTRIES}) has at most {most_containers} and "
+            f"{most_values}"
+        )
+
+
+def _parse_json(data: bytes, where: str) -> object:
+    _check_structure(data, where)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MappingError(f"cannot read {where}: not UTF-8 text ({exc})") from exc
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise MappingError(f"{where} is not valid JSON: {exc}") from exc
+
+
+def _read_json(data: bytes, where: str) -> tuple[_Header, Tensor]:
+    document = _parse_json(data, where)
     if not isinstance(document, dict):
         raise MappingError(
             f"{where}: the top level must be a JSON object, got {type(document).__name__}"
@@ -342,8 +570,10 @@ def _json_table(value: object, where: str) -> Tensor:
     field = f"{where}: field {_MAP_KEY!r}"
     if not isinstance(value, list) or not value:
         raise MappingError(f"{field} must be a non-empty list of rows (one per layer)")
+    value = cast("list[object]", value)
+    _limits.check_count(f"{field}: layers", len(value), "MAX_LAYERS", MappingError)
     width: int | None = None
-    for layer, row in enumerate(cast("list[object]", value)):
+    for layer, row in enumerate(value):
         if not isinstance(row, list):
             raise MappingError(
                 f"{field}: row {layer} must be a list of expert ids, got {type(row).__name__}"
@@ -351,10 +581,12 @@ def _json_table(value: object, where: str) -> Tensor:
         row = cast("list[object]", row)
         if width is None:
             width = len(row)
+            _limits.check_count(f"{field}: slots", width, "MAX_PHYSICAL_SLOTS", MappingError)
         elif len(row) != width:
             raise MappingError(
                 f"{field}: row {layer} has {len(row)} slots, row 0 has {width} (ragged rows)"
             )
+    for layer, row in enumerate(cast("list[list[object]]", value)):  # rows checked above
         for slot, item in enumerate(row):
             if not _is_count(item):
                 raise MappingError(
@@ -366,30 +598,20 @@ def _json_table(value: object, where: str) -> Tensor:
     return torch.tensor(value, dtype=torch.int64)
 
 
-def _read_safetensors(source: Path, where: str) -> tuple[_Header, Tensor]:
+def _read_safetensors(data: bytes, where: str) -> tuple[_Header, Tensor]:
     try:
-        from safetensors import safe_open
+        from safetensors.torch import load as load_tensors
     except ImportError as exc:
         raise MappingError(
             f"reading {where} needs the safetensors package "
             "(pip install 'moe-protocols[safetensors]')"
         ) from exc
+    header = _safetensors_header(data, where)
     try:
-        opened = cast(
-            "AbstractContextManager[_SafetensorsFile]", safe_open(str(source), framework="pt")
-        )
-        with opened as handle:
-            header = handle.metadata() or {}
-            keys = list(handle.keys())
-            if keys != [_MAP_KEY]:
-                raise MappingError(
-                    f"{where}: must hold exactly one tensor {_MAP_KEY!r}, holds {keys}"
-                )
-            table = handle.get_tensor(_MAP_KEY)
-    except MappingError:
-        raise
+        # From the bytes already read: no memory map a concurrent writer could truncate.
+        table = load_tensors(data)[_MAP_KEY]
     except Exception as exc:
-        # safetensors raises its own error types (and OSError) for unreadable files.
+        # safetensors raises its own error types for malformed files.
         raise MappingError(f"cannot read {where}: {type(exc).__name__}: {exc}") from exc
     unknown = sorted(set(header) - (_FIELDS - {_MAP_KEY}))
     if unknown:
@@ -399,9 +621,11 @@ def _read_safetensors(source: Path, where: str) -> tuple[_Header, Tensor]:
         raise MappingError(f"{where}: missing metadata field(s) {missing}")
     version = header["version"]
     _check_format(header["format"], _decimal(version, "version", where), where)
+    notes = header.get("metadata", "{}")
+    _check_structure(notes.encode("utf-8"), f"{where}: metadata field 'metadata'")
     try:
-        metadata = json.loads(header.get("metadata", "{}"), parse_constant=_reject_constant)
-    except ValueError as exc:
+        metadata = json.loads(notes, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
         raise MappingError(f"{where}: metadata field 'metadata' is not JSON: {exc}") from exc
     fields = _Header(
         num_logical_experts=_decimal(header["num_logical_experts"], "num_logical_experts", where),
@@ -412,12 +636,50 @@ def _read_safetensors(source: Path, where: str) -> tuple[_Header, Tensor]:
     return fields, table
 
 
-class _SafetensorsFile(Protocol):
-    """What we read of an open safetensors file (its own stub leaves these untyped)."""
+def _safetensors_header(data: bytes, where: str) -> dict[str, str]:
+    """The string metadata of a safetensors file, after checking its one tensor's entry.
 
-    def metadata(self) -> dict[str, str] | None: ...
-    def keys(self) -> list[str]: ...
-    def get_tensor(self, name: str) -> Tensor: ...
+    The format: 8 bytes little-endian header length, the JSON header, the data.
+    The tensor's shape is checked here, so nothing is allocated for a map
+    over the size limits.
+    """
+    if len(data) < 8:
+        raise MappingError(f"cannot read {where}: {len(data)} bytes is no safetensors file")
+    length = int.from_bytes(data[:8], "little")
+    if length > len(data) - 8:
+        raise MappingError(
+            f"cannot read {where}: its header claims {length} bytes, the file holds "
+            f"{len(data) - 8} after the length"
+        )
+    document = _parse_json(data[8 : 8 + length], f"{where} (safetensors header)")
+    if not isinstance(document, dict):
+        raise MappingError(f"cannot read {where}: the safetensors header is not a JSON object")
+    document = cast("dict[str, object]", document)  # JSON object keys are strings
+    keys = sorted(key for key in document if key != "__metadata__")
+    if keys != [_MAP_KEY]:
+        raise MappingError(f"{where}: must hold exactly one tensor {_MAP_KEY!r}, holds {keys}")
+    entry = document[_MAP_KEY]
+    shape = cast("dict[str, object]", entry).get("shape") if isinstance(entry, dict) else None
+    dims = cast("list[object]", shape) if isinstance(shape, list) else []
+    if len(dims) != 2 or not all(_is_count(n) and n >= 0 for n in dims):
+        raise MappingError(
+            f"{where}: tensor {_MAP_KEY!r}: expected 2 dimensions [layers, physical], "
+            f"got shape {shape!r}"
+        )
+    layers, slots = cast("list[int]", dims)  # two counts, checked above
+    field = f"{where}: tensor {_MAP_KEY!r}"
+    _limits.check_count(f"{field}: layers", layers, "MAX_LAYERS", MappingError)
+    _limits.check_count(f"{field}: slots", slots, "MAX_PHYSICAL_SLOTS", MappingError)
+    _limits.check_product(field, (layers, slots), "MAX_MAP_ENTRIES", MappingError)
+    metadata = document.get("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise MappingError(f"{where}: the safetensors metadata must map strings to strings")
+    strings: dict[str, str] = {}
+    for key, value in cast("dict[object, object]", metadata).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise MappingError(f"{where}: the safetensors metadata must map strings to strings")
+        strings[key] = value
+    return strings
 
 
 def _decimal(text: str, key: str, where: str) -> int:

@@ -14,6 +14,8 @@ import torch
 
 from moe_protocols.errors import MappingError
 
+from . import _limits
+
 __all__ = [
     "compute_logical_maps",
     "initial_physical_to_logical_map",
@@ -46,6 +48,8 @@ def _check_counts(num_logical: int, num_physical: int) -> None:
             f"num_physical={num_physical} is smaller than num_logical={num_logical}: "
             "every logical expert needs at least one physical slot"
         )
+    _limits.check_count("num_logical", num_logical, "MAX_LOGICAL_EXPERTS", MappingError)
+    _limits.check_count("num_physical", num_physical, "MAX_PHYSICAL_SLOTS", MappingError)
 
 
 def initial_physical_to_logical_map(num_logical: int, num_physical: int) -> list[int]:
@@ -62,6 +66,7 @@ def initial_placement(num_layers: int, num_logical: int, num_physical: int) -> t
     """The initial ``physical_to_logical_map [layers, physical]`` (int64), one row per layer."""
     if num_layers < 1:
         raise MappingError(f"num_layers must be >= 1, got {num_layers}")
+    _limits.check_count("num_layers", num_layers, "MAX_LAYERS", MappingError)
     row = torch.tensor(
         initial_physical_to_logical_map(num_logical, num_physical), dtype=torch.int64
     )
@@ -113,6 +118,17 @@ def compute_logical_maps(
             f"num_logical and max_replicas must be >= 1, got {num_logical} and {max_replicas}"
         )
     num_layers, num_physical = p2l.shape
+    _limits.check_count("physical_to_logical_map: layers", num_layers, "MAX_LAYERS", MappingError)
+    _limits.check_count(
+        "physical_to_logical_map: slots", num_physical, "MAX_PHYSICAL_SLOTS", MappingError
+    )
+    _limits.check_count("max_replicas", max_replicas, "MAX_PHYSICAL_SLOTS", MappingError)
+    _limits.check_product(
+        "logical_to_physical_map",
+        (num_layers, num_logical, max_replicas),
+        "MAX_REPLICA_MAP_ENTRIES",
+        MappingError,
+    )
     device = p2l.device
     p2l = p2l.to(torch.int64)
     bad = (p2l < -1) | (p2l >= num_logical)
@@ -187,6 +203,12 @@ def validate_placement(
         raise MappingError(
             f"{what}: num_ranks={num_ranks} must be >= 1 and a multiple of num_nodes={num_nodes}"
         )
+    for name, value, limit in (
+        ("num_logical", num_logical, "MAX_LOGICAL_EXPERTS"),
+        ("num_ranks", num_ranks, "MAX_RANKS"),
+        ("num_nodes", num_nodes, "MAX_NODES"),
+    ):
+        _limits.check_count(f"{what}: {name}", value, limit, MappingError)
     if not isinstance(physical_to_logical_map, torch.Tensor):
         raise MappingError(
             f"{what}: expected a torch.Tensor [layers, physical], "
@@ -209,6 +231,9 @@ def validate_placement(
     layers, physical = tensor.shape
     if layers < 1:
         raise MappingError(f"{what}: has no layers (shape {tuple(tensor.shape)})")
+    _limits.check_count(f"{what}: layers", layers, "MAX_LAYERS", MappingError)
+    _limits.check_count(f"{what}: physical slots", physical, "MAX_PHYSICAL_SLOTS", MappingError)
+    _limits.check_product(f"{what}", (layers, physical), "MAX_MAP_ENTRIES", MappingError)
     if num_layers is not None and layers != num_layers:
         raise MappingError(f"{what}: has {layers} layers, expected {num_layers}")
     if num_physical is not None and physical != num_physical:

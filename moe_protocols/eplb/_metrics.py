@@ -11,6 +11,8 @@ import torch
 
 from moe_protocols.errors import MappingError
 
+from . import _limits
+
 __all__ = [
     "balancedness",
     "expected_rank_loads",
@@ -153,7 +155,8 @@ def slots_refetched(old_map: torch.Tensor, new_map: torch.Tensor, num_ranks: int
     reshuffles inside a rank are local copies and do not count.
 
     Raises:
-        MappingError: the maps differ in shape or their slots do not split over ``num_ranks``.
+        MappingError: the maps differ in shape, their slots do not split over
+            ``num_ranks``, or they hold an id of ``MAX_LOGICAL_EXPERTS`` or above.
     """
     if old_map.shape != new_map.shape or old_map.dim() != 2:
         raise MappingError(
@@ -166,7 +169,9 @@ def slots_refetched(old_map: torch.Tensor, new_map: torch.Tensor, num_ranks: int
     if bool((old < -1).any() or (new < -1).any()):
         raise MappingError("placements may hold only expert ids >= 0 and -1 for an empty slot")
     # Shift ids by one so that empty slots (-1) get their own column 0.
-    width = int(torch.maximum(old.max(), new.max())) + 2
+    width = int(torch.maximum(old.max(), new.max())) + 2 if old.numel() else 1
+    # The histograms are that wide: an id of 2**40 must not size them.
+    _limits.check_count("the largest expert id + 1", width - 1, "MAX_LOGICAL_EXPERTS", MappingError)
     ones = torch.ones_like(new)
     old_hist = torch.zeros(num_layers * num_ranks, width, dtype=torch.int64)
     new_hist = torch.zeros_like(old_hist)

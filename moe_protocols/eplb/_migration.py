@@ -148,6 +148,7 @@ import attrs
 import torch
 
 from moe_protocols._torch_typed import from_numpy
+from moe_protocols.eplb import _limits
 from moe_protocols.eplb._deepseek import preserve_intra_rank_slots
 from moe_protocols.errors import PolicyError
 
@@ -253,11 +254,16 @@ def replica_counts(
 
     Returns:
         ``(count [X, n] int64, hottest [X] float64)``.
+
+    Raises:
+        PolicyError: (a ``ValueError``) no such counts exist, or ``num_slots``
+            exceeds ``MAX_PHYSICAL_SLOTS``.
     """
     num_rows, n = load.shape
+    _limits.check_count("num_slots", num_slots, "MAX_PHYSICAL_SLOTS", PolicyError)
     extra = num_slots - n
     if extra < 0 or num_slots > n * max_per_expert:
-        raise ValueError(
+        raise PolicyError(
             f"cannot place {num_slots} replicas of {n} experts with at most {max_per_expert} each"
         )
     count = torch.ones(num_rows, n, dtype=torch.int64)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 import attrs
 import torch
 
+from moe_protocols._torch_typed import float_list
+from moe_protocols.eplb import _limits
 from moe_protocols.eplb._deepseek import DeepSeekPolicy
 from moe_protocols.eplb._maps import validate_placement
 from moe_protocols.eplb._migration import MigrationAwarePolicy
@@ -100,7 +102,9 @@ def check_policy_inputs(
     Raises:
         PolicyError: naming the argument at fault, for a weight that is not a
             2-D real tensor with at least one layer and one expert, a negative
-            or non-finite load, counts that are not positive ints,
+            or non-finite load, a layer whose total load exceeds
+            ``MAX_LAYER_LOAD``, counts that are not positive ints or exceed their
+            limit (``moe_protocols.eplb.limits``),
             ``num_replicas < E``, ``num_replicas % num_ranks != 0``,
             ``num_ranks % num_nodes != 0``, or an old map that is not an
             integer ``[L, *]`` tensor with ids in ``[-1, E)``.
@@ -119,9 +123,22 @@ def check_policy_inputs(
             f"weight must hold real loads, got dtype {weight.dtype} on {weight.device}"
         )
     replicas = _count("num_replicas", num_replicas)
-    _count("num_groups", num_groups)
+    groups = _count("num_groups", num_groups)
     nodes = _count("num_nodes", num_nodes)
     ranks = _count("num_ranks", num_ranks)
+    # Sizes first: nothing is allocated for a problem over the limits.
+    for arg, value, limit in (
+        ("weight.shape[0] (layers)", int(weight.shape[0]), "MAX_LAYERS"),
+        ("weight.shape[1] (logical experts)", int(weight.shape[1]), "MAX_LOGICAL_EXPERTS"),
+        ("num_replicas", replicas, "MAX_PHYSICAL_SLOTS"),
+        ("num_groups", groups, "MAX_EXPERT_GROUPS"),
+        ("num_nodes", nodes, "MAX_NODES"),
+        ("num_ranks", ranks, "MAX_RANKS"),
+    ):
+        _limits.check_count(arg, value, limit, PolicyError)
+    _limits.check_product(
+        "the placement", (int(weight.shape[0]), replicas), "MAX_MAP_ENTRIES", PolicyError
+    )
     load = weight.detach().to(device="cpu", dtype=torch.float64, copy=True)
     finite = torch.isfinite(load)
     if not bool(finite.all()):
@@ -137,6 +154,7 @@ def check_policy_inputs(
             f"weight: layer {layer}, logical expert {expert} has negative load "
             f"{float(load[layer, expert])}"
         )
+    _limits.check_finite_loads("weight", float_list(load.sum(dim=1).double()), PolicyError)
     num_layers, num_logical = load.shape
     if replicas < num_logical:
         raise PolicyError(

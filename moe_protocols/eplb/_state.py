@@ -13,6 +13,7 @@ ranks, ``W`` window steps.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -37,6 +38,7 @@ from moe_protocols.errors import (
 )
 from moe_protocols.parallel import ExpertParallelContext
 
+from . import _limits
 from ._deadline import Deadline, Phase, run_phase
 from ._distributed import (
     GroupVerdict,
@@ -77,6 +79,7 @@ from ._transfer import (
     plan_transfer,
     stage_transfer,
 )
+from ._wiring import WiringSnapshot
 
 if TYPE_CHECKING:
     import os
@@ -192,6 +195,46 @@ def _counts(model: MixtureOfExperts) -> dict[str, int]:
     return {name: int(getattr(model, name)) for name in _SHARED_COUNTS}
 
 
+_SIZE_LIMITS: Final = (
+    ("num_moe_layers", "MAX_LAYERS"),
+    ("num_logical_experts", "MAX_LOGICAL_EXPERTS"),
+    ("num_physical_experts", "MAX_PHYSICAL_SLOTS"),
+    ("num_expert_groups", "MAX_EXPERT_GROUPS"),
+)
+_MAX_WEIGHTS_PER_LAYER: Final = 256
+"""Weight tensors one MoE layer may expose (real layers have 2 or 3)."""
+
+
+def _collected_weights(model: MixtureOfExperts, model_name: str) -> list[list[Tensor]]:
+    """Every layer's ``get_expert_weights()``, bounded and checked to be tensors.
+
+    Read before anything else touches the weights (the ownership check reads
+    their storage), so a layer that yields a list, an endless iterator or
+    raises is refused with a typed error, not an ``AttributeError`` or a hang.
+    """
+    collected: list[list[Tensor]] = []
+    layers = model.moe_layers
+    for index in range(model.num_moe_layers):
+        where = f"model {model_name!r}: moe_layers[{index}].get_expert_weights()"
+        try:
+            found = list(
+                itertools.islice(layers[index].get_expert_weights(), _MAX_WEIGHTS_PER_LAYER + 1)
+            )
+        except Exception as exc:
+            raise EplbStateError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+        if len(found) > _MAX_WEIGHTS_PER_LAYER:
+            raise EplbStateError(
+                f"{where} yields more than {_MAX_WEIGHTS_PER_LAYER} weight tensors"
+            )
+        for k, weight in enumerate(found):
+            if not isinstance(weight, Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+                raise EplbStateError(
+                    f"{where} item {k} is a {type(weight).__name__}, not a torch.Tensor"
+                )
+        collected.append(found)
+    return collected
+
+
 @final
 class EplbState:
     """Expert-parallel load balancing for one or more MoE models on this EP rank.
@@ -268,6 +311,8 @@ class EplbState:
         for name, value in (("num_ranks", ranks), ("num_nodes", nodes)):
             if type(value) is not int or value < 1:
                 raise EplbConfigError(f"EplbState: {name} must be an int >= 1, got {value!r}")
+            limit = "MAX_RANKS" if name == "num_ranks" else "MAX_NODES"
+            _limits.check_count(f"EplbState: {name}", value, limit, EplbConfigError)
         if ranks % ep.world_size != 0:
             raise EplbConfigError(
                 f"EplbState: num_ranks={ranks} must be a multiple of the EP group's "
@@ -435,7 +480,9 @@ class EplbState:
             NotMixtureOfExpertsError: the model does not conform to
                 ``MixtureOfExperts`` or has no MoE layers (carries the report).
             EplbConfigError: its redundant or physical counts disagree with the
-                config or the EP group.
+                config or the EP group, or a count (or an EPLB tensor sized from
+                them, the window included) exceeds its limit in
+                ``moe_protocols.eplb.limits``.
             EplbOwnershipError: the model's MoE layers are registered with a live
                 EPLB state already (this one or another; the message names it).
             EplbStateError: the name is taken, its counts disagree with an
@@ -446,7 +493,10 @@ class EplbState:
             EplbStateError: (one process, integrity checks on) a redundant slot
                 does not hold the same bytes as its expert. Across ranks this is
                 checked at the first rearrangement or ``update_mapping``.
-        Nothing is registered when any of these is raised.
+            EplbStateError: a layer's ``get_expert_weights()`` raises, yields
+                something that is not a tensor, or more than 256 tensors.
+        Nothing is registered when any of these is raised, and the model and its
+        layers hold what they held before (see ``_wiring.py``).
         """
         report = check_conformance(model, path=model_name)
         if not report.ok or not report.is_moe:
@@ -457,6 +507,8 @@ class EplbState:
             )
         if model_name in self._models:
             raise EplbStateError(f"a model named {model_name!r} is already registered")
+        self._check_sizes(model, model_name)
+        _collected_weights(model, model_name)  # before find_owner reads their storage
         claim = find_owner(model)
         if claim is not None:
             raise EplbOwnershipError(
@@ -490,17 +542,43 @@ class EplbState:
                     "models in one EPLB state must share their expert counts"
                 )
         state = self._allocate(model, model_name)
-        self._wire(state)
-        self._check_expert_weights(state)
-        if self._ep.is_distributed:
-            try:
-                receive_budget(state.model.expert_weights, self._transfer)
-            except EplbConfigError as exc:
-                raise EplbConfigError(f"model {model_name!r}: {exc}") from exc
-        elif self._integrity != "off":
-            # Across ranks the table needs every rank's slots: built at the first move.
-            self._tables[model_name] = self._fingerprint_table(state, self._local_digests(state))
+        # Everything above read the model only. From here on the layers hold
+        # this state's views: a failure gives them back what they held before.
+        wiring = WiringSnapshot.capture(model, state.num_layers)
+        try:
+            self._wire(state)
+            self._check_expert_weights(state)
+            if self._ep.is_distributed:
+                try:
+                    receive_budget(state.model.expert_weights, self._transfer)
+                except EplbConfigError as exc:
+                    raise EplbConfigError(f"model {model_name!r}: {exc}") from exc
+            elif self._integrity != "off":
+                # Across ranks the table needs every rank's slots: built at the first move.
+                table = self._fingerprint_table(state, self._local_digests(state))
+                self._tables[model_name] = table
+        except BaseException:
+            wiring.restore()
+            self._tables.pop(model_name, None)
+            raise
         self._models[model_name] = state
+
+    def _check_sizes(self, model: MixtureOfExperts, model_name: str) -> None:
+        """Refuse counts over the limits (``_limits``) before anything is allocated for them."""
+        what = f"model {model_name!r}: "
+        for name, limit in _SIZE_LIMITS:
+            _limits.check_count(what + name, int(getattr(model, name)), limit, EplbConfigError)
+        layers, logical, physical = (
+            model.num_moe_layers,
+            model.num_logical_experts,
+            model.num_physical_experts,
+        )
+        for shape, limit in (
+            ((layers, physical), "MAX_MAP_ENTRIES"),
+            ((layers, logical, physical - logical + 1), "MAX_REPLICA_MAP_ENTRIES"),
+            ((self._config.window_size, layers, physical), "MAX_WINDOW_ENTRIES"),
+        ):
+            _limits.check_product(what + "an EPLB tensor", shape, limit, EplbConfigError)
 
     def remove_model(self, model_name: str) -> None:
         """Release a registered model: this state stops balancing it and forgets its tensors.
@@ -747,6 +825,18 @@ class EplbState:
 
     @staticmethod
     def _check_expert_weights(state: ModelEplbState) -> None:
+        try:
+            EplbState._check_weight_layout(state)
+        except MoEProtocolsError:
+            raise
+        except Exception as exc:  # a hostile sequence: its len() or [] raised
+            raise EplbStateError(
+                f"model {state.model_name!r}: reading expert_weights after set_eplb_state "
+                f"raised {type(exc).__name__}: {exc}"
+            ) from exc
+
+    @staticmethod
+    def _check_weight_layout(state: ModelEplbState) -> None:
         weights = state.model.expert_weights
         name, local = state.model_name, state.num_local_physical_experts
         if len(weights) != state.num_layers:
@@ -754,18 +844,29 @@ class EplbState:
                 f"model {name!r}: after set_eplb_state, expert_weights has {len(weights)} "
                 f"layers, expected num_moe_layers={state.num_layers}"
             )
-        for layer, tensors in enumerate(weights):
-            if len(tensors) == 0:
+        collected: list[list[Tensor]] = []
+        for layer in range(state.num_layers):
+            tensors = weights[layer]
+            collected.append([])
+            if not 0 < len(tensors) <= _MAX_WEIGHTS_PER_LAYER:
                 raise EplbStateError(
-                    f"model {name!r}: expert_weights[{layer}] holds no weight tensors"
+                    f"model {name!r}: expert_weights[{layer}] holds {len(tensors)} weight "
+                    f"tensors; expected 1 to {_MAX_WEIGHTS_PER_LAYER}"
                 )
-            for k, tensor in enumerate(tensors):
+            for k in range(len(tensors)):
+                tensor = tensors[k]
+                if not isinstance(tensor, Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+                    raise EplbStateError(
+                        f"model {name!r}: expert_weights[{layer}][{k}] is a "
+                        f"{type(tensor).__name__}, not a torch.Tensor"
+                    )
                 if tensor.dim() < 1 or tensor.shape[0] != local:
                     raise EplbStateError(
                         f"model {name!r}: expert_weights[{layer}][{k}] has shape "
                         f"{tuple(tensor.shape)}; dim 0 must be the {local} local expert slots"
                     )
-        problem = aliasing_problem(weights)
+                collected[layer].append(tensor)
+        problem = aliasing_problem(collected)
         if problem is not None:
             raise EplbStateError(
                 f"model {name!r}: {problem}. A move writes every slot in place, so a write to "

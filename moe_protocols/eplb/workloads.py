@@ -54,6 +54,8 @@ import torch
 
 from moe_protocols.errors import WorkloadError
 
+from . import _limits
+
 __all__ = [
     "DEEPSEEK_V3_288",
     "DEEPSEEK_V3_320",
@@ -351,6 +353,10 @@ def sample_step_loads(
 
     Returns:
         ``[num_steps, layers, logical]`` float64 counts.
+
+    Raises:
+        WorkloadError: a bad load or count, or more than ``MAX_WINDOW_ENTRIES``
+            counts to draw.
     """
     _check_load(load, "load")
     for what, value in (
@@ -364,6 +370,8 @@ def sample_step_loads(
             or value < 1
         ):
             raise WorkloadError(f"{what} must be an int >= 1, got {value!r}")
+    shape = (num_steps, int(load.shape[0]), int(load.shape[1]))
+    _limits.check_product("sample_step_loads", shape, "MAX_WINDOW_ENTRIES", WorkloadError)
     load = load.detach().to(device="cpu", dtype=torch.float64)
     share = load / load.sum(dim=1, keepdim=True).clamp_min(1e-300)
     mean = (share * float(tokens_per_step * top_k)).expand(num_steps, -1, -1).contiguous()
