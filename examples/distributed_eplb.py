@@ -9,6 +9,8 @@ Run it on one machine (spawns the ranks itself, gloo on loopback)::
 
     python examples/distributed_eplb.py --ranks 2
 
+``--model own`` serves ``examples/own_moe_vlm.py`` (a plain-torch VLM made
+EPLB-ready with ``moe_protocols.building``) instead of the built-in one;
 or under ``torchrun`` (one process per rank)::
 
     torchrun --nproc-per-node 4 examples/distributed_eplb.py
@@ -46,6 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interval", type=int, default=8, help="steps between rearrangements")
     parser.add_argument("--experts", type=int, default=16, help="logical experts (default 16)")
     parser.add_argument("--redundant", type=int, default=4, help="redundant slots (default 4)")
+    parser.add_argument(
+        "--model",
+        choices=("tiny", "own"),
+        default="tiny",
+        help="tiny: the built-in tiny VLM; own: examples/own_moe_vlm.py, a plain-torch VLM made "
+        "EPLB-ready with moe_protocols.building (8 experts; --experts is ignored)",
+    )
     return parser.parse_args(argv)
 
 
@@ -71,21 +80,32 @@ def serve(args: argparse.Namespace) -> None:
             ep=ep,
         )
     )
-    model = tiny_vlm(ep=ep, num_experts=args.experts, num_redundant_experts=args.redundant)
+    model: torch.nn.Module
+    if args.model == "own":
+        from own_moe_vlm import build  # this file's folder is on sys.path, in spawned ranks too
+
+        model = build(num_redundant_experts=args.redundant, ep=ep)
+    else:
+        model = tiny_vlm(ep=ep, num_experts=args.experts, num_redundant_experts=args.redundant)
     runner.load_model(model)
     state = runner.eplb_state
+    view = runner.moe_view
     assert state is not None
-    language_model = model.get_language_model()
+    assert view is not None
+
+    def record_load(enabled: bool) -> None:
+        for layer in view.moe_layers:  # both models' layers have the switch
+            setattr(layer, "record_expert_load", enabled)  # noqa: B010  # not a MoELayer member
 
     def outputs() -> torch.Tensor:
         """Logits for a fixed probe batch, without recording its load."""
-        language_model.record_expert_load = False
+        record_load(False)
         try:
             with torch.no_grad():
                 logits: torch.Tensor = model(skewed_batch(-1))
             return logits
         finally:
-            language_model.record_expert_load = True
+            record_load(True)
 
     before = outputs()
 

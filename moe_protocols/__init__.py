@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         save_placement,
     )
     from moe_protocols.errors import (
+        CheckpointError,
         CollectiveTimeoutError,
         EplbConfigError,
         EplbOwnershipError,
@@ -103,6 +104,7 @@ _EXPORTS: Final[dict[str, str]] = {
     "RebalancePolicy": "moe_protocols.eplb",
     "load_placement": "moe_protocols.eplb",
     "save_placement": "moe_protocols.eplb",
+    "CheckpointError": "moe_protocols.errors",
     "CollectiveTimeoutError": "moe_protocols.errors",
     "EplbConfigError": "moe_protocols.errors",
     "EplbOwnershipError": "moe_protocols.errors",
@@ -156,6 +158,7 @@ __all__ = [
     "DEFAULT_UNWRAP_STEPS",
     "BalancednessStats",
     "CheckStatus",
+    "CheckpointError",
     "ConformanceReport",
     "DeepSeekPolicy",
     "EplbConfig",

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from moe_protocols.conformance import ConformanceReport
 
 __all__ = [
+    "CheckpointError",
     "CollectiveTimeoutError",
     "EplbConfigError",
     "EplbOwnershipError",
@@ -183,6 +184,10 @@ class ModelConfigError(MoEProtocolsError, ValueError):
 
 class ModelInputError(MoEProtocolsError, ValueError):
     """A reference model's forward was given inputs of the wrong kind or shape."""
+
+
+class CheckpointError(MoEProtocolsError, ValueError):
+    """A checkpoint's expert tensors do not fit an experts container (absent experts, shapes)."""
 
 
 class VerificationInputError(MoEProtocolsError, ValueError):

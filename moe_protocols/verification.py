@@ -1029,8 +1029,8 @@ def verify_eplb_integration(
             "resolve",
             CheckStatus.FAILED,
             message,
-            fix="implement MixtureOfExperts on the MoE model, or teach MoEView the wrapper "
-            "with an UnwrapStep",
+            fix="implement MixtureOfExperts on the MoE model (moe_protocols.building does it in "
+            "a few lines, see docs/authoring.md), or teach MoEView the wrapper with an UnwrapStep",
         )
         return VerificationReport(model=name, checks=(failure,))
     batch, inputs = _sample_batch(model, view, sample_inputs, seed)

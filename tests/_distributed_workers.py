@@ -293,6 +293,17 @@ def two_ranks(ep: ExpertParallelContext, record: Record) -> None:
     checked.step()
     attempt(record, "diverged_replica", checked, checked.rearrange)
 
+    # Per-step replica dispatch: other slots serve the tokens, the outputs stay the same.
+    live = state.model_state()
+    live.expert_load_pass.zero_()
+    logits(model)
+    record.tensors["modulo.load"] = ep.all_reduce_(live.expert_load_pass.clone())
+    model.replica_dispatch = "balanced"
+    live.expert_load_pass.zero_()
+    record.tensors["dispatched.logits"] = logits(model)
+    record.tensors["dispatched.load"] = ep.all_reduce_(live.expert_load_pass.clone())
+    model.replica_dispatch = "modulo"
+
     # Rank 1 built its model with two more MoE layers: both ranks refuse, naming rank 1,
     # before any collective whose size depends on the layers (no rank dies by signal).
     rearrange_with_layers(ep, record, 4 if ep.rank == 0 else 6)

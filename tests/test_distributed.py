@@ -192,6 +192,25 @@ def test_outputs_of_the_ep_group_do_not_change_when_experts_move(
 
 
 @pytest.mark.distributed
+def test_balanced_dispatch_moves_tokens_between_replicas_without_changing_outputs(
+    two: list[RankResult],
+) -> None:
+    with torch.no_grad():
+        expected = reference_model()(tokens())
+    for result in two:
+        assert torch.equal(result.tensors["dispatched.logits"], expected), result.rank
+        modulo, dispatched = result.tensors["modulo.load"], result.tensors["dispatched.load"]
+        # Same tokens per layer, served by other replicas; the busiest rank is no busier
+        # than under the modulo rule, up to the rounding of each replica's share (one token).
+        assert torch.equal(modulo.sum(dim=1), dispatched.sum(dim=1))
+        assert not torch.equal(modulo, dispatched)
+        slots = modulo.shape[1] // 2
+        modulo_peak = modulo.view(-1, 2, slots).sum(dim=2).amax(dim=1)
+        dispatched_peak = dispatched.view(-1, 2, slots).sum(dim=2).amax(dim=1)
+        assert bool((dispatched_peak <= modulo_peak + slots).all())
+
+
+@pytest.mark.distributed
 def test_only_the_minimum_crosses_ranks_one_row_per_missing_expert(
     group: list[RankResult],
 ) -> None:
@@ -477,10 +496,16 @@ def test_elastic_metadata_update_through_the_view_reaches_the_language_model_in_
 
 
 @pytest.mark.distributed
-def test_the_distributed_example_balances_two_ranks_and_keeps_outputs() -> None:
+@pytest.mark.parametrize(
+    "model",
+    [[], ["--model", "own", "--redundant", "2"]],
+    ids=["tiny-vlm", "own-moe-vlm-example"],
+)
+def test_the_distributed_example_balances_two_ranks_and_keeps_outputs(model: list[str]) -> None:
+    """The built-in tiny VLM, and examples/own_moe_vlm.py built from moe_protocols.building."""
     example = Path(__file__).resolve().parents[1] / "examples" / "distributed_eplb.py"
     done = subprocess.run(
-        [sys.executable, str(example), "--ranks", "2", "--steps", "16"],
+        [sys.executable, str(example), "--ranks", "2", "--steps", "16", *model],
         capture_output=True,
         text=True,
         timeout=120,

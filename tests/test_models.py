@@ -498,3 +498,18 @@ def test_inherited_set_eplb_state_hands_each_layer_its_own_row() -> None:
     with torch.no_grad():
         blocks(model)[1](torch.randn(5, 32, generator=torch.Generator().manual_seed(0)))
     assert load.sum(dim=1).tolist() == [0, 10, 0]
+
+
+def test_balanced_replica_dispatch_leaves_outputs_unchanged_and_rejects_unknown_modes() -> None:
+    model = tiny_moe(num_experts=8, num_redundant_experts=8, num_expert_groups=2, topk_groups=1)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        expected = model(ids)
+        model.replica_dispatch = "balanced"
+        assert all(block.replica_dispatch == "balanced" for block in blocks(model))
+        assert torch.allclose(model(ids), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ModelConfigError, match="replica_dispatch"):
+        model.replica_dispatch = "random"  # type: ignore[assignment]  # rejected at run time
+    assert model.replica_dispatch == "balanced"

@@ -6,32 +6,22 @@ within the target unless it says it stalled, and move nothing it need not.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from benchmark_modules import load_benchmark
 
 from moe_protocols.eplb._bounds import max_rank_load_lower_bound
 from moe_protocols.eplb._metrics import expected_rank_loads
 from moe_protocols.eplb._migration import MigrationAwarePolicy
 from moe_protocols.eplb.workloads import Drift, LoadDistribution, drift_sequence
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "study_repair_limits.py"
-
 
 @pytest.fixture(scope="module")
 def study() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("study_repair_limits", _PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("study_repair_limits")
 
 
 def _rank_loads(weight: np.ndarray, slots: np.ndarray, num_ranks: int) -> np.ndarray:

@@ -10,7 +10,7 @@ and vLLM's) and there is no ``__getattr__`` to hide a typo.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, cast, final
 
 import attrs
 
@@ -20,7 +20,7 @@ from moe_protocols.conformance import MIXTURE_OF_EXPERTS, MODEL_MEMBERS, Problem
 from moe_protocols.errors import NotMixtureOfExpertsError, ResolutionConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import MutableSequence, Sequence
+    from collections.abc import Iterable, MutableSequence, Sequence
 
     from torch import Tensor
 
@@ -32,6 +32,8 @@ __all__ = ["MoEView"]
 DEFAULT_MAX_DEPTH: Final = 6
 DEFAULT_MAX_CANDIDATES: Final = 256
 _MAX_REPORTS_IN_MESSAGE: Final = 10
+_MAX_MODULES_SCANNED: Final = 100_000
+_EXPERT_NAMES: Final = frozenset({"experts", "expert", "routed_experts", "moe_experts"})
 
 
 def _indent(text: str, by: str = "  ") -> str:
@@ -333,6 +335,15 @@ def _not_found_message(model: object, trace: ResolutionTrace, *, max_depth: int)
     hidden = len(reports) - _MAX_REPORTS_IN_MESSAGE
     if hidden > 0:
         lines.append(f"  ... and {hidden} more candidates (see the error's .reports)")
+    experts = moe_looking_module(model)
+    if experts is not None:
+        lines.insert(
+            1,
+            f"It holds MoE-looking modules ({experts}) but no MixtureOfExperts: make its MoE "
+            "model EPLB-ready with moe_protocols.building (SwiGLUExperts.from_module_list for "
+            'the experts, MoEModelMixin for the model); see docs/authoring.md, "Making a model '
+            'EPLB-ready".',
+        )
     stopped = [e.path for e in trace.entries if e.outcome is TraceOutcome.DEPTH_LIMIT]
     if stopped:
         lines.append(
@@ -347,3 +358,25 @@ def _not_found_message(model: object, trace: ResolutionTrace, *, max_depth: int)
             "steps=(*DEFAULT_UNWRAP_STEPS, UnwrapStep(...))."
         )
     return "\n".join(lines)
+
+
+def moe_looking_module(model: object) -> str | None:
+    """Path of the first submodule named like routed experts (``...experts``), if any.
+
+    A plain MoE model holds its experts as ``experts``/``expert`` modules; a model
+    with them but without the protocol needs the building blocks, not an unwrapping step.
+    Never raises; looks at no more than ``_MAX_MODULES_SCANNED`` modules.
+    """
+    named_modules = getattr(model, "named_modules", None)
+    if not callable(named_modules):
+        return None
+    try:
+        for count, item in enumerate(cast("Iterable[object]", named_modules())):
+            if count >= _MAX_MODULES_SCANNED:
+                return None
+            name = cast("tuple[object, ...]", item)[0] if isinstance(item, tuple) and item else None
+            if isinstance(name, str) and name.rsplit(".", 1)[-1].lower() in _EXPERT_NAMES:
+                return name
+    except Exception:
+        return None
+    return None

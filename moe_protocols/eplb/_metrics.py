@@ -18,6 +18,7 @@ __all__ = [
     "expected_rank_loads",
     "overall_balancedness",
     "rank_loads_from_physical",
+    "refetched_per_rank",
     "slots_changed",
     "slots_refetched",
     "token_weighted_balancedness",
@@ -147,12 +148,15 @@ def slots_changed(old_map: torch.Tensor, new_map: torch.Tensor) -> int:
     return int((old_map.cpu() != new_map.cpu()).sum())
 
 
-def slots_refetched(old_map: torch.Tensor, new_map: torch.Tensor, num_ranks: int) -> int:
-    """How many slots need expert weights from another rank after a rebalance.
+def refetched_per_rank(
+    old_map: torch.Tensor, new_map: torch.Tensor, num_ranks: int
+) -> torch.Tensor:
+    """``[layers, ranks]`` slots each rank must fetch from another rank after a rebalance.
 
     Per (layer, rank), an expert held ``n_old`` times before and ``n_new``
     times after needs ``max(0, n_new - n_old)`` copies fetched from elsewhere;
-    reshuffles inside a rank are local copies and do not count.
+    reshuffles inside a rank are local copies and do not count. The largest
+    row sum over ranks times the expert size is what the slowest rank receives.
 
     Raises:
         MappingError: the maps differ in shape, their slots do not split over
@@ -177,4 +181,19 @@ def slots_refetched(old_map: torch.Tensor, new_map: torch.Tensor, num_ranks: int
     new_hist = torch.zeros_like(old_hist)
     old_hist.scatter_add_(1, old + 1, ones)
     new_hist.scatter_add_(1, new + 1, ones)
-    return int((new_hist[:, 1:] - old_hist[:, 1:]).clamp(min=0).sum())
+    fetched = (new_hist[:, 1:] - old_hist[:, 1:]).clamp(min=0).sum(dim=1)
+    return fetched.view(num_layers, num_ranks)
+
+
+def slots_refetched(old_map: torch.Tensor, new_map: torch.Tensor, num_ranks: int) -> int:
+    """How many slots need expert weights from another rank after a rebalance.
+
+    The total of :func:`refetched_per_rank`: per (layer, rank), an expert held
+    ``n_old`` times before and ``n_new`` times after needs
+    ``max(0, n_new - n_old)`` copies fetched from elsewhere; reshuffles inside
+    a rank are local copies and do not count.
+
+    Raises:
+        MappingError: the maps differ in shape or their slots do not split over ``num_ranks``.
+    """
+    return int(refetched_per_rank(old_map, new_map, num_ranks).sum())

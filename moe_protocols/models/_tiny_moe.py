@@ -16,7 +16,7 @@ moves or replicates experts.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 import attrs
 import torch
@@ -29,6 +29,7 @@ from moe_protocols.eplb._maps import (
     initial_physical_to_logical_map,
     max_replicas,
 )
+from moe_protocols.eplb.dispatch import balanced_dispatch
 from moe_protocols.errors import EplbConfigError, EplbStateError, MappingError
 from moe_protocols.layer_views import LayerEplbRows, layer_eplb_rows
 from moe_protocols.models._config import ModelConfigError, ModelInputError, TinyMoEConfig
@@ -40,7 +41,21 @@ if TYPE_CHECKING:
 
     from moe_protocols.protocols import MoELayer
 
-__all__ = ["TinyDenseMLP", "TinyMoEBlock", "TinyMoEForCausalLM", "grouped_topk", "tiny_moe"]
+__all__ = [
+    "ReplicaDispatch",
+    "TinyDenseMLP",
+    "TinyMoEBlock",
+    "TinyMoEForCausalLM",
+    "grouped_topk",
+    "tiny_moe",
+]
+
+ReplicaDispatch = Literal["modulo", "balanced"]
+"""How a block picks among an expert's replicas: ``"modulo"`` (token index modulo the
+replica count, as vLLM) or ``"balanced"`` (per-step shares from this step's load,
+:func:`moe_protocols.eplb.balanced_dispatch`)."""
+
+_DISPATCH_MODES: Final = ("modulo", "balanced")
 
 SINGLE_PROCESS: Final = ExpertParallelContext()
 """The default EP context: one rank, no ``torch.distributed``."""
@@ -139,6 +154,7 @@ class TinyMoEBlock(nn.Module):
         self.num_physical_experts: int = num_physical
         self.num_local_physical_experts: int = num_physical // ep.world_size
         self.record_expert_load = True
+        self.replica_dispatch: ReplicaDispatch = "modulo"
         self._eplb: LayerEplbRows | None = None
 
         hidden, inter = config.hidden_size, config.intermediate_size
@@ -250,10 +266,15 @@ class TinyMoEBlock(nn.Module):
         return grouped_topk(scores, self.top_k, self.num_expert_groups, self.topk_groups)
 
     def map_to_physical(self, logical_ids: Tensor) -> Tensor:
-        """Physical slot serving each choice ``[tokens, top_k]``: replica ``token % replica_count``.
+        """Physical slot serving each choice ``[tokens, top_k]``.
 
-        ``token`` is the flat index of the token in the batch, so all top-k
-        choices of a token use the same replica index (as vLLM's router does).
+        With ``replica_dispatch == "modulo"`` (the default) the replica is
+        ``token % replica_count``: ``token`` is the flat index of the token in
+        the batch, so all top-k choices of a token use the same replica index
+        (as vLLM's router does). With ``"balanced"`` each expert's choices are
+        split over its replicas by this batch's counts so that the largest rank
+        load is minimal (:func:`moe_protocols.eplb.balanced_dispatch`); every
+        rank sees the same tokens here, so every rank computes the same split.
         """
         if self._eplb is None:
             l2p, count = self._default_logical_to_physical, self._default_replica_count
@@ -265,8 +286,17 @@ class TinyMoEBlock(nn.Module):
                 f"{self._name()}: logical_replica_count gives a chosen expert a replica count "
                 f"outside [1, {l2p.shape[1]}]: {int_list(count)}"
             )
-        token = torch.arange(logical_ids.shape[0], device=logical_ids.device).unsqueeze(1)
-        physical = l2p[logical_ids, token % replica_count]
+        if self.replica_dispatch == "balanced":
+            physical = balanced_dispatch(
+                logical_ids,
+                l2p,
+                count,
+                num_physical=self.num_physical_experts,
+                num_ranks=self.ep.world_size,
+            )
+        else:
+            token = torch.arange(logical_ids.shape[0], device=logical_ids.device).unsqueeze(1)
+            physical = l2p[logical_ids, token % replica_count]
         if bool(((physical < 0) | (physical >= self.num_physical_experts)).any()):
             raise MappingError(
                 f"{self._name()}: logical_to_physical_map sends a chosen expert to a slot "
@@ -404,6 +434,7 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
         self._decoder_layers = layers
         self._moe_blocks = blocks
         self._record_expert_load = True
+        self._replica_dispatch: ReplicaDispatch = "modulo"
 
         # MixtureOfExperts members: plain attributes, read and written by EPLB.
         self.expert_weights: MutableSequence[Sequence[Tensor]] = []
@@ -427,6 +458,28 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
         self._record_expert_load = enabled
         for block in self._moe_blocks:
             block.record_expert_load = enabled
+
+    @property
+    def replica_dispatch(self) -> ReplicaDispatch:
+        """How MoE blocks choose among an expert's replicas (see :data:`ReplicaDispatch`).
+
+        ``"balanced"`` changes only which replica serves a token: replicas hold
+        the same weights, so outputs stay the same, and load recording and the
+        EPLB maps are untouched. Setting another value raises
+        ``ModelConfigError`` and changes nothing.
+        """
+        return self._replica_dispatch
+
+    @replica_dispatch.setter
+    def replica_dispatch(self, mode: ReplicaDispatch) -> None:
+        if mode not in _DISPATCH_MODES:
+            raise ModelConfigError(
+                f"TinyMoEForCausalLM.replica_dispatch must be one of {_DISPATCH_MODES}, "
+                f"got {mode!r}"
+            )
+        self._replica_dispatch = mode
+        for block in self._moe_blocks:
+            block.replica_dispatch = mode
 
     def update_physical_experts_metadata(
         self, num_physical_experts: int, num_local_physical_experts: int
