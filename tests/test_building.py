@@ -94,6 +94,32 @@ def test_routing_counts_only_the_given_slots_when_every_rank_sees_every_token() 
     assert second[:3].sum() == 0
 
 
+def test_routing_with_dispatch_shares_sends_each_replica_its_share_and_records_it() -> None:
+    from moe_protocols.eplb import replica_shares
+
+    # Expert 0 has replicas in slots 0 (rank 0) and 4 (rank 2); its 6 choices are split by the
+    # step's load: rank 0 also serves expert 1's 4 choices, so slot 4 should take more of them.
+    # The position rule splits them 3/3: rank loads 7, 2, 3; the optimum is 5, 2, 5.
+    placement = [0, 1, 2, 3, 0, 2]
+    l2p, count = maps_of(placement)
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1], [0, 3], [0, 3]])
+    counts = torch.zeros(4)
+    counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel()))
+    shares = replica_shares(
+        l2p.unsqueeze(0), count.unsqueeze(0), counts.unsqueeze(0), num_physical=6, num_ranks=3
+    )[0]
+    load = torch.zeros(6, dtype=torch.int64)
+    physical = route_to_physical(ids, l2p, count, load, shares=shares)
+    slot_expert = torch.tensor(placement)
+    assert torch.equal(slot_expert[physical], ids)  # every pair lands on a slot of its expert
+    assert torch.equal(load, torch.bincount(physical.reshape(-1), minlength=6))
+    rank_load = load.view(3, 2).sum(dim=1)
+    modulo = torch.zeros(6, dtype=torch.int64)
+    route_to_physical(ids, l2p, count, modulo)
+    assert modulo.view(3, 2).sum(dim=1).tolist() == [7, 2, 3]
+    assert rank_load.tolist() == [5, 2, 5]  # the step's optimum
+
+
 def test_routing_follows_maps_rewritten_in_place() -> None:
     l2p, count = maps_of([0, 1, 2, 3, 0, 1])
     ids = torch.tensor([[2, 3]])

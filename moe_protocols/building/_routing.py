@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_protocols.eplb.dispatch import dispatch_to_replicas
+
 __all__ = ["GROUP_ROWS", "route_to_physical", "swiglu_experts"]
 
 GROUP_ROWS: Final = 4
@@ -41,6 +43,7 @@ def route_to_physical(
     expert_load: Tensor | None = None,
     *,
     count_slots: tuple[int, int] | None = None,
+    shares: Tensor | None = None,
 ) -> Tensor:
     """Map the router's choices to physical slots and record the load, in one vectorised step.
 
@@ -54,6 +57,12 @@ def route_to_physical(
         count_slots: ``(first, end)``: count only pairs served by slots in
             ``[first, end)`` (every EP rank sees every token and counts its own
             slots, so the load summed over the group is exact). None: count all.
+        shares: ``[logical, max_replicas]`` share of each replica in this step's
+            tokens (per-step replica dispatch: from
+            :func:`moe_protocols.eplb.replica_shares` on this step's per-expert
+            counts, the same on every EP rank); applied with
+            :func:`moe_protocols.eplb.dispatch_to_replicas` instead of the
+            position rule below. None: the position rule.
 
     Returns:
         ``[tokens, top_k]`` int64 physical slot ids.
@@ -65,9 +74,12 @@ def route_to_physical(
     indices and ``top_k`` replicas, every token's first choice would land on
     replica 0.
     """
-    token = torch.arange(logical_ids.shape[0], device=logical_ids.device).unsqueeze(1)
-    replica = token % replica_count[logical_ids].to(torch.int64)
-    physical = logical_to_physical[logical_ids, replica].to(torch.int64)
+    if shares is not None:
+        physical = dispatch_to_replicas(logical_ids, logical_to_physical, shares)
+    else:
+        token = torch.arange(logical_ids.shape[0], device=logical_ids.device).unsqueeze(1)
+        replica = token % replica_count[logical_ids].to(torch.int64)
+        physical = logical_to_physical[logical_ids, replica].to(torch.int64)
     if expert_load is not None:
         served = physical.reshape(-1)
         if count_slots is None:
