@@ -127,7 +127,7 @@ def main() -> None:
     # Interleave the two so that machine noise hits both alike.
     for _ in range(repeats):
         direct_runs.append(median_seconds(read_all_members(view.model, reads), 1, warmup=0))
-        view_runs.append(median_seconds(read_all_members(view, reads), 1, warmup=0))  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+        view_runs.append(median_seconds(read_all_members(view, reads), 1, warmup=0))
     direct = statistics.median(direct_runs) / reads
     through_view = statistics.median(view_runs) / reads
 

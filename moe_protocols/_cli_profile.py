@@ -201,7 +201,7 @@ def run_profile(args: argparse.Namespace, out: TextIO) -> int:
         )
         return EXIT_USAGE
     generator = torch.Generator().manual_seed(args.seed)
-    device = weights_device(view)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+    device = weights_device(view)
     batches = [
         torch.randint(0, vocab, (1, args.tokens), generator=generator).to(device)
         for _ in range(args.batches)

@@ -134,9 +134,9 @@ def record_expert_load(
     """
     moe = _resolve(model, view)
     run = forward if forward is not None else _default_forward
-    claim = find_owner(moe)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+    claim = find_owner(moe)
     physical_to_logical, l2p, count = _borrowed_maps(moe, claim)
-    device = weights_device(moe)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+    device = weights_device(moe)
     load = torch.zeros(
         moe.num_moe_layers, moe.num_physical_experts, dtype=torch.int64, device=device
     )

@@ -1,20 +1,25 @@
 """The contract: structural protocols a serving runner and EPLB consume.
 
-Member for member call-compatible with vLLM 0.33's ``MixtureOfExperts`` (see
-``stubs/vllm``): the same names, types and parameter names, because runners
-call these methods by keyword. Shapes use L = MoE layers, E = logical
-experts, P = physical expert slots.
+Member for member call-compatible with vLLM 0.33's ``MixtureOfExperts``: the
+same names, types and parameter names, because runners call these methods by
+keyword. One difference, on purpose: ``MixtureOfExperts`` is generic in its
+layer type and ``moe_layers`` is read-only here (a host only iterates it), so
+that vLLM's models, whose ``moe_layers`` is ``Sequence[MoERunner]`` (a
+concrete class), are a ``MixtureOfExperts`` of ours, and a ``MoEView`` over
+one is ``MixtureOfExperts[MoERunner]``, which is vLLM's protocol too. Shapes
+use L = MoE layers, E = logical experts, P = physical expert slots.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, MutableSequence, Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from typing_extensions import TypeVar
 
-__all__ = ["MixtureOfExperts", "MoELayer", "SupportsLanguageModel"]
+__all__ = ["LayerT_co", "MixtureOfExperts", "MoELayer", "SupportsLanguageModel"]
 
 
 @runtime_checkable
@@ -46,9 +51,21 @@ class MoELayer(Protocol):
         ...
 
 
+LayerT_co = TypeVar("LayerT_co", bound=MoELayer, covariant=True, default=MoELayer)
+"""The layer type of a ``MixtureOfExperts`` (``MoELayer`` when not given)."""
+
+
 @runtime_checkable
-class MixtureOfExperts(Protocol):
-    """A model with MoE layers whose experts EPLB may replicate and move."""
+class MixtureOfExperts(Protocol[LayerT_co]):
+    """A model with MoE layers whose experts EPLB may replicate and move.
+
+    ``MixtureOfExperts`` alone means ``MixtureOfExperts[MoELayer]``: any layer
+    objects with the two ``MoELayer`` methods. ``MixtureOfExperts[MoERunner]``
+    says the layers are vLLM's, which vLLM's own protocol requires. The data
+    members are plain settable attributes, as in vLLM (elastic EP rewrites
+    the counts, ``set_eplb_state`` rewrites ``expert_weights``); only
+    ``moe_layers`` is read-only, which is what lets the layer type vary.
+    """
 
     expert_weights: MutableSequence[Sequence[Tensor]]
     """Expert weights on this rank: ``expert_weights[layer][k]`` is the k-th weight
@@ -78,8 +95,23 @@ class MixtureOfExperts(Protocol):
     num_redundant_experts: int
     """Extra physical slots holding replicas of hot experts."""
 
-    moe_layers: Sequence[MoELayer]
-    """The MoE layer objects, one per MoE layer, in layer order."""
+    if TYPE_CHECKING:
+
+        @property
+        def moe_layers(self) -> Sequence[LayerT_co]:
+            """The MoE layer objects, one per MoE layer, in layer order.
+
+            Read-only for type checkers (so the layer type is covariant); an
+            implementing class declares it as an attribute,
+            ``self.moe_layers: Sequence[MyLayer] = ...``.
+            """
+            ...
+
+    else:
+        # At run time a plain annotation: still a member for isinstance(), and
+        # a subclass of the protocol can assign it (a property here would
+        # shadow the subclass's instance attribute).
+        moe_layers: Sequence[MoELayer]
 
     def set_eplb_state(
         self,

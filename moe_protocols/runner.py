@@ -99,7 +99,7 @@ class ReferenceRunner:
                 num_ranks=self.config.num_ranks,
                 num_nodes=self.config.num_nodes,
             )
-            state.add_model(view, model_name=self.config.model_name)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+            state.add_model(view, model_name=self.config.model_name)
         else:
             view = MoEView.resolve(model, steps=self._steps)
         self._model, self._forward = model, model

@@ -224,7 +224,7 @@ def _sample_batch(
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab, _SYNTHETIC_SHAPE, generator=generator)
         shape = "x".join(map(str, _SYNTHETIC_SHAPE))
-        return ids.to(weights_device(view)), (  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+        return ids.to(weights_device(view)), (
             f"synthesised input_ids [{shape}] from vocab_size={vocab} (seed {seed})"
         )
     given: object = sample_inputs
@@ -465,7 +465,7 @@ class _Verifier:
                 num_redundant_experts=self.view.num_redundant_experts,
             ),
             # layers add their load on the experts' device
-            device=weights_device(self.view),  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+            device=weights_device(self.view),
             integrity=integrity,
         )
 
@@ -556,7 +556,7 @@ class _Verifier:
             # recording (no move is made, see _why_no_moves).
             self.state = self._new_state("off")
         try:
-            self.state.add_model(self.view, _MODEL_NAME)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+            self.state.add_model(self.view, _MODEL_NAME)
         except EplbOwnershipError as exc:
             self.failed(
                 "register",

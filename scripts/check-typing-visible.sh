@@ -20,7 +20,7 @@ PY
 
 fail=0
 mypy_out="$(cd "$outside" && "$VENV/bin/mypy" --strict --no-incremental user_script.py 2>&1 || true)"
-if ! grep -q 'Revealed type is "def .*moe_protocols\.adapters\._view\.MoEView"' <<<"$mypy_out"; then
+if ! grep -qE 'Revealed type is "def .*-> moe_protocols\.adapters\._view\.MoEView(\[.*\])?"' <<<"$mypy_out"; then
     echo "check-typing-visible: mypy outside the repo does not see moe_protocols.MoEView:"
     echo "$mypy_out"
     fail=1
@@ -28,7 +28,7 @@ fi
 # The pyright wrapper finds the interpreter through the activated environment.
 pyright_env=(env "PATH=$VENV/bin:$PATH" "VIRTUAL_ENV=$VENV")
 pyright_out="$(cd "$outside" && "${pyright_env[@]}" pyright user_script.py 2>&1 || true)"
-if ! grep -q 'Type of "moe_protocols.MoEView" is "type\[MoEView\]"' <<<"$pyright_out"; then
+if ! grep -qE 'Type of "moe_protocols.MoEView" is "type\[MoEView(\[.*\])?\]"' <<<"$pyright_out"; then
     echo "check-typing-visible: pyright outside the repo does not see moe_protocols.MoEView:"
     echo "$pyright_out"
     fail=1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +16,27 @@ from moe_protocols.models import (
     tiny_moe,
     tiny_vlm,
 )
+
+REQUIRE_VLLM_ENV = "MOE_PROTOCOLS_REQUIRE_VLLM"
+"""Set to 1 (scripts/check.sh does, so CI does) to make a missing vLLM tier a failure."""
+
+
+def _vllm_is_installed() -> bool:
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``vllm`` need the real-vLLM tier: fail without it when it is
+    required (CI), skip with the way to get it otherwise."""
+    if item.get_closest_marker("vllm") is None or _vllm_is_installed():
+        return
+    how = "create it with scripts/setup-vllm.sh and run .venv-vllm/bin/pytest -m vllm"
+    if os.environ.get(REQUIRE_VLLM_ENV) == "1":
+        pytest.fail(f"{REQUIRE_VLLM_ENV}=1 but vLLM is not importable here; {how}", pytrace=False)
+    pytest.skip(f"the real-vLLM tier is not installed in this environment; {how}")
 
 
 @pytest.fixture(autouse=True)

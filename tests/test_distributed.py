@@ -490,7 +490,7 @@ def test_elastic_metadata_update_through_the_view_reaches_the_language_model_in_
     # layers accept load and map tensors of the new slot count.
     bigger = ExpertParallelContext(world_size=4, rank=1)
     state = EplbState(EplbConfig(num_redundant_experts=4 * local - NUM_EXPERTS), ep=bigger)
-    state.add_model(view)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+    state.add_model(view)
     assert state.model_state().num_physical_experts == 4 * local
     assert state.model_state().expert_load_pass.shape == (NUM_MOE_LAYERS, 4 * local)
 

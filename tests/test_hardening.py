@@ -86,7 +86,7 @@ def test_a_rejected_add_model_through_a_view_restores_the_wrapped_model() -> Non
     view = MoEView.require(AuthorVLM(lm))
     before = wiring_snapshot(lm)
     with pytest.raises(EplbStateError, match="MoE layer 0"):
-        EplbState(CONFIG, num_ranks=4).add_model(view)  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+        EplbState(CONFIG, num_ranks=4).add_model(view)
     assert wiring_snapshot(lm) == before
     assert view.expert_weights is lm.expert_weights
 
@@ -468,7 +468,7 @@ def test_invalid_resolve_arguments_are_typed_errors(
 ) -> None:
     for call in (MoEView.resolve, MoEView.require):
         with pytest.raises(ResolutionConfigError, match=message) as info:
-            call(FakeMoELM(), **kwargs)  # type: ignore[arg-type]  # wrong on purpose
+            call(FakeMoELM(), **kwargs)  # type: ignore[call-overload]  # wrong on purpose
         assert isinstance(info.value, (ValueError, TypeError))  # as before, for old callers
         if kwargs.get("steps") is not None and not isinstance(kwargs["steps"], list):
             break  # the iterator is spent

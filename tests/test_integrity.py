@@ -68,7 +68,7 @@ def test_a_second_state_is_refused_and_names_the_owner() -> None:
     first = register(lm, "served")
     second = EplbState(CONFIG, num_ranks=4)
     with pytest.raises(EplbOwnershipError, match="'served'") as info:
-        second.add_model(MoEView.require(AuthorVLM(lm)), "again")  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+        second.add_model(MoEView.require(AuthorVLM(lm)), "again")
     assert info.value.owner_model_name == "served"
     assert info.value.layers == (0, 1, 2)
     assert second.model_names == ()

@@ -1,37 +1,77 @@
-"""Typing is tested, not assumed: mypy --strict must accept tests/typing/accept
-and reject every marked line of tests/typing/reject with the expected error code.
+"""Typing is tested, not assumed, under two checkers: mypy --strict and pyright strict.
 
-Marker syntax in reject files: a trailing ``# E: <error-code>`` on a line says
-mypy must report an error with that code on that line; a comment line
-``# N: <text>`` says some note or error of that file must contain ``<text>``
-(mypy names the missing or incompatible protocol member in notes). Any error
-on an unmarked line fails the test, so a reject file cannot pass by accident.
+- ``tests/typing/accept/*.py`` must type-check cleanly, ``assert_type`` pinning
+  what the public API returns.
+- ``tests/typing/reject/*.py`` hold the misuse both checkers must reject, one
+  case per line, marked with ``# type: ignore[code]`` (mypy's error code) and
+  ``# pyright: ignore[rule]`` (pyright's rule). Both checkers run with unused
+  ignores as errors (mypy ``--warn-unused-ignores``, part of ``strict``;
+  pyright ``reportUnnecessaryTypeIgnoreComment``, with
+  ``enableTypeIgnoreComments`` off so mypy's comments do not hide pyright's
+  errors): a marked line that stops being an error fails the run, an error of
+  another code is reported, and an unmarked error fails too. A line with only
+  one of the two comments is accepted by the other checker on purpose (a
+  renamed parameter: pyright rejects it, mypy does not).
+- Both directories are checked against ``stubs/vllm`` here, and against vLLM
+  0.33's own source, with no project stubs on any path, in the vllm tier
+  (``-m vllm``), together with ``tests/typing/accept_vllm`` (vLLM's model
+  classes, which the stubs do not describe).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPING = ROOT / "tests" / "typing"
 ACCEPT = sorted((TYPING / "accept").glob("*.py"))
+ACCEPT_VLLM = sorted((TYPING / "accept_vllm").glob("*.py"))
 REJECT = sorted((TYPING / "reject").glob("*.py"))
-_LINE = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+): (?P<severity>error|note): (?P<text>.*)$")
+_MYPY_LINE = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+): error: (?P<text>.*)$")
+_MYPY_IGNORE = re.compile(r"# type: ignore(?P<codes>\[[^\]]*\])?")
+_PYRIGHT_IGNORE = re.compile(r"# pyright: ignore(?P<rules>\[[^\]]*\])?")
+
+# Unneeded ignores and an unmarked error: what each checker must report here,
+# or the harness could pass whatever the typing files said.
+_SELF_TEST = """\
+x: int = 1  # type: ignore[assignment]
+y: int = 2  # pyright: ignore[reportAssignmentType]
+z: int = "three"
+"""
 
 
-def _run_mypy(paths: list[Path]) -> list[tuple[str, int, str, str]]:
+class Diagnostic(NamedTuple):
+    path: str
+    line: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{Path(self.path).name}:{self.line}: {self.text}"
+
+
+def _mypy(paths: list[Path], *, real_vllm: bool, tmp: Path) -> list[Diagnostic]:
+    if real_vllm:
+        config = tmp / "mypy.ini"  # no mypy_path: vLLM is read from its own source
+        config.write_text("[mypy]\nstrict = True\npython_version = 3.11\nwarn_unreachable = True\n")
+    else:
+        config = ROOT / "mypy.ini"  # mypy_path = stubs
+    cache = ROOT / ".mypy_cache" / ("typing-vllm" if real_vllm else "typing-stubs")
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "mypy",
             "--config-file",
-            str(ROOT / "mypy.ini"),
+            str(config),
+            "--cache-dir",
+            str(cache),
             "--show-error-codes",
             "--no-error-summary",
             "--no-pretty",
@@ -44,60 +84,104 @@ def _run_mypy(paths: list[Path]) -> list[tuple[str, int, str, str]]:
     )
     if proc.returncode not in (0, 1):
         pytest.fail(f"mypy crashed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    rows = []
+    out = []
     for raw in proc.stdout.splitlines():
-        match = _LINE.match(raw)
+        match = _MYPY_LINE.match(raw)
         if match:
-            path = str(Path(match["path"]).resolve())
-            rows.append((path, int(match["line"]), match["severity"], match["text"]))
-    return rows
+            path = str((ROOT / match["path"]).resolve())
+            out.append(Diagnostic(path, int(match["line"]), match["text"]))
+    return out
 
 
-@pytest.fixture(scope="module")
-def mypy_output() -> list[tuple[str, int, str, str]]:
-    return _run_mypy(ACCEPT + REJECT)
-
-
-def test_typing_files_exist() -> None:
-    assert ACCEPT, "no accept files"
-    assert REJECT, "no reject files"
-
-
-@pytest.mark.parametrize("path", ACCEPT, ids=lambda p: p.name)
-def test_mypy_accepts(path: Path, mypy_output: list[tuple[str, int, str, str]]) -> None:
-    errors = [row for row in mypy_output if row[0] == str(path) and row[2] == "error"]
-    assert errors == [], f"mypy rejected {path.name}: {errors}"
-
-
-def _expectations(path: Path) -> tuple[dict[int, str], list[str]]:
-    errors: dict[int, str] = {}
-    notes: list[str] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.lstrip().startswith("# N:"):
-            notes.append(line.split("# N:", 1)[1].strip())
-        elif "# E:" in line:
-            errors[number] = line.split("# E:", 1)[1].strip()
-    return errors, notes
-
-
-@pytest.mark.parametrize("path", REJECT, ids=lambda p: p.name)
-def test_mypy_rejects_marked_lines(
-    path: Path, mypy_output: list[tuple[str, int, str, str]]
-) -> None:
-    expected, expected_notes = _expectations(path)
-    assert expected, f"{path.name} marks no line with '# E:'"
-    rows = [row for row in mypy_output if row[0] == str(path)]
-    reported: dict[int, list[str]] = {}
-    for _, line, severity, text in rows:
-        if severity == "error":
-            reported.setdefault(line, []).append(text)
-    for line, code in expected.items():
-        texts = reported.get(line, [])
-        assert any(text.endswith(f"[{code}]") for text in texts), (
-            f"{path.name}:{line}: expected a [{code}] error, mypy said {texts or 'nothing'}"
+def _pyright(paths: list[Path], *, real_vllm: bool, tmp: Path) -> list[Diagnostic]:
+    pyright = Path(sys.executable).parent / "pyright"
+    if not pyright.exists():
+        pytest.fail(f"pyright is not installed in {sys.prefix} (it is in the dev extra)")
+    empty = tmp / "no-stubs"
+    empty.mkdir(exist_ok=True)
+    config = tmp / "pyrightconfig.json"
+    settings = {
+        "typeCheckingMode": "strict",
+        "pythonVersion": "3.11",
+        "extraPaths": [str(ROOT)],
+        "stubPath": str(empty if real_vllm else ROOT / "stubs"),
+        "enableTypeIgnoreComments": False,
+        "reportUnnecessaryTypeIgnoreComment": "error",
+        # With the stubs only, vLLM has no source; that is the point of the stubs.
+        "reportMissingModuleSource": "error" if real_vllm else "none",
+    }
+    config.write_text(json.dumps(settings))
+    proc = subprocess.run(
+        [
+            str(pyright),
+            "-p",
+            str(config),
+            "--pythonpath",
+            sys.executable,
+            "--outputjson",
+            *map(str, paths),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        report = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"pyright crashed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return [
+        Diagnostic(
+            str(Path(d["file"]).resolve()),
+            d["range"]["start"]["line"] + 1,
+            f"{d['message']} ({d.get('rule', 'no rule')})",
         )
-    unexpected = {line: texts for line, texts in reported.items() if line not in expected}
-    assert unexpected == {}, f"{path.name}: errors on unmarked lines: {unexpected}"
-    messages = " | ".join(text for _, _, _, text in rows)
-    for note in expected_notes:
-        assert note in messages, f"{path.name}: expected mypy to mention {note!r}: {messages}"
+        for d in report["generalDiagnostics"]
+        if d["severity"] == "error"
+    ]
+
+
+def _check_both(paths: list[Path], *, real_vllm: bool, tmp: Path) -> None:
+    self_test = tmp / "harness_self_test.py"
+    self_test.write_text(_SELF_TEST)
+    for name, run in (("mypy", _mypy), ("pyright", _pyright)):
+        found = run([*paths, self_test], real_vllm=real_vllm, tmp=tmp)
+        # By name: mypy's cache may report a file it has seen before (same module,
+        # same content) under the path of an earlier temporary directory.
+        own = sorted(d.line for d in found if Path(d.path).name == self_test.name)
+        # mypy honours only its own comment, pyright only its own: each must
+        # flag one unneeded ignore and the unmarked error on line 3.
+        assert own == [1, 3] if name == "mypy" else own == [2, 3], (
+            f"{name} does not report unneeded ignores and unmarked errors: {found}"
+        )
+        rest = [str(d) for d in found if Path(d.path).name != self_test.name]
+        assert rest == [], f"{name} ({'vLLM source' if real_vllm else 'stubs'}):\n" + "\n".join(
+            rest
+        )
+
+
+def test_typing_files_exist_and_every_reject_line_pins_a_code() -> None:
+    assert ACCEPT, "no accept files"
+    assert ACCEPT_VLLM, "no accept files for the real vLLM"
+    assert REJECT, "no reject files"
+    for path in REJECT:
+        marked = 0
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            for match in _MYPY_IGNORE.finditer(line):
+                assert match["codes"], f"{path.name}:{number}: a bare type: ignore pins no code"
+                marked += 1
+            for match in _PYRIGHT_IGNORE.finditer(line):
+                assert match["rules"], f"{path.name}:{number}: a bare pyright ignore pins no rule"
+                marked += 1
+        assert marked, f"{path.name} marks no line"
+
+
+def test_mypy_and_pyright_agree_with_the_typing_files_against_the_stubs(tmp_path: Path) -> None:
+    _check_both(ACCEPT + REJECT, real_vllm=False, tmp=tmp_path)
+
+
+@pytest.mark.vllm
+def test_mypy_and_pyright_agree_with_the_typing_files_against_the_real_vllm(
+    tmp_path: Path,
+) -> None:
+    _check_both(ACCEPT + ACCEPT_VLLM + REJECT, real_vllm=True, tmp=tmp_path)

@@ -275,7 +275,7 @@ def test_a_model_a_live_state_balances_is_refused_and_left_alone() -> None:
 
     model = tiny_moe(num_redundant_experts=2)
     serving = EplbState(EplbConfig(num_redundant_experts=2))
-    serving.add_model(MoEView.require(model), "served")  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+    serving.add_model(MoEView.require(model), "served")
     report = verify_eplb_integration(model)
     (failure,) = _failures(report, "register")
     assert "'served'" in failure.observed
@@ -302,7 +302,7 @@ def test_after_verify_the_model_can_be_registered_for_serving(
     assert private
     assert all(state.model_names == () for state in private)
     serving = EplbState(EplbConfig(num_redundant_experts=2))
-    serving.add_model(MoEView.require(model), "served")  # pyright: ignore[reportArgumentType]  # pyright takes no property for a protocol attribute (issue 15)
+    serving.add_model(MoEView.require(model), "served")
     model(torch.zeros(1, 4, dtype=torch.long))
     assert int(serving.model_state("served").expert_load_pass.sum()) == 3 * 4 * 2
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 from unittest.mock import MagicMock
 
-import attrs
 import pytest
 import torch
 from fakes import (
@@ -14,6 +14,7 @@ from fakes import (
     CompiledLike,
     DDPLike,
     DecoderWrapper,
+    FakeMoELayer,
     FakeMoELM,
     ForwardingPeftLike,
     Gemma4LikeVLM,
@@ -35,16 +36,18 @@ from hypothesis import strategies as st
 
 from moe_protocols.adapters import (
     DEFAULT_UNWRAP_STEPS,
+    HFMoEAdapter,
     MoEView,
     ResolutionTrace,
     TraceOutcome,
     UnwrapStep,
 )
 from moe_protocols.conformance import check_conformance
-from moe_protocols.errors import NotMixtureOfExpertsError
+from moe_protocols.errors import NotMixtureOfExpertsError, ResolutionConfigError
 from moe_protocols.guards import is_mixture_of_experts
-from moe_protocols.models import tiny_proxy_vlm, tiny_vlm
-from moe_protocols.protocols import MixtureOfExperts
+from moe_protocols.models import TinyProxyVLMForConditionalGeneration, tiny_proxy_vlm, tiny_vlm
+from moe_protocols.models._tiny_moe import TinyMoEBlock
+from moe_protocols.protocols import MixtureOfExperts, MoELayer
 
 COUNTS = (
     "num_moe_layers",
@@ -328,7 +331,7 @@ def test_walk_limits_and_steps_are_validated_up_front(fake_lm: FakeMoELM) -> Non
     with pytest.raises(ValueError, match="max_candidates must be >= 1"):
         MoEView.resolve(fake_lm, max_candidates=0)
     with pytest.raises(TypeError, match="max_depth must be an int"):
-        MoEView.resolve(fake_lm, max_depth=2.5)  # type: ignore[arg-type]  # deliberately wrong
+        MoEView.resolve(fake_lm, max_depth=2.5)  # type: ignore[call-overload]  # deliberately wrong
     with pytest.raises(TypeError, match=r"steps\[1\] must be an UnwrapStep"):
         MoEView.resolve(fake_lm, steps=(DEFAULT_UNWRAP_STEPS[0], ".decoder"))  # type: ignore[arg-type]  # deliberately wrong
 
@@ -518,16 +521,17 @@ def test_root_model_and_trace_are_read_only(view: MoEView, fake_lm: FakeMoELM) -
     for name in ("root", "model", "trace"):
         with pytest.raises(AttributeError):
             setattr(view, name, fake_lm)
-    with pytest.raises(attrs.exceptions.FrozenAttributeError):
-        view._model = FakeMoELM()  # the private field is frozen too
+    with pytest.raises(AttributeError, match="fixed when the view is built"):
+        view._model = FakeMoELM()  # the private field is fixed too
 
 
 def test_view_cannot_be_built_from_a_failed_trace(fake_lm: FakeMoELM) -> None:
     with pytest.raises(NotMixtureOfExpertsError) as info:
         MoEView.require(dense_lm())
     assert info.value.trace is not None
-    with pytest.raises(ValueError, match="successful resolution"):
+    with pytest.raises(NotMixtureOfExpertsError, match="successful resolution") as built:
         MoEView(fake_lm, fake_lm, info.value.trace)
+    assert built.value.trace is info.value.trace
 
 
 def test_repr_names_root_path_model_and_counts(view: MoEView) -> None:
@@ -635,3 +639,83 @@ def test_a_near_miss_language_model_is_named_in_the_headline(fake_lm: FakeMoELM)
     assert "The closest object inside it, model.get_language_model() (FakeMoELM)" in headline
     assert "missing num_redundant_experts" in headline
     assert "none was found inside it" not in headline
+
+
+# ------------------------------------------------------------------ layer_type
+
+
+def test_layer_type_checks_every_layer_and_keeps_the_same_objects(
+    fake_vlm: OneLevelVLM, fake_lm: FakeMoELM
+) -> None:
+    view = MoEView.require(fake_vlm, layer_type=FakeMoELayer)
+    assert view.moe_layers is fake_lm.moe_layers
+    # A runtime protocol works too; mypy asks for a concrete class there.
+    protocol: Any = MoELayer  # Any: mypy refuses an abstract class for type[L]
+    assert MoEView.resolve(fake_vlm, layer_type=protocol) is not None
+
+
+class OtherLayer:
+    """A conforming MoE layer that is not a FakeMoELayer."""
+
+    def __init__(self, num_local_physical_experts: int) -> None:
+        self._inner = FakeMoELayer(num_local_physical_experts)
+
+    def get_expert_weights(self) -> list[torch.Tensor]:
+        return self._inner.get_expert_weights()
+
+    def set_eplb_state(
+        self,
+        moe_layer_idx: int,
+        expert_load_view: torch.Tensor,
+        logical_to_physical_map: torch.Tensor,
+        logical_replica_count: torch.Tensor,
+    ) -> None: ...
+
+
+def test_a_layer_of_another_type_is_named_and_nothing_is_built(
+    fake_vlm: OneLevelVLM, fake_lm: FakeMoELM
+) -> None:
+    lm = fake_lm
+    layers = list(lm.moe_layers)
+    lm.moe_layers = [*layers[:2], OtherLayer(lm.num_local_physical_experts)]
+    assert MoEView.resolve(fake_vlm, layer_type=TinyMoEBlock) is None
+    with pytest.raises(NotMixtureOfExpertsError, match=r"moe_layers\[0\] is a FakeMoELayer"):
+        MoEView.require(fake_vlm, layer_type=TinyMoEBlock)
+    with pytest.raises(NotMixtureOfExpertsError) as info:
+        MoEView.require(fake_vlm, layer_type=type(layers[0]))
+    message = str(info.value)
+    assert "OneLevelVLM (the served model)" in message
+    assert "at model.get_language_model() (FakeMoELM)" in message
+    assert "moe_layers[2] is a OtherLayer instance, not a FakeMoELayer" in message
+    assert info.value.trace is not None
+    assert lm.moe_layers[:2] == layers[:2]
+
+
+@pytest.mark.parametrize("bad", ["FakeMoELayer", FakeMoELayer(2), 3], ids=repr)
+def test_layer_type_must_be_a_class(fake_vlm: OneLevelVLM, bad: object) -> None:
+    for build in (MoEView.resolve, MoEView.require):
+        with pytest.raises(ResolutionConfigError, match="layer_type must be a class"):
+            build(fake_vlm, layer_type=bad)  # type: ignore[call-overload]  # the misuse under test
+
+
+def test_view_declares_each_protocol_member_as_the_protocol_does() -> None:
+    """The declarations are what type checkers see; the forwarding behind them is
+    by name, so the types agree exactly when these strings do."""
+    ours = dict(MixtureOfExperts.__annotations__)
+    view = {k: v for k, v in MoEView.__annotations__.items() if not k.startswith("_")}
+    assert ours.pop("moe_layers") == "Sequence[MoELayer]"
+    assert view.pop("moe_layers") == "Sequence[LayerT]"
+    assert view == ours
+    methods = ("set_eplb_state", "update_physical_experts_metadata")
+    for name in methods:
+        assert inspect.signature(getattr(MoEView, name)) == inspect.signature(
+            getattr(MixtureOfExperts, name)
+        )
+    assert vars(MoEView)["num_moe_layers"].__doc__ == "The model's ``num_moe_layers``."
+
+
+@pytest.mark.parametrize("cls", [TinyProxyVLMForConditionalGeneration, HFMoEAdapter])
+def test_other_implementations_declare_the_protocols_counts_as_attributes(cls: type) -> None:
+    ours = {k: v for k, v in MixtureOfExperts.__annotations__.items() if k != "moe_layers"}
+    declared = {k: v for k, v in cls.__annotations__.items() if k in ours}
+    assert declared == ours

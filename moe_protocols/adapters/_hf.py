@@ -68,6 +68,7 @@ import torch
 from torch import Tensor
 
 from moe_protocols._torch_typed import named_modules
+from moe_protocols.adapters._forward import fixed
 from moe_protocols.adapters._step import UnwrapStep
 from moe_protocols.errors import EplbStateError, MappingError, NotMixtureOfExpertsError
 from moe_protocols.layer_views import layer_eplb_rows
@@ -105,6 +106,9 @@ _QUANTIZED_SUFFIXES: Final = ("_scale_inv", "_scale", "_scales", "_blocks", "_ze
 """Parameter/buffer name endings that mark quantized experts (FP8, MXFP4, ...)."""
 
 _EP_EXPERTS_VALUE: Final = "ep_dispatch_experts"
+_FIXED_WHY: Final = (
+    "transformers routes tokens by logical expert id, so the adapter's counts are fixed"
+)
 _EP_PARAM_SUFFIXES: Final = (".gate_up_proj", ".up_proj", ".down_proj")
 
 INDEX_HOOK: Final = "experts pre-hook (top_k_index)"
@@ -810,6 +814,8 @@ class HFMoEAdapter:
         self._num_experts = first.num_experts
         self._num_groups = first.num_groups
         self._num_shared = first.num_shared_experts
+        self._num_layers = len(self._layers)
+        self._num_redundant = 0
         self._eplb_set = False
         self.expert_weights = [_transferable(layer) for layer in self._layers]
 
@@ -869,85 +875,36 @@ class HFMoEAdapter:
         return self._layers[0].top_k
 
     # ------------------------------------------------------------ counts
+    # Attributes for type checkers (pyright accepts no property for a protocol
+    # attribute); each reads a value computed at construction and refuses a
+    # different one.
 
-    def _fixed(self, name: str, current: int, value: int) -> None:
-        if value != current:
-            raise EplbStateError(
-                f"{self!r}: cannot set {name}={value}: transformers routes tokens by logical "
-                f"expert id, so the adapter's counts are fixed ({name}={current})"
-            )
-
-    @property
-    def num_moe_layers(self) -> int:
-        """MoE layers (experts modules) found."""
-        return len(self._layers)
-
-    @num_moe_layers.setter
-    def num_moe_layers(self, value: int) -> None:
-        self._fixed("num_moe_layers", len(self._layers), value)
-
-    @property
-    def num_expert_groups(self) -> int:
-        """Expert groups read from the router (``num_group``); 1 when routing is not grouped."""
-        return self._num_groups
-
-    @num_expert_groups.setter
-    def num_expert_groups(self, value: int) -> None:
-        self._fixed("num_expert_groups", self._num_groups, value)
-
-    @property
-    def num_logical_experts(self) -> int:
-        """Experts the router chooses among."""
-        return self._num_experts
-
-    @num_logical_experts.setter
-    def num_logical_experts(self, value: int) -> None:
-        self._fixed("num_logical_experts", self._num_experts, value)
-
-    @property
-    def num_physical_experts(self) -> int:
-        """Physical slots: equal to the logical experts."""
-        return self._num_experts
-
-    @num_physical_experts.setter
-    def num_physical_experts(self, value: int) -> None:
-        self._fixed("num_physical_experts", self._num_experts, value)
-
-    @property
-    def num_local_physical_experts(self) -> int:
-        """Slots on this rank: all of them (one rank holds every expert)."""
-        return self._num_experts
-
-    @num_local_physical_experts.setter
-    def num_local_physical_experts(self, value: int) -> None:
-        self._fixed("num_local_physical_experts", self._num_experts, value)
-
-    @property
-    def num_routed_experts(self) -> int:
-        """Routed experts (equal to the logical experts)."""
-        return self._num_experts
-
-    @num_routed_experts.setter
-    def num_routed_experts(self, value: int) -> None:
-        self._fixed("num_routed_experts", self._num_experts, value)
-
-    @property
-    def num_shared_experts(self) -> int:
-        """Shared experts per MoE block (config ``n_shared_experts``, else 1 per shared MLP)."""
-        return self._num_shared
-
-    @num_shared_experts.setter
-    def num_shared_experts(self, value: int) -> None:
-        self._fixed("num_shared_experts", self._num_shared, value)
-
-    @property
-    def num_redundant_experts(self) -> int:
-        """Always 0: transformers cannot route to a replica."""
-        return 0
-
-    @num_redundant_experts.setter
-    def num_redundant_experts(self, value: int) -> None:
-        self._fixed("num_redundant_experts", 0, value)
+    num_moe_layers: int = fixed("_num_layers", _FIXED_WHY, "MoE layers (experts modules) found.")
+    num_expert_groups: int = fixed(
+        "_num_groups",
+        _FIXED_WHY,
+        "Expert groups read from the router (``num_group``); 1 when routing is not grouped.",
+    )
+    num_logical_experts: int = fixed(
+        "_num_experts", _FIXED_WHY, "Experts the router chooses among."
+    )
+    num_physical_experts: int = fixed(
+        "_num_experts", _FIXED_WHY, "Physical slots: equal to the logical experts."
+    )
+    num_local_physical_experts: int = fixed(
+        "_num_experts", _FIXED_WHY, "Slots on this rank: all of them (one rank holds every expert)."
+    )
+    num_routed_experts: int = fixed(
+        "_num_experts", _FIXED_WHY, "Routed experts (equal to the logical experts)."
+    )
+    num_shared_experts: int = fixed(
+        "_num_shared",
+        _FIXED_WHY,
+        "Shared experts per MoE block (config ``n_shared_experts``, else 1 per shared MLP).",
+    )
+    num_redundant_experts: int = fixed(
+        "_num_redundant", _FIXED_WHY, "Always 0: transformers cannot route to a replica."
+    )
 
     # ------------------------------------------------------------ EPLB
 
@@ -1146,4 +1103,4 @@ if TYPE_CHECKING:
         adapter: HFMoEAdapter, layer: HFMoELayer
     ) -> tuple[MixtureOfExperts, MoELayer]:
         # mypy checks here that the classes satisfy the protocols member for member.
-        return adapter, layer  # pyright: ignore[reportReturnType]  # pyright takes no property for a protocol attribute (issue 15)
+        return adapter, layer

@@ -13,10 +13,9 @@ from __future__ import annotations
 import inspect
 import itertools
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeGuard
 
 import attrs
-from typing_extensions import TypeIs
 
 from moe_protocols.adapters._hf import HF_EXPERTS_STEP, HF_GET_DECODER_STEP
 from moe_protocols.adapters._step import UnwrapStep, attribute_probe, method_probe
@@ -80,7 +79,7 @@ def _describe_exception(exc: BaseException) -> str:
     return f"{name}: {message}" if message else name
 
 
-def _is_moe(candidate: object, report: ConformanceReport) -> TypeIs[MixtureOfExperts]:
+def _is_moe(candidate: object, report: ConformanceReport) -> TypeGuard[MixtureOfExperts]:
     """Narrow ``candidate`` by its own conformance report (checked just before)."""
     return report.is_moe
 

@@ -3,21 +3,26 @@
 The runner resolves once, at load time (``MoEView.resolve(model)``), and from
 then on talks to the view: registration with EPLB, the per-step guard,
 restoring a saved placement and elastic-EP updates all reach the MoE model,
-wherever it is wrapped. The view delegates explicitly, one property or method
-per protocol member, so a type checker verifies it against the protocol (ours
-and vLLM's) and there is no ``__getattr__`` to hide a typo.
+wherever it is wrapped. The view delegates explicitly, one declared member
+per protocol member, so there is no ``__getattr__`` to hide a typo. The data
+members are declared as attributes (``num_moe_layers: int``), which is what
+both mypy and pyright require of an implementation of vLLM's protocol; a
+descriptor behind each declaration forwards reads and writes to the model
+(see ``_forward.py``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, cast, final
+from typing import TYPE_CHECKING, Any, Final, Generic, cast, final, overload
 
-import attrs
+from typing_extensions import TypeVar
 
+from moe_protocols.adapters._forward import forwarded
 from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace, TraceOutcome
 from moe_protocols.adapters._unwrap import DEFAULT_UNWRAP_STEPS, UnwrapStep, walk
 from moe_protocols.conformance import MIXTURE_OF_EXPERTS, MODEL_MEMBERS, ProblemKind
 from moe_protocols.errors import NotMixtureOfExpertsError, ResolutionConfigError
+from moe_protocols.protocols import MixtureOfExperts, MoELayer
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, MutableSequence, Sequence
@@ -25,7 +30,6 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from moe_protocols.conformance import ConformanceReport
-    from moe_protocols.protocols import MixtureOfExperts, MoELayer
 
 __all__ = ["MoEView"]
 
@@ -34,25 +38,19 @@ DEFAULT_MAX_CANDIDATES: Final = 256
 _MAX_REPORTS_IN_MESSAGE: Final = 10
 _MAX_MODULES_SCANNED: Final = 100_000
 _EXPERT_NAMES: Final = frozenset({"experts", "expert", "routed_experts", "moe_experts"})
+_FIXED: Final = frozenset({"_root", "_model", "_trace"})
+
+LayerT = TypeVar("LayerT", bound=MoELayer, default=MoELayer)
+"""The layer type of a ``MoEView`` (invariant: the view's ``moe_layers`` is settable)."""
+_L = TypeVar("_L", bound=MoELayer)
 
 
 def _indent(text: str, by: str = "  ") -> str:
     return "\n".join(by + line if line else line for line in text.splitlines())
 
 
-def _has_resolved_path(
-    instance: object, attribute: attrs.Attribute[ResolutionTrace], value: ResolutionTrace
-) -> None:
-    if value.resolved_path is None:
-        raise ResolutionConfigError(
-            "MoEView needs the trace of a successful resolution; use MoEView.resolve() "
-            "or MoEView.require() to build one"
-        )
-
-
 @final
-@attrs.define(slots=True, eq=False, repr=False)
-class MoEView:
+class MoEView(Generic[LayerT]):
     """The MoE model found inside a served object, presented as a ``MixtureOfExperts``.
 
     Every protocol member reads from and writes to the resolved model
@@ -61,25 +59,110 @@ class MoEView:
     ``set_eplb_state`` / ``update_physical_experts_metadata`` are forwarded
     with the same keyword arguments. ``root``, ``model`` and ``trace`` are
     read-only. Build one with ``resolve`` or ``require``.
+
+    Generic in the layer type: ``MoEView`` alone is ``MoEView[MoELayer]``;
+    ``MoEView.require(model, layer_type=MoERunner)`` checks that every layer
+    is a ``MoERunner`` and gives a ``MoEView[MoERunner]``, which type checkers
+    accept as vLLM's ``MixtureOfExperts`` (its ``moe_layers`` is
+    ``Sequence[MoERunner]``, invariant).
     """
 
-    _root: object = attrs.field(on_setattr=attrs.setters.frozen)
-    _model: MixtureOfExperts = attrs.field(on_setattr=attrs.setters.frozen)
-    _trace: ResolutionTrace = attrs.field(
-        on_setattr=attrs.setters.frozen, validator=_has_resolved_path
+    if TYPE_CHECKING:
+        _root: object
+        _model: MixtureOfExperts[LayerT]
+        _trace: ResolutionTrace
+    else:
+        # No instance dict, so a misspelt member cannot be set by accident. Hidden
+        # from type checkers, which would take the forwarded members (declared
+        # as class attributes, not slots) for unsettable names.
+        __slots__ = ("_model", "_root", "_trace")
+
+    # ------------------------------------------------ MixtureOfExperts: data members
+
+    expert_weights: MutableSequence[Sequence[Tensor]] = forwarded(
+        "_model",
+        "The model's ``expert_weights`` (the same list), ``[local_physical, ...]`` tensors.",
+    )
+    num_moe_layers: int = forwarded("_model", "The model's ``num_moe_layers``.")
+    num_expert_groups: int = forwarded("_model", "The model's ``num_expert_groups``.")
+    num_logical_experts: int = forwarded("_model", "The model's ``num_logical_experts``.")
+    num_physical_experts: int = forwarded("_model", "The model's ``num_physical_experts``.")
+    num_local_physical_experts: int = forwarded(
+        "_model", "The model's ``num_local_physical_experts``."
+    )
+    num_routed_experts: int = forwarded("_model", "The model's ``num_routed_experts``.")
+    num_shared_experts: int = forwarded("_model", "The model's ``num_shared_experts``.")
+    num_redundant_experts: int = forwarded("_model", "The model's ``num_redundant_experts``.")
+    moe_layers: Sequence[LayerT] = forwarded(
+        "_model", "The model's ``moe_layers`` (the same sequence object)."
     )
 
+    def __init__(
+        self, root: object, model: MixtureOfExperts[LayerT], trace: ResolutionTrace
+    ) -> None:
+        """Wrap ``model``, found in ``root`` as ``trace`` says; use ``resolve``/``require``.
+
+        Raises:
+            NotMixtureOfExpertsError: ``trace`` is not a successful resolution.
+        """
+        if trace.resolved_path is None:
+            raise NotMixtureOfExpertsError(
+                f"MoEView({type(root).__qualname__}, {type(model).__qualname__}, trace) needs "
+                "the trace of a successful resolution; use MoEView.resolve() or "
+                "MoEView.require() to build one",
+                trace=trace,
+                reports=trace.reports,
+            )
+        object.__setattr__(self, "_root", root)
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_trace", trace)
+
+    if not TYPE_CHECKING:
+        # Hidden from type checkers on purpose: a class with __setattr__ lets
+        # them accept any attribute name, and a typo must stay an error.
+        def __setattr__(self, name: str, value: object) -> None:
+            if name in _FIXED:
+                raise AttributeError(
+                    f"MoEView.{name} is fixed when the view is built; resolve a new view"
+                )
+            object.__setattr__(self, name, value)
+
     # ------------------------------------------------------------ construction
+
+    @overload
+    @classmethod
+    def resolve(
+        cls,
+        model: object,
+        *,
+        layer_type: None = None,
+        steps: Sequence[UnwrapStep] = ...,
+        max_depth: int = ...,
+        max_candidates: int = ...,
+    ) -> MoEView[MoELayer] | None: ...
+
+    @overload
+    @classmethod
+    def resolve(
+        cls,
+        model: object,
+        *,
+        layer_type: type[_L],
+        steps: Sequence[UnwrapStep] = ...,
+        max_depth: int = ...,
+        max_candidates: int = ...,
+    ) -> MoEView[_L] | None: ...
 
     @classmethod
     def resolve(
         cls,
         model: object,
         *,
+        layer_type: type[MoELayer] | None = None,
         steps: Sequence[UnwrapStep] = DEFAULT_UNWRAP_STEPS,
         max_depth: int = DEFAULT_MAX_DEPTH,
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
-    ) -> MoEView | None:
+    ) -> MoEView[Any] | None:
         """Find the MoE model in ``model`` (itself or behind wrappers); None when there is none.
 
         Walks breadth-first from ``model`` through ``steps`` (see
@@ -87,42 +170,83 @@ class MoEView:
         ``max_candidates`` objects, and returns a view of the shallowest object
         that conforms to ``MixtureOfExperts`` with at least one MoE layer. A
         failing step is recorded in the trace, never raised. Nothing in the
-        model is modified.
+        model is modified. With ``layer_type``, the found model's layers must
+        all be instances of it (else None) and the view is typed
+        ``MoEView[layer_type]``.
 
         Raises:
             ResolutionConfigError: ``max_depth`` (>= 0) or ``max_candidates``
-                (>= 1) is not an int up to 4096, or ``steps`` is not a sequence
-                of at most 1024 ``UnwrapStep``.
+                (>= 1) is not an int up to 4096, ``steps`` is not a sequence
+                of at most 1024 ``UnwrapStep``, or ``layer_type`` is not a class.
         """
+        _check_layer_type(layer_type)
         found, trace = walk(model, steps, max_depth=max_depth, max_candidates=max_candidates)
-        return None if found is None else cls(model, found, trace)
+        if found is None or _wrong_layer(found, layer_type) is not None:
+            return None
+        return MoEView(model, found, trace)
+
+    @overload
+    @classmethod
+    def require(
+        cls,
+        model: object,
+        *,
+        layer_type: None = None,
+        steps: Sequence[UnwrapStep] = ...,
+        max_depth: int = ...,
+        max_candidates: int = ...,
+    ) -> MoEView[MoELayer]: ...
+
+    @overload
+    @classmethod
+    def require(
+        cls,
+        model: object,
+        *,
+        layer_type: type[_L],
+        steps: Sequence[UnwrapStep] = ...,
+        max_depth: int = ...,
+        max_candidates: int = ...,
+    ) -> MoEView[_L]: ...
 
     @classmethod
     def require(
         cls,
         model: object,
         *,
+        layer_type: type[MoELayer] | None = None,
         steps: Sequence[UnwrapStep] = DEFAULT_UNWRAP_STEPS,
         max_depth: int = DEFAULT_MAX_DEPTH,
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
-    ) -> MoEView:
+    ) -> MoEView[Any]:
         """Like ``resolve``, but raise when no MoE model is found.
 
         Raises:
             NotMixtureOfExpertsError: nothing reachable from ``model`` is a MoE
                 model; the message names the served class, prints the trace
                 (every step tried at every level) and every candidate's
-                conformance report, and the exception carries both.
+                conformance report, and the exception carries both. Also
+                when a ``layer_type`` is given and a layer of the model found
+                is not one (the message names the layer and its class).
             ResolutionConfigError: the arguments are invalid (see ``resolve``).
         """
+        _check_layer_type(layer_type)
         found, trace = walk(model, steps, max_depth=max_depth, max_candidates=max_candidates)
-        if found is not None:
-            return cls(model, found, trace)
-        raise NotMixtureOfExpertsError(
-            _not_found_message(model, trace, max_depth=max_depth),
-            trace=trace,
-            reports=trace.reports,
-        )
+        if found is None:
+            raise NotMixtureOfExpertsError(
+                _not_found_message(model, trace, max_depth=max_depth),
+                trace=trace,
+                reports=trace.reports,
+            )
+        wrong = _wrong_layer(found, layer_type)
+        if wrong is not None:
+            raise NotMixtureOfExpertsError(
+                f"{type(model).__qualname__} (the served model) holds a MixtureOfExperts at "
+                f"{trace.resolved_path} ({type(found).__qualname__}), but {wrong}",
+                trace=trace,
+                reports=trace.reports,
+            )
+        return MoEView(model, found, trace)
 
     # ----------------------------------------------------------- the view itself
 
@@ -132,7 +256,7 @@ class MoEView:
         return self._root
 
     @property
-    def model(self) -> MixtureOfExperts:
+    def model(self) -> MixtureOfExperts[LayerT]:
         """The resolved MoE model (the object every member is delegated to)."""
         return self._model
 
@@ -155,98 +279,6 @@ class MoEView:
         except Exception as exc:  # a repr must not fail because the model broke later
             counts = f"counts unreadable: {type(exc).__qualname__}"
         return f"MoEView(root={type(self._root).__qualname__}, model={where}, {counts})"
-
-    # ------------------------------------------------ MixtureOfExperts: data members
-
-    @property
-    def expert_weights(self) -> MutableSequence[Sequence[Tensor]]:
-        """The model's ``expert_weights`` (the same list), ``[local_physical, ...]`` tensors."""
-        return self._model.expert_weights
-
-    @expert_weights.setter
-    def expert_weights(self, value: MutableSequence[Sequence[Tensor]]) -> None:
-        self._model.expert_weights = value
-
-    @property
-    def num_moe_layers(self) -> int:
-        """The model's ``num_moe_layers``."""
-        return self._model.num_moe_layers
-
-    @num_moe_layers.setter
-    def num_moe_layers(self, value: int) -> None:
-        self._model.num_moe_layers = value
-
-    @property
-    def num_expert_groups(self) -> int:
-        """The model's ``num_expert_groups``."""
-        return self._model.num_expert_groups
-
-    @num_expert_groups.setter
-    def num_expert_groups(self, value: int) -> None:
-        self._model.num_expert_groups = value
-
-    @property
-    def num_logical_experts(self) -> int:
-        """The model's ``num_logical_experts``."""
-        return self._model.num_logical_experts
-
-    @num_logical_experts.setter
-    def num_logical_experts(self, value: int) -> None:
-        self._model.num_logical_experts = value
-
-    @property
-    def num_physical_experts(self) -> int:
-        """The model's ``num_physical_experts``."""
-        return self._model.num_physical_experts
-
-    @num_physical_experts.setter
-    def num_physical_experts(self, value: int) -> None:
-        self._model.num_physical_experts = value
-
-    @property
-    def num_local_physical_experts(self) -> int:
-        """The model's ``num_local_physical_experts``."""
-        return self._model.num_local_physical_experts
-
-    @num_local_physical_experts.setter
-    def num_local_physical_experts(self, value: int) -> None:
-        self._model.num_local_physical_experts = value
-
-    @property
-    def num_routed_experts(self) -> int:
-        """The model's ``num_routed_experts``."""
-        return self._model.num_routed_experts
-
-    @num_routed_experts.setter
-    def num_routed_experts(self, value: int) -> None:
-        self._model.num_routed_experts = value
-
-    @property
-    def num_shared_experts(self) -> int:
-        """The model's ``num_shared_experts``."""
-        return self._model.num_shared_experts
-
-    @num_shared_experts.setter
-    def num_shared_experts(self, value: int) -> None:
-        self._model.num_shared_experts = value
-
-    @property
-    def num_redundant_experts(self) -> int:
-        """The model's ``num_redundant_experts``."""
-        return self._model.num_redundant_experts
-
-    @num_redundant_experts.setter
-    def num_redundant_experts(self, value: int) -> None:
-        self._model.num_redundant_experts = value
-
-    @property
-    def moe_layers(self) -> Sequence[MoELayer]:
-        """The model's ``moe_layers`` (the same sequence object)."""
-        return self._model.moe_layers
-
-    @moe_layers.setter
-    def moe_layers(self, value: Sequence[MoELayer]) -> None:
-        self._model.moe_layers = value
 
     # ------------------------------------------------------ MixtureOfExperts: methods
 
@@ -273,6 +305,28 @@ class MoEView:
             num_physical_experts=num_physical_experts,
             num_local_physical_experts=num_local_physical_experts,
         )
+
+
+def _check_layer_type(layer_type: object) -> None:
+    if layer_type is not None and not isinstance(layer_type, type):
+        raise ResolutionConfigError(
+            f"layer_type must be a class (the type of every MoE layer), got "
+            f"{type(layer_type).__qualname__} {layer_type!r}"
+        )
+
+
+def _wrong_layer(model: MixtureOfExperts, layer_type: type[MoELayer] | None) -> str | None:
+    """Why ``model``'s layers are not all ``layer_type`` instances; None when they are."""
+    if layer_type is None:
+        return None
+    for index, layer in enumerate(model.moe_layers):
+        # layer_type is the caller's class, not one this library names.
+        if not isinstance(layer, layer_type):
+            return (
+                f"moe_layers[{index}] is a {type(layer).__qualname__} instance, not a "
+                f"{layer_type.__qualname__} (the layer_type asked for)"
+            )
+    return None
 
 
 def _near_miss(reports: Sequence[ConformanceReport]) -> ConformanceReport | None:

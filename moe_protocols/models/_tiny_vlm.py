@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_protocols.adapters._forward import forwarded
 from moe_protocols.models._config import (
     ModelConfigError,
     ModelInputError,
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import MutableSequence, Sequence
 
     from moe_protocols.parallel import ExpertParallelContext
-    from moe_protocols.protocols import MixtureOfExperts, MoELayer
+    from moe_protocols.protocols import MoELayer
 
 __all__ = [
     "TinyProxyVLMForConditionalGeneration",
@@ -154,100 +155,23 @@ class TinyProxyVLMForConditionalGeneration(TinyVLMForConditionalGeneration):
     """The same VLM, implementing ``MixtureOfExperts`` by forwarding every member to the LM.
 
     This is the per-wrapper boilerplate the library's ``MoEView`` replaces.
-    Each member is an explicit property (reads and writes go to
-    ``language_model``) or method, so ``moe_layers`` and ``expert_weights``
-    are the language model's own objects.
+    Each data member is declared as an attribute of the protocol's type (what
+    pyright requires of a protocol attribute; a property is never accepted)
+    and forwarded, reads and writes, to ``language_model``, so
+    ``moe_layers`` and ``expert_weights`` are the language model's own
+    objects; the methods forward by keyword.
     """
 
-    @property
-    def expert_weights(self) -> MutableSequence[Sequence[Tensor]]:
-        """The language model's ``expert_weights`` (the same list)."""
-        return self.language_model.expert_weights
-
-    @expert_weights.setter
-    def expert_weights(self, value: MutableSequence[Sequence[Tensor]]) -> None:
-        self.language_model.expert_weights = value
-
-    @property
-    def moe_layers(self) -> Sequence[MoELayer]:
-        """The language model's MoE layers (the same list)."""
-        return self.language_model.moe_layers
-
-    @moe_layers.setter
-    def moe_layers(self, value: Sequence[MoELayer]) -> None:
-        self.language_model.moe_layers = value
-
-    @property
-    def num_moe_layers(self) -> int:
-        """Forwarded from the language model."""
-        return self.language_model.num_moe_layers
-
-    @num_moe_layers.setter
-    def num_moe_layers(self, value: int) -> None:
-        self.language_model.num_moe_layers = value
-
-    @property
-    def num_expert_groups(self) -> int:
-        """Forwarded from the language model."""
-        return self.language_model.num_expert_groups
-
-    @num_expert_groups.setter
-    def num_expert_groups(self, value: int) -> None:
-        self.language_model.num_expert_groups = value
-
-    @property
-    def num_logical_experts(self) -> int:
-        """Forwarded from the language model."""
-        return self.language_model.num_logical_experts
-
-    @num_logical_experts.setter
-    def num_logical_experts(self, value: int) -> None:
-        self.language_model.num_logical_experts = value
-
-    @property
-    def num_physical_experts(self) -> int:
-        """Forwarded from the language model."""
-        return self.language_model.num_physical_experts
-
-    @num_physical_experts.setter
-    def num_physical_experts(self, value: int) -> None:
-        self.language_model.num_physical_experts = value
-
-    @property
-    def num_local_physical_experts(self) -> int:
-        """Forwarded from the language model."""
-        return self.language_model.num_local_physical_experts
-
-    @num_local_physical_experts.setter
-    def num_local_physical_experts(self, value: int) -> None:
-        self.language_model.num_local_physical_experts = value
-
-    @property
-    def num_routed_experts(self) -> int:
-        """Forwarded from the language model."""
-        return self.language_model.num_routed_experts
-
-    @num_routed_experts.setter
-    def num_routed_experts(self, value: int) -> None:
-        self.language_model.num_routed_experts = value
-
-    @property
-    def num_shared_experts(self) -> int:
-        """Forwarded from the language model."""
-        return self.language_model.num_shared_experts
-
-    @num_shared_experts.setter
-    def num_shared_experts(self, value: int) -> None:
-        self.language_model.num_shared_experts = value
-
-    @property
-    def num_redundant_experts(self) -> int:
-        """Forwarded from the language model."""
-        return self.language_model.num_redundant_experts
-
-    @num_redundant_experts.setter
-    def num_redundant_experts(self, value: int) -> None:
-        self.language_model.num_redundant_experts = value
+    expert_weights: MutableSequence[Sequence[Tensor]] = forwarded("language_model")
+    moe_layers: Sequence[MoELayer] = forwarded("language_model")
+    num_moe_layers: int = forwarded("language_model")
+    num_expert_groups: int = forwarded("language_model")
+    num_logical_experts: int = forwarded("language_model")
+    num_physical_experts: int = forwarded("language_model")
+    num_local_physical_experts: int = forwarded("language_model")
+    num_routed_experts: int = forwarded("language_model")
+    num_shared_experts: int = forwarded("language_model")
+    num_redundant_experts: int = forwarded("language_model")
 
     def set_eplb_state(
         self,
@@ -270,14 +194,6 @@ class TinyProxyVLMForConditionalGeneration(TinyVLMForConditionalGeneration):
             num_physical_experts=num_physical_experts,
             num_local_physical_experts=num_local_physical_experts,
         )
-
-
-if TYPE_CHECKING:
-    # mypy proves here that the forwarding is complete and correctly typed.
-    def _proxy_is_mixture_of_experts(  # pyright: ignore[reportUnusedFunction]  # a static check
-        model: TinyProxyVLMForConditionalGeneration,
-    ) -> MixtureOfExperts:
-        return model  # pyright: ignore[reportReturnType]  # pyright takes no property for a protocol attribute (issue 15)
 
 
 def _vlm_config(overrides: dict[str, int]) -> TinyVLMConfig:

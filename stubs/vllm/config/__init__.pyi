@@ -1,4 +1,7 @@
-# The few vLLM 0.33 config types EplbState's signatures mention.
+# The few vLLM 0.33 config types EplbState's signatures mention (vLLM defines
+# them in vllm.config.parallel and vllm.config.model and re-exports them here).
+from typing import Literal
+
 class EPLBConfig:
     window_size: int
     step_interval: int
@@ -6,7 +9,7 @@ class EPLBConfig:
     log_balancedness: bool
     log_balancedness_interval: int
     use_async: bool
-    policy: str
+    policy: Literal["default"]
 
 class ParallelConfig:
     enable_eplb: bool

@@ -1,5 +1,7 @@
 # vLLM 0.33 `vllm/distributed/eplb/eplb_state.py`: the model-facing entry points
 # (shared/research/vllm.md section 3).
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from vllm.config import ModelConfig, ParallelConfig
@@ -37,4 +39,4 @@ class EplbState:
     @staticmethod
     def build_initial_global_physical_to_logical_map(
         num_routed_experts: int, num_redundant_experts: int
-    ) -> list[int]: ...
+    ) -> Sequence[int]: ...

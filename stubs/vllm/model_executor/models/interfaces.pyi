@@ -1,11 +1,14 @@
 # vLLM 0.33 `vllm/model_executor/models/interfaces.py`: the members a runner and
-# EPLB consume. Written from shared/research/vllm.md sections 1.1-1.4.
+# EPLB consume. Written from shared/research/vllm.md sections 1.1-1.4 and
+# checked against the release by the vllm tier (stubtest and
+# tests/test_vllm_stubs.py compare every annotation here with vLLM's).
 from collections.abc import MutableSequence, Sequence
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, overload, runtime_checkable
 
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import TypeIs
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+from vllm.model_executor.models.interfaces_base import VllmModel
 
 @runtime_checkable
 class MixtureOfExperts(Protocol):
@@ -33,12 +36,16 @@ class MixtureOfExperts(Protocol):
 
 @runtime_checkable
 class SupportsMultiModalEmbeddings(Protocol):
-    supports_multimodal: ClassVar[Literal[True]]
+    supports_multimodal_embeddings: ClassVar[Literal[True]]
 
 @runtime_checkable
 class SupportsMultiModal(SupportsMultiModalEmbeddings, Protocol):
-    def get_language_model(self) -> nn.Module: ...
+    supports_multimodal: ClassVar[Literal[True]]
+    def get_language_model(self) -> VllmModel: ...
 
-def supports_multimodal(model: object) -> bool: ...
+@overload
+def supports_multimodal(model: type[object]) -> TypeIs[type[SupportsMultiModal]]: ...
+@overload
+def supports_multimodal(model: object) -> TypeIs[SupportsMultiModal]: ...
 def is_mixture_of_experts(model: object) -> TypeIs[MixtureOfExperts]: ...
 def get_mixture_of_experts_model(model: object) -> MixtureOfExperts | None: ...
