@@ -96,7 +96,7 @@ class LogicalRouting(nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rounds (a smoke run)")
     args = parser.parse_args()
     torch.set_num_threads(1)

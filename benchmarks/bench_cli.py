@@ -35,7 +35,7 @@ def _seconds(argv: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     args = parser.parse_args()
     repeats = 3 if args.quick else 15

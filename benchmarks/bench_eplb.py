@@ -49,7 +49,7 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 3) -> 
     """Median wall time of ``run()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         run()
-    samples = []
+    samples: list[float] = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
@@ -61,7 +61,7 @@ def zipf_load(layers: int, experts: int, tokens: int, exponent: float, seed: int
     """``[layers, experts]`` token counts, per-layer random order, rank i gets ~1/(i+1)^s."""
     g = torch.Generator().manual_seed(seed)
     rank_weight = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** exponent
-    rows = []
+    rows: list[torch.Tensor] = []
     for _ in range(layers):
         probs = rank_weight[torch.argsort(torch.randperm(experts, generator=g))]
         rows.append(torch.multinomial(probs, tokens, replacement=True, generator=g))
@@ -83,7 +83,8 @@ def bench_forward(repeats: int) -> tuple[float, float]:
     recording = tiny_moe(num_redundant_experts=4)
     EplbState(EplbConfig(num_redundant_experts=4, step_interval=10**9)).add_model(recording)
     # Interleave the two so that machine noise hits both alike.
-    plain_runs, recording_runs = [], []
+    plain_runs: list[float] = []
+    recording_runs: list[float] = []
     for _ in range(5):
         plain_runs.append(median_seconds(forward(plain), repeats // 5 or 1))
         recording_runs.append(median_seconds(forward(recording), repeats // 5 or 1))

@@ -21,6 +21,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from moe_protocols._torch_typed import int_list, manual_seed
 from moe_protocols.adapters import MoEView
 from moe_protocols.adapters._hf_factories import tiny_qwen3_moe, tiny_qwen3_vl_moe
 from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
@@ -51,7 +52,7 @@ class Result:
 
 
 def _timed(model: nn.Module, ids: Tensor, count: int) -> list[float]:
-    times = []
+    times: list[float] = []
     for _ in range(count):
         start = time.perf_counter()
         model(input_ids=ids)
@@ -88,7 +89,7 @@ def bench(
             remove_hooks()
     recorded_rows = load.sum(dim=1)
     expected = rounds * per_round * tokens * int(getattr(view.model, "top_k", 0))
-    assert recorded_rows.tolist() == [expected] * layers, "recording missed tokens"
+    assert int_list(recorded_rows) == [expected] * layers, "recording missed tokens"
     return Result(name, statistics.median(plain), statistics.median(recording), tokens)
 
 
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="alternating rounds (default 15)")
     parser.add_argument("--per-round", type=int, default=10, help="forwards per round (default 10)")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
+    manual_seed(0)
     print(f"{'model':<24} {'tokens':>6} {'plain ms':>9} {'recording ms':>12} {'ratio':>6}")
     ok = True
     for name, build in MODELS.items():

@@ -79,7 +79,7 @@ def plan(
     """Run ``policy`` ``repeats`` times on the same inputs; keep the result and the median time."""
     args = (shape.num_physical, shape.num_groups, shape.num_nodes, shape.num_ranks)
     placement = policy.rebalance_experts(load, *args, old)  # warm-up, and the result
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         start = time.perf_counter()
         policy.rebalance_experts(load, *args, old)
@@ -246,7 +246,9 @@ def run_sequence(
     results: list[tuple[float, float, float]] = []
     for policy in policies:
         placement = policy.rebalance_experts(loads[0], *args)
-        planned, moved, realised = [], [], []
+        planned: list[float] = []
+        moved: list[float] = []
+        realised: list[float] = []
         for window in range(1, windows + 1):
             new = policy.rebalance_experts(loads[window], *args, placement)
             moved.append(migration_stats(placement, new, shape.num_ranks).fraction)
@@ -277,7 +279,7 @@ def sweep(
         dist.sample(shape.num_layers, shape.num_logical, seed=seed), DRIFT, 1, seed=seed + 1
     )
     args = (shape.num_physical, shape.num_groups, shape.num_nodes, shape.num_ranks)
-    points = []
+    points: list[tuple[str, float, float]] = []
     policies: list[tuple[str, RebalancePolicy]] = [("deepseek", DeepSeekPolicy())]
     policies += [(f"tolerance {t:g}", MigrationAwarePolicy(tolerance=t)) for t in tolerances]
     for label, policy in policies:
@@ -469,11 +471,11 @@ def draw(
     right.set_title("trade-off knob (lognormal 1.0 loads, 0.2 drift)")
     right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120)  # pyright: ignore[reportUnknownMemberType]  # matplotlib's stub
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer distributions and repeats")
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     parser.add_argument("--plot", type=Path, help="write the balancedness-vs-moved plot (PNG) here")

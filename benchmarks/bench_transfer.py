@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Final, TypedDict
 import torch
 import torch.distributed as dist
 
+from moe_protocols._torch_typed import all_reduce, barrier
 from moe_protocols.eplb import (
     DeepSeekPolicy,
     TransferJob,
@@ -103,7 +104,7 @@ def zipf_load(layers: int, experts: int, tokens: int, seed: int) -> torch.Tensor
     """``[layers, experts]`` token counts; per layer a random expert order, weight 1/(i+1)."""
     g = torch.Generator().manual_seed(seed)
     weight = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64)
-    rows = []
+    rows: list[torch.Tensor] = []
     for _ in range(layers):
         probs = weight[torch.randperm(experts, generator=g)]
         picks = torch.multinomial(probs, tokens, replacement=True, generator=g)
@@ -115,7 +116,7 @@ def expert_weights(
     placement: torch.Tensor, rank: int, local: int, hidden: int, inter: int
 ) -> list[list[torch.Tensor]]:
     """This rank's ``[local, ...]`` bf16 gate_up and down rows; every value is the expert id."""
-    layers = []
+    layers: list[list[torch.Tensor]] = []
     for row in placement:
         experts = row[rank * local : (rank + 1) * local].to(torch.bfloat16)
         w13 = experts.view(-1, 1).repeat(1, 2 * inter * hidden)
@@ -126,7 +127,7 @@ def expert_weights(
 
 def slowest(ep: ExpertParallelContext, run: Callable[[], object]) -> float:
     """Seconds ``run()`` took on the slowest rank (all ranks start together)."""
-    dist.barrier()
+    barrier()
     start = time.perf_counter()
     run()
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
@@ -166,7 +167,7 @@ def deadline_costs(ep: ExpertParallelContext, repeats: int) -> tuple[float, floa
     """Median us per agreement all-reduce, plain and with its deadline; and the setup alone."""
     values = torch.zeros(7, dtype=torch.int64)
     variants: list[Callable[[], object]] = [
-        lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX),
+        lambda: all_reduce(values, op=dist.ReduceOp.MAX, group=None, async_op=False),
         lambda: run_phase(
             ep, "plan agreement", "benchmarking", lambda wait: ep.all_reduce_(values, wait=wait)
         ),
@@ -174,7 +175,7 @@ def deadline_costs(ep: ExpertParallelContext, repeats: int) -> tuple[float, floa
     samples: list[list[float]] = [[], []]
     for repeat in range(3 * repeats):
         for i in (repeat % 2, 1 - repeat % 2):
-            dist.barrier()
+            barrier()
             samples[i].append(per_call_us(variants[i], 200))
     setup = per_call_us(lambda: Deadline(ep, deadline(ep)), 1000)
     return statistics.median(samples[0]), statistics.median(samples[1]), setup
@@ -198,7 +199,7 @@ def measure(ep: ExpertParallelContext, args: argparse.Namespace) -> Report:
 
     def raw() -> None:
         # The same rows between the same pairs, in one batch: nothing but the bytes.
-        ops = []
+        ops: list[dist.P2POp] = []
         for layer in plan.layers:
             for t in layer.transfers:
                 if t.source_rank == rank:

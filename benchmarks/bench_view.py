@@ -65,7 +65,7 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 3) -> 
     """Median wall time of ``run()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         run()
-    samples = []
+    samples: list[float] = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
@@ -122,7 +122,8 @@ def main() -> None:
 
     view = MoEView.resolve(vlm)
     assert view is not None
-    direct_runs, view_runs = [], []
+    direct_runs: list[float] = []
+    view_runs: list[float] = []
     # Interleave the two so that machine noise hits both alike.
     for _ in range(repeats):
         direct_runs.append(median_seconds(read_all_members(view.model, reads), 1, warmup=0))

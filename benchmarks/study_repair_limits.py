@@ -47,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from moe_protocols._torch_typed import from_numpy
 from moe_protocols.eplb._bounds import (
     max_rank_load_lower_bound,
     migration_stats,
@@ -89,8 +90,9 @@ def repair_layer(
     Raises:
         ValueError: ``old`` holds an expert twice on one rank, or misses one.
     """
-    num_experts = weight.shape[0]
-    num_slots = old.shape[0]
+    # int(): numpy types shapes as Any, and np.arange(Any) matches no overload for pyright.
+    num_experts = int(weight.shape[0])
+    num_slots = int(old.shape[0])
     rank_of = np.arange(num_slots) // (num_slots // num_ranks)
     slots = old.copy()
     holds = np.zeros((num_ranks, num_experts), dtype=np.float64)
@@ -157,7 +159,7 @@ def repair_layer(
                 + holds[:, gone].T * (heavier - per_replica[gone])[:, None]
                 + holds[:, new].T * (lighter - per_replica[new])[:, None]
             )
-            index = np.arange(slot.shape[0])
+            index = np.arange(int(slot.shape[0]))
             after[index, rank] = load[rank] - per_replica[gone] + lighter
             gain = total - _excess(after, limit).sum(axis=1)
             cost = refetch[rank, new] - refetch[rank, gone]
@@ -204,7 +206,7 @@ def repair_layer(
 def study(shape: MoEShape, layers: int, targets: Sequence[str]) -> list[str]:
     """Markdown rows: one per workload and target."""
     args = (shape.num_physical, shape.num_groups, shape.num_nodes, shape.num_ranks)
-    lines = []
+    lines: list[str] = []
     for index, dist in enumerate(STANDARD_DISTRIBUTIONS):
         seed = 1000 * index + 17  # as in bench_policy.py
         windows = drift_sequence(
@@ -233,7 +235,7 @@ def study(shape: MoEShape, layers: int, targets: Sequence[str]) -> list[str]:
                 repaired, stuck = repair_layer(
                     load[layer].numpy(), old[layer].numpy(), shape.num_ranks, limit
                 )
-                new[layer] = torch.from_numpy(repaired)
+                new[layer] = from_numpy(repaired)
                 stalled += stuck
             balance = realised_balancedness(new, load, shape.num_ranks)
             moved = migration_stats(old, new, shape.num_ranks).fraction
@@ -248,7 +250,7 @@ def study(shape: MoEShape, layers: int, targets: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     names = [shape.name for shape in STANDARD_SHAPES if not shape.hierarchical]
     parser.add_argument("--shape", choices=names, default="deepseek-v3/320x64/global")
     parser.add_argument("--layers", type=int, default=20, help="first N layers (58: all)")

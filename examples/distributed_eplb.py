@@ -42,7 +42,7 @@ VOCAB = 128  # the tiny model's vocabulary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=2, help="EP ranks to spawn (default 2)")
     parser.add_argument("--steps", type=int, default=24, help="forward steps (default 24)")
     parser.add_argument("--interval", type=int, default=8, help="steps between rearrangements")

@@ -155,7 +155,7 @@ def build(
 
     ``num_redundant_experts=None`` builds the plain model (no EPLB lines).
     """
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # pyright: ignore[reportUnknownMemberType]  # torch leaves `seed` unannotated
     return OwnMoEVLM(num_redundant_experts, ep).eval()
 
 

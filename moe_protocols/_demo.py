@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
+from moe_protocols._torch_typed import float_list
 from moe_protocols.eplb import BalancednessStats, EplbConfig
 from moe_protocols.eplb._metrics import rank_loads_from_physical
 from moe_protocols.models import tiny_vlm
@@ -278,7 +279,7 @@ def plot_demo(report: DemoReport, path: Path) -> None:
 
     fig = demo_figure(report)
     try:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110)  # pyright: ignore[reportUnknownMemberType]  # matplotlib's stub
     finally:
         plt.close(fig)
 
@@ -313,18 +314,18 @@ def demo_figure(report: DemoReport) -> Figure:
     top.set_title("Balancedness per step (mean over MoE layers; 1.0 = perfectly even)")
     top.legend(loc="lower right")
 
-    ranks = torch.arange(report.rank_load_first.numel())
+    ranks = torch.arange(report.rank_load_first.numel(), dtype=torch.float64)
     width = 0.4
     first, last = report.rank_load_first, report.rank_load_last
     bottom.bar(
-        (ranks - width / 2).tolist(),
-        first.tolist(),
+        float_list(ranks - width / 2),
+        float_list(first.double()),
         width,
         label=f"first window (balancedness {_bar_balancedness(first):.2f})",
     )
     bottom.bar(
-        (ranks + width / 2).tolist(),
-        last.tolist(),
+        float_list(ranks + width / 2),
+        float_list(last.double()),
         width,
         label=f"last window (balancedness {_bar_balancedness(last):.2f})",
     )
@@ -334,7 +335,7 @@ def demo_figure(report: DemoReport) -> Figure:
     bottom.set_xlabel("EP rank")
     bottom.set_ylabel("token-expert assignments")
     bottom.set_title("Per-rank load, summed over the MoE layers")
-    bottom.set_xticks(ranks.tolist())
+    bottom.set_xticks(float_list(ranks))
     bottom.set_ylim(0, 1.3 * float(torch.maximum(first.max(), last.max())))
     bottom.legend(loc="upper right", fontsize="small")
     fig.tight_layout()

@@ -18,7 +18,7 @@ import inspect
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableSequence, Sequence
 from functools import partial
-from typing import Final, Protocol, TypeVar, runtime_checkable
+from typing import Final, Protocol, TypeVar, cast, runtime_checkable
 
 import attrs
 import torch
@@ -578,6 +578,7 @@ def _check_expert_weights(
             )
         )
         return
+    value = cast("MutableSequence[object]", value)  # items are checked one by one below
     num_moe_layers = counts.get("num_moe_layers")
     length = len(value)
     if length and num_moe_layers is not None and length != num_moe_layers:
@@ -618,6 +619,7 @@ def _check_expert_weights(
                 )
             )
             continue
+        layer_weights = cast("Sequence[object]", layer_weights)
         try:
             num_weights = len(layer_weights)
             weights = [layer_weights[k] for k in range(min(num_weights, _MAX_WEIGHTS_CHECKED))]
@@ -679,7 +681,7 @@ def _check_moe_layers(
                 "moe_layers",
                 ProblemKind.WRONG_TYPE,
                 "must be a sequence (a list, tuple or nn.ModuleList), got the one-shot iterator "
-                f"{_describe(value)}, which would be exhausted after one use",
+                f"{_describe(cast('object', value))}, which would be exhausted after one use",
             )
         )
         return None
@@ -697,7 +699,7 @@ def _check_moe_layers(
                 "moe_layers",
                 ProblemKind.WRONG_TYPE,
                 "must be a sequence of MoE layers (a list, tuple or nn.ModuleList), "
-                f"got {_describe(value)}",
+                f"got {_describe(value)}",  # pyright: ignore[reportUnknownArgumentType]  # any object
             )
         )
         return None

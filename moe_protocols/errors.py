@@ -132,8 +132,8 @@ class TransferError(MoEProtocolsError, RuntimeError):
 
     def __init__(self, message: str, *, rank: int | None = None, layer: int | None = None) -> None:
         super().__init__(message)
-        self.rank = rank
-        self.layer = layer
+        self.rank: int | None = rank
+        self.layer: int | None = layer
 
 
 class _TimeoutDetails(TypedDict):
@@ -160,10 +160,10 @@ class CollectiveTimeoutError(EplbStateError):
 
     def __init__(self, message: str, **details: Unpack[_TimeoutDetails]) -> None:
         super().__init__(message)
-        self.phase = details["phase"]
+        self.phase: str = details["phase"]
         self.missing_ranks: tuple[int, ...] = tuple(details["missing_ranks"])
-        self.deadline_s = details["deadline_s"]
-        self.layer = details.get("layer")
+        self.deadline_s: float = details["deadline_s"]
+        self.layer: int | None = details.get("layer")
 
 
 class TransferTimeoutError(CollectiveTimeoutError, TransferError):
@@ -175,7 +175,7 @@ class TransferTimeoutError(CollectiveTimeoutError, TransferError):
 
     def __init__(self, message: str, **details: Unpack[_TimeoutDetails]) -> None:
         super().__init__(message, **details)
-        self.rank = min(self.missing_ranks, default=None)
+        self.rank: int | None = min(self.missing_ranks, default=None)
 
 
 class ModelConfigError(MoEProtocolsError, ValueError):

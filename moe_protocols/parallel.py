@@ -13,6 +13,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from moe_protocols._torch_typed import all_reduce
 from moe_protocols.errors import EplbConfigError
 
 if TYPE_CHECKING:
@@ -157,9 +158,9 @@ class ExpertParallelContext:
         if not self.is_distributed:
             return tensor
         if wait is None:
-            dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group)
+            all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group, async_op=False)
             return tensor
-        work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group, async_op=True)
+        work = all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group, async_op=True)
         if work is not None:  # None only on a rank outside the group
             wait(work)
         return tensor

@@ -323,12 +323,12 @@ def plan_placement(
         ("num_nodes", num_nodes, 1),
         ("num_redundant_experts", num_redundant_experts, 0),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
             raise EplbConfigError(
                 f"plan_placement: {name} must be an int >= {least}, got {value!r}"
             )
-    if not isinstance(load, Tensor) or load.dim() != 2 or 0 in load.shape:
-        shape = tuple(load.shape) if isinstance(load, Tensor) else type(load).__name__
+    if not isinstance(load, Tensor) or load.dim() != 2 or 0 in load.shape:  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+        shape = tuple(load.shape) if isinstance(load, Tensor) else type(load).__name__  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
         raise EplbConfigError(
             f"plan_placement: load must be a non-empty [layers, logical] tensor, got {shape}"
         )

@@ -24,14 +24,19 @@ unusable arguments raise (:class:`~moe_protocols.errors.VerificationInputError`)
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Final, TypeGuard, final
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Final, TypeGuard, cast, final
 
 import attrs
 import torch
 from torch import Tensor
 
-from moe_protocols.adapters._hf import _TOP_K_ATTRS, _int_attr, _text_config
+from moe_protocols._torch_typed import int_list
+from moe_protocols.adapters._hf import (
+    _TOP_K_ATTRS,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
+    _int_attr,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
+    _text_config,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
+)
 from moe_protocols.adapters._view import DEFAULT_MAX_DEPTH, MoEView
 from moe_protocols.conformance import check_conformance
 from moe_protocols.eplb import EplbConfig, EplbState
@@ -42,7 +47,12 @@ from moe_protocols.errors import (
     NotMixtureOfExpertsError,
     VerificationInputError,
 )
-from moe_protocols.profiling import Batch, _default_forward, vocabulary_size, weights_device
+from moe_protocols.profiling import (
+    Batch,
+    _default_forward,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
+    vocabulary_size,
+    weights_device,
+)
 from moe_protocols.protocols import MixtureOfExperts
 
 if TYPE_CHECKING:
@@ -228,8 +238,11 @@ def _sample_batch(
             ) from exc
     if isinstance(given, Tensor):
         return given, f"input_ids {list(given.shape)} (given)"
-    if isinstance(given, Mapping) and all(isinstance(k, str) for k in given):
-        return {str(k): v for k, v in given.items()}, f"forward keywords {sorted(given)} (given)"
+    if isinstance(given, Mapping):
+        given = cast("Mapping[object, object]", given)
+        if all(isinstance(k, str) for k in given):
+            batch = {str(k): v for k, v in given.items()}
+            return batch, f"forward keywords {sorted(batch)} (given)"
     raise VerificationInputError(
         "verify_eplb_integration: sample_inputs must be a tensor of input_ids, a mapping of "
         f"forward keyword arguments, or a callable returning one; got {type(given).__name__}"
@@ -252,10 +265,11 @@ def _output_tensors(output: object) -> list[Tensor]:
     """Every tensor in a forward's result (tensors, mappings such as ModelOutput, sequences)."""
     if isinstance(output, Tensor):
         return [output.detach().clone()]
+    items: list[object]
     if isinstance(output, Mapping):
-        items = list(output.values())
+        items = list(cast("Mapping[object, object]", output).values())
     elif isinstance(output, (list, tuple)):
-        items = list(output)
+        items = list(cast("Sequence[object]", output))
     else:
         return []
     return [tensor for item in items for tensor in _output_tensors(item)]
@@ -350,7 +364,8 @@ def _layer_paths(root: object, view: MoEView) -> list[str | None]:
     named_modules = getattr(root, "named_modules", None)
     if callable(named_modules):
         try:
-            names = {id(module): name for name, module in named_modules()}
+            modules = cast("Iterable[tuple[str, object]]", named_modules())
+            names = {id(module): name for name, module in modules}
         except Exception:
             names = {}
     paths: list[str | None] = []
@@ -385,7 +400,8 @@ class _TokenCounter:
             register = getattr(layer, "register_forward_pre_hook", None)
             if callable(register):
                 self.tokens[i] = 0
-                self._handles.append(register(self._hook(i), with_kwargs=True))
+                handle = register(self._hook(i), with_kwargs=True)
+                self._handles.append(cast("RemovableHandle", handle))
 
     def _hook(self, index: int) -> Callable[[object, tuple[object, ...], dict[str, object]], None]:
         def count_tokens(_: object, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
@@ -448,7 +464,8 @@ class _Verifier:
                 step_interval=_NEVER,
                 num_redundant_experts=self.view.num_redundant_experts,
             ),
-            device=weights_device(self.view),  # layers add their load on the experts' device
+            # layers add their load on the experts' device
+            device=weights_device(self.view),
             integrity=integrity,
         )
 
@@ -622,7 +639,7 @@ class _Verifier:
 
     def _check_load(self, load: Tensor, again: Tensor, tokens: list[int | None]) -> None:
         name, ok = "load-counts", True
-        totals = load.sum(dim=1).tolist()
+        totals = int_list(load.sum(dim=1))
         from_inputs = _tokens_in(self.batch)
         expected: dict[int, str] = {}
         for i in range(self.num_layers):
@@ -984,12 +1001,19 @@ def verify_eplb_integration(
             is not a non-negative int.
     """
     for label, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+        if value is not None and not (
+            isinstance(value, (int, float))  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+            and value >= 0
+        ):
             raise VerificationInputError(
                 f"verify_eplb_integration: {label} must be a number >= 0, got {value!r}"
             )
     for label, value, end in (("seed", seed, 2**63), ("max_depth", max_depth, 2**31)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < end:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+            or not 0 <= value < end
+        ):
             raise VerificationInputError(
                 f"verify_eplb_integration: {label} must be an int in [0, {end}), got {value!r}"
             )

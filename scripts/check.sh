@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up the environments, then run every check: ruff (lint + format),
-# mypy --strict (package, stubs, typing tests, benchmarks), the pytest suite,
-# and the real-vLLM tier (tests marked `vllm`, run with .venv-vllm's
-# interpreter; a missing tier fails here instead of skipping).
+# mypy --strict (package, stubs, typing tests, tests, benchmarks, examples),
+# pyright strict (what [tool.pyright] includes), the package as a user outside
+# the repo sees it (both checkers, verifytypes 100 %), the pytest suite, and the
+# real-vLLM tier (tests marked `vllm`, run with .venv-vllm's interpreter; a
+# missing tier fails here instead of skipping).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MOE_PROTOCOLS_EXTRAS="${MOE_PROTOCOLS_EXTRAS:-dev,hf}" ./scripts/setup.sh
@@ -15,6 +17,10 @@ echo "== ruff"
 "$VENV/bin/ruff" format --check .
 echo "== mypy --strict"
 "$VENV/bin/mypy"
+echo "== pyright strict"
+"$VENV/bin/pyright"
+echo "== typed from outside the repo"
+./scripts/check-typing-visible.sh
 echo "== pytest"
 "$VENV/bin/pytest" -m "not vllm" "$@"
 echo "== pytest: real-vLLM tier ($VLLM_VENV)"

@@ -16,7 +16,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.moe-protocols-setup"
-hash="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+# editable_mode=compat installs a plain .pth path entry instead of setuptools'
+# default import hook: mypy and pyright cannot follow the hook, so without it a
+# script outside the repo would type-check moe_protocols as missing (Any).
+EDITABLE_MODE=compat
+hash="$({ cat pyproject.toml constraints.txt; echo "editable_mode=$EDITABLE_MODE"; } | sha256sum | cut -d' ' -f1)"
 # Extras accumulate: a venv set up for the checks (dev,hf) also serves the demo (dev), so
 # alternating demo.sh and check.sh installs once. The stamp is "<hash> <extra,extra,...>".
 installed=""
@@ -36,5 +40,5 @@ fi
 echo "setup: installing moe-protocols[$union] into $VENV (torch pinned by constraints.txt)"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -c constraints.txt -e ".[$union]"
+    -c constraints.txt --config-settings editable_mode="$EDITABLE_MODE" -e ".[$union]"
 echo "$hash $union" > "$stamp"

@@ -21,7 +21,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import attrs
 import torch
@@ -352,7 +352,8 @@ def four_ranks(ep: ExpertParallelContext, record: Record) -> None:
     rearrange_with_layers(ep, record, {2: 6, 3: 7}.get(ep.rank, 4))
 
     # Rank 1 hangs at MoE layer 1 longer than the EPLB group's timeout.
-    short = dist.new_group(timeout=timedelta(seconds=HANG_TIMEOUT_S))
+    # cast: torch types new_group with its non-member sentinels; every rank is a member.
+    short = cast("dist.ProcessGroup", dist.new_group(timeout=timedelta(seconds=HANG_TIMEOUT_S)))
     hung_ep = ExpertParallelContext.from_process_group(short, num_nodes=2)
     # Longer than the deadline plus the deadline the others wait for its report.
     hang = FaultSwitch(hang_at=(1, 1), hang_seconds=3 * HANG_TIMEOUT_S)
@@ -466,14 +467,19 @@ def _kill_case(index: int, group: dist.ProcessGroup, record: Record) -> None:
 
 def deadlines(ep: ExpertParallelContext, record: Record) -> None:
     """Each case: a group of the two survivors and one victim, killed at the case's phase."""
+    # cast: torch types new_group with its non-member sentinels; a rank uses only
+    # the groups it is a member of.
     groups = [
-        dist.new_group(
-            sorted({*DEADLINE_SURVIVORS, victim}),
-            timeout=timedelta(seconds=60 * DEADLINE_S if case.override else DEADLINE_S),
+        cast(
+            "dist.ProcessGroup",
+            dist.new_group(
+                sorted({*DEADLINE_SURVIVORS, victim}),
+                timeout=timedelta(seconds=60 * DEADLINE_S if case.override else DEADLINE_S),
+            ),
         )
         for case, victim in zip(DEADLINE_CASES, DEADLINE_VICTIMS, strict=True)
     ]
-    turns = dist.group.WORLD.get_group_store()  # type: ignore[union-attr]
+    turns = dist.group.WORLD.get_group_store()  # type: ignore[union-attr]  # WORLD is None before init; it is set here
     if ep.rank in DEADLINE_VICTIMS:
         # Wait until the survivors are done with the earlier cases: a collective
         # would otherwise pass its deadline before the phase this rank dies in.
@@ -502,7 +508,7 @@ def _worker(scenario: str, rank: int, world: int, port: int, directory: str) -> 
     out = Path(directory)
     try:
         # TCPStore is public API that torch.distributed imports without re-exporting.
-        store = dist.TCPStore(  # type: ignore[attr-defined]
+        store = dist.TCPStore(  # type: ignore[attr-defined]  # public, but not re-exported by torch.distributed
             "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=GROUP_TIMEOUT_S)
         )
         dist.init_process_group(

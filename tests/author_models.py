@@ -8,8 +8,12 @@ authors really make, so the tests can check that EPLB notices them.
 
 from __future__ import annotations
 
+from collections.abc import MutableSequence, Sequence
+
 import torch
 from torch import Tensor, nn
+
+from moe_protocols import MoELayer
 
 
 class AuthorMoELayer(nn.Module):
@@ -52,7 +56,8 @@ class AuthorMoELayer(nn.Module):
         self.count = logical_replica_count[moe_layer_idx]
 
     def forward(self, x: Tensor) -> Tensor:
-        gates, ids = self.router(x).softmax(dim=-1).topk(self.top_k, dim=-1)
+        scores: Tensor = self.router(x)
+        gates, ids = scores.softmax(dim=-1).topk(self.top_k, dim=-1)
         if self.l2p is None or self.count is None:
             slot = ids
         else:
@@ -86,7 +91,7 @@ class AuthorMoELM(nn.Module):
         torch.manual_seed(seed)
         slots = num_experts + num_redundant
         self.embed = nn.Embedding(vocab, hidden)
-        self.layers = nn.ModuleList(
+        blocks = [
             AuthorMoELayer(
                 hidden,
                 num_experts,
@@ -97,10 +102,15 @@ class AuthorMoELM(nn.Module):
                 replicas=i not in independent_replicas,
             )
             for i in range(layers)
-        )
+        ]
+        self.layers = nn.ModuleList(blocks)
         self.head = nn.Linear(hidden, vocab)
-        self.moe_layers = list(self.layers)
-        self.expert_weights = [layer.get_expert_weights() for layer in self.layers]
+        self.blocks = blocks  # the MoE layers as their own class, for tests to reach into
+        # Annotated as the protocol declares them: its attributes are invariant.
+        self.moe_layers: Sequence[MoELayer] = list(blocks)
+        self.expert_weights: MutableSequence[Sequence[Tensor]] = [
+            block.get_expert_weights() for block in blocks
+        ]
         self.num_moe_layers = layers
         self.num_expert_groups = 1
         self.num_logical_experts = num_experts
@@ -129,10 +139,11 @@ class AuthorMoELM(nn.Module):
         self.num_redundant_experts = num_physical_experts - self.num_logical_experts
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        x = self.embed(input_ids.flatten())
+        x: Tensor = self.embed(input_ids.flatten())
         for layer in self.layers:
             x = layer(x)
-        return self.head(x)
+        logits: Tensor = self.head(x)
+        return logits
 
 
 class AuthorVLM(nn.Module):
@@ -146,7 +157,8 @@ class AuthorVLM(nn.Module):
         return self.language_model
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return self.language_model(input_ids)
+        logits: Tensor = self.language_model(input_ids)
+        return logits
 
 
 def tokens(seed: int = 0, count: int = 48, vocab: int = 64) -> Tensor:

@@ -403,12 +403,14 @@ class RecursiveGetattr:
         return getattr(self, name + "_")
 
 
+def _unreadable_class(self: object) -> type:
+    raise RuntimeError("__class__ is not readable")
+
+
 class ClassPropertyRaises:
     """Even ``__class__`` raises when read."""
 
-    @property  # type: ignore[misc]  # deliberately hostile: overrides __class__
-    def __class__(self) -> type:
-        raise RuntimeError("__class__ is not readable")
+    __class__ = property(_unreadable_class)  # pyright: ignore[reportIncompatibleMethodOverride]  # deliberately hostile
 
 
 class UnsizedLayers:
@@ -437,7 +439,7 @@ class NoExpertWeightsLayer:
 class PositionalLayer(FakeMoELayer):
     """A layer whose ``set_eplb_state`` names its first parameter ``layer_idx``."""
 
-    def set_eplb_state(
+    def set_eplb_state(  # pyright: ignore[reportIncompatibleMethodOverride]  # the renamed parameter is the point
         self,
         layer_idx: int,
         expert_load_view: Tensor,

@@ -9,7 +9,7 @@ after ``pytest.importorskip("transformers")``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import torch
@@ -21,7 +21,8 @@ from moe_protocols.adapters._hf_factories import tiny_qwen3_moe, tiny_qwen3_vl_m
 HIDDEN: Final = 32
 VOCAB: Final = 128
 
-_TEXT: Final[dict[str, object]] = {
+# Any: the values go to transformers config constructors, each typed per keyword.
+_TEXT: Final[dict[str, Any]] = {
     "vocab_size": VOCAB,
     "hidden_size": HIDDEN,
     "intermediate_size": 64,
@@ -32,7 +33,7 @@ _TEXT: Final[dict[str, object]] = {
 }
 
 
-def _text(**overrides: object) -> dict[str, object]:
+def _text(**overrides: Any) -> dict[str, Any]:
     return {**_TEXT, **overrides}
 
 

@@ -47,7 +47,7 @@ def state_snapshot(state: EplbState) -> tuple[object, ...]:
 def wiring_snapshot(lm: AuthorMoELM) -> tuple[object, ...]:
     """Which tensors each layer of an author model holds (by identity) and their bytes."""
     parts: list[object] = []
-    for layer in lm.moe_layers:
+    for layer in lm.blocks:
         for view in (layer.load, layer.l2p, layer.count):
             parts.append(None if view is None else id(view))
             parts.append(tensor_bytes(view))

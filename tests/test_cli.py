@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -77,16 +79,20 @@ def test_demo_figure_shows_every_step_and_legends_that_match_the_bars() -> None:
     try:
         steps_axes, ranks_axes = fig.axes
         line = steps_axes.get_lines()[0]
-        assert list(line.get_ydata()) == pytest.approx(list(report.step_balancedness))
+        # casts: matplotlib types line data as ArrayLike and legend handles as Artist.
+        ydata = cast("Sequence[float]", line.get_ydata())
+        assert list(ydata) == pytest.approx(list(report.step_balancedness))
         assert len(report.step_balancedness) == 12
-        marked = [float(m.get_xdata()[0]) for m in steps_axes.get_lines()[1:]]
+        marked = [
+            float(cast("Sequence[float]", m.get_xdata())[0]) for m in steps_axes.get_lines()[1:]
+        ]
         assert marked == [r.step for r in report.rearrangements] == [5, 10]
         handles, labels = ranks_axes.get_legend_handles_labels()
         bars = [h for h, label in zip(handles, labels, strict=True) if "window" in label]
         assert len(bars) == 2  # both windows are in the legend, the ideal line too
         assert any("ideal" in label for label in labels)
         for container, label in zip(bars, [lb for lb in labels if "window" in lb], strict=True):
-            heights = [patch.get_height() for patch in container]
+            heights = [patch.get_height() for patch in cast("Iterable[Any]", container)]
             shown = float(re.findall(r"balancedness (\d\.\d\d)", label)[0])
             assert shown == pytest.approx(sum(heights) / len(heights) / max(heights), abs=0.005)
     finally:
@@ -184,6 +190,7 @@ def test_bad_usage_exits_2_naming_the_flag_before_any_model_is_built(
 
     monkeypatch.setattr(demo, "run_demo", must_not_run)
     monkeypatch.setattr(cli_profile, "_build", must_not_run)
+    code: str | int | None
     try:
         code = main(argv)
     except SystemExit as exc:  # argparse's own usage errors

@@ -223,8 +223,8 @@ def test_only_the_minimum_crosses_ranks_one_row_per_missing_expert(
     rows = minimum_rows(old, new, world)
     assert rows > 0
     assert rows == remote_fetches_required(old, new, NUM_PHYSICAL // world)
-    sent = sum(int(r.values["bytes_sent"]) for r in group)  # type: ignore[call-overload]
-    received = sum(int(r.values["bytes_received"]) for r in group)  # type: ignore[call-overload]
+    sent = sum(int(r.values["bytes_sent"]) for r in group)  # type: ignore[call-overload]  # JSON values are typed object
+    received = sum(int(r.values["bytes_received"]) for r in group)  # type: ignore[call-overload]  # JSON values are typed object
     assert sent == received == rows * row_bytes
 
 
@@ -335,7 +335,7 @@ def test_a_hung_peer_makes_the_others_time_out_and_keep_their_state(
         assert result.values["hung_peer.changed"] == []
         assert result.values["default_group_after_hang"] == 4.0
     # Every rank names the batch it stopped at: the one holding layer 1, or an earlier one.
-    layers = {result.values["hung_peer"]["layer"] for result in four}  # type: ignore[index]
+    layers = {result.values["hung_peer"]["layer"] for result in four}  # type: ignore[index]  # JSON values are typed object
     assert len(layers) == 1
     assert layers <= {0, 1}
 

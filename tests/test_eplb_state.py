@@ -328,11 +328,13 @@ def test_model_sized_for_another_ep_group_is_rejected() -> None:
     assert state.model_names == ()
 
 
-def test_expert_weights_that_do_not_match_the_counts_undo_the_registration() -> None:
+def test_expert_weights_that_do_not_match_the_counts_undo_the_registration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     target = model()
     block = target.moe_layers[1]
     wrong = [torch.zeros(NUM_PHYSICAL - 1, 4)]
-    block.get_expert_weights = lambda: wrong  # type: ignore[method-assign]  # fault injection
+    monkeypatch.setattr(block, "get_expert_weights", lambda: wrong)  # fault injection
     state = EplbState(EplbConfig(num_redundant_experts=REDUNDANT))
     with pytest.raises(EplbStateError, match=r"expert_weights\[1\]\[0\]"):
         state.add_model(target)

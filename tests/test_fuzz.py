@@ -17,7 +17,7 @@ import struct
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -76,7 +76,7 @@ def _small_limits(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contextmanager
-def bounded() -> Iterator[None]:
+def bounded() -> Generator[None, None, None]:
     """Fail the example if what runs inside takes over ``SECONDS`` or ``HEAP_BYTES``."""
     tracemalloc.start()
     started = time.monotonic()
@@ -440,7 +440,7 @@ def test_a_refused_add_model_changes_no_byte_of_the_state_or_the_model(
         assert state.model_names == ("model",)
     else:  # the changes kept a consistent model: it registered next to the first
         assert state.model_names == ("model", "draft")
-    assert registered_lm.moe_layers[0].l2p is not None
+    assert registered_lm.blocks[0].l2p is not None
 
 
 @FUZZ
@@ -477,7 +477,7 @@ class _Refilling(AuthorMoELM):
 @st.composite
 def hostile_weights(draw: DrawFn, lm: AuthorMoELM) -> list[list[object]]:
     """What a buggy ``set_eplb_state`` might leave in ``expert_weights``: always something wrong."""
-    good = [list(layer) for layer in lm.expert_weights]
+    good: list[list[object]] = [list(layer) for layer in lm.expert_weights]
     layer = draw(st.integers(0, len(good) - 1))
     weight = good[layer][0]
     assert isinstance(weight, torch.Tensor)
@@ -509,7 +509,8 @@ def hostile_weights(draw: DrawFn, lm: AuthorMoELM) -> list[list[object]]:
     elif bad == "empty":
         good[layer] = []
     elif bad == "too_many":
-        good[layer] = [weight[:, i : i + 1] for i in range(weight.shape[1])] * 65
+        columns: list[object] = [weight[:, i : i + 1] for i in range(weight.shape[1])]
+        good[layer] = columns * 65
     elif bad == "fewer_layers":
         del good[layer]
     else:
@@ -528,8 +529,8 @@ def test_a_set_eplb_state_that_leaves_bad_weights_is_undone(data: st.DataObject)
     assert isinstance(result, MoEProtocolsError)
     assert state_snapshot(state) == before
     assert wiring_snapshot(lm) == wiring  # expert_weights and every layer's views put back
-    assert all(layer.l2p is None for layer in lm.moe_layers)
-    assert registered_lm.moe_layers[0].l2p is not None
+    assert all(layer.l2p is None for layer in lm.blocks)
+    assert registered_lm.blocks[0].l2p is not None
 
 
 leaves: SearchStrategy[object] = st.one_of(

@@ -21,8 +21,9 @@ from moe_protocols.models import tiny_moe, tiny_proxy_vlm, tiny_vlm
 
 
 def test_native_and_proxy_models_are_mixture_of_experts(fake_lm: FakeMoELM) -> None:
+    wrapper = ProxyWrapper(fake_lm)  # before the guard narrows fake_lm to the protocol
     assert is_mixture_of_experts(fake_lm)
-    assert is_mixture_of_experts(ProxyWrapper(fake_lm))
+    assert is_mixture_of_experts(wrapper)
     assert is_mixture_of_experts(tiny_moe())
     assert is_mixture_of_experts(tiny_proxy_vlm())
 

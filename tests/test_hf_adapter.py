@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ast
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 from unittest.mock import MagicMock
 
 import pytest
@@ -110,7 +112,7 @@ def test_view_resolves_through_wrapper_with_config_counts(family: tuple[Family, 
     spec, model = family
     view = MoEView.require(model, steps=STEPS)
     assert view.trace.resolved_path == spec.resolved_path
-    assert is_mixture_of_experts(view)
+    assert is_mixture_of_experts(cast(object, view))  # object: the guard would narrow view
     assert check_conformance(view.model, path=spec.name).ok
     assert view.num_moe_layers == spec.num_moe_layers
     assert view.num_logical_experts == view.num_physical_experts == spec.num_experts
@@ -173,14 +175,14 @@ def test_layout_is_plain_linear_orientation(family: tuple[Family, nn.Module]) ->
                 assert w.gate_bias is not None
                 assert w.up_bias is not None
                 assert w.down_bias is not None
-                limit, alpha = layer.experts.limit, layer.experts.alpha
+                limit, alpha = _tree(layer.experts).limit, _tree(layer.experts).alpha
                 gate = (gate + w.gate_bias[e]).clamp(max=limit)
                 up = (up + w.up_bias[e]).clamp(-limit, limit)
                 by_hand = ((up + 1) * gate * torch.sigmoid(alpha * gate)) @ w.down[e].T
                 by_hand = by_hand + w.down_bias[e]
             else:
                 assert w.gate_bias is None
-                act = layer.experts.act_fn
+                act: Callable[[Tensor], Tensor] = _tree(layer.experts).act_fn
                 assert callable(act)
                 by_hand = (act(gate) * up) @ w.down[e].T
             torch.testing.assert_close(by_hand, layer.expert_forward(e, x))
@@ -249,6 +251,11 @@ def _build(name: str) -> nn.Module:
     return next(f for f in FAMILIES if f.name == name).build()
 
 
+def _tree(module: nn.Module) -> Any:
+    """``module`` untyped, to reach into a family's own module tree (built at run time)."""
+    return module
+
+
 def test_llama4_counts_come_from_the_router_output() -> None:
     model = _build("llama4_vlm")
     adapter = _adapter(model)
@@ -295,7 +302,7 @@ def test_other_standard_families_need_no_code_of_their_own(family_spec: Family) 
 def test_hook_that_never_fired_is_reported_not_read_as_zero() -> None:
     model = _build("qwen3_moe")
     adapter = _adapter(model)
-    block = model.model.layers[1].mlp
+    block = _tree(model).model.layers[1].mlp
 
     def kernel_forward(self: nn.Module, hidden: Tensor) -> Tensor:
         # Like a hub kernel: computes the block without calling its experts module.
@@ -322,7 +329,7 @@ def test_recording_problems_before_set_eplb_state() -> None:
 
 def test_sentinel_ids_outside_the_experts_are_ignored() -> None:
     model = _build("qwen3_moe")
-    model.set_experts_implementation("eager")  # its loop skips the id E ("not on this rank")
+    _tree(model).set_experts_implementation("eager")  # its loop skips the id E ("not on this rank")
     adapter = _adapter(model)
     layer = adapter.layers[0]
     num_experts = layer.num_experts
@@ -340,7 +347,7 @@ def test_counts_do_not_depend_on_the_experts_backend() -> None:
     adapter = _adapter(model)
     loads = []
     for implementation in ("eager", "grouped_mm"):
-        model.set_experts_implementation(implementation)
+        _tree(model).set_experts_implementation(implementation)
         load = torch.zeros(adapter.num_moe_layers, adapter.num_logical_experts, dtype=torch.int64)
         adapter.set_eplb_state(load, *_identity_maps(*load.shape))
         with torch.no_grad():
@@ -506,12 +513,12 @@ def test_compiled_and_data_parallel_models_resolve_through_their_wrappers() -> N
 
 def test_experts_are_found_from_the_expert_parallel_plan() -> None:
     model = _build("qwen3_moe")
-    for decoder_layer in model.model.layers:
+    for decoder_layer in _tree(model).model.layers:
         block = decoder_layer.mlp
         block.routed = block.experts  # a block that names its experts module differently
         del block.experts
     assert discover_hf_moe(model).layers == ()
-    model._ep_plan = {"model.layers.*.mlp.routed": "ep_dispatch_experts"}
+    _tree(model)._ep_plan = {"model.layers.*.mlp.routed": "ep_dispatch_experts"}
     found = discover_hf_moe(model)
     assert [layer.path for layer in found.layers] == [
         "model.layers.0.mlp.routed",
@@ -522,7 +529,7 @@ def test_experts_are_found_from_the_expert_parallel_plan() -> None:
 
 def test_quantized_experts_are_refused_with_the_reason() -> None:
     model = _build("qwen3_moe")
-    experts = model.model.layers[0].mlp.experts
+    experts = _tree(model).model.layers[0].mlp.experts
     experts.register_buffer("gate_up_proj_scale_inv", torch.ones(8, 1, 1))  # FP8-style
     problem = str(discover_hf_moe(model).problem)
     assert "quantized" in problem
@@ -532,7 +539,7 @@ def test_quantized_experts_are_refused_with_the_reason() -> None:
 
 def test_experts_without_dense_projections_are_refused_with_the_reason() -> None:
     model = _build("qwen3_moe")
-    experts = model.model.layers[1].mlp.experts
+    experts = _tree(model).model.layers[1].mlp.experts
     # MXFP4-style: the fused projections are replaced by packed blocks.
     del experts.gate_up_proj
     experts.register_buffer("gate_up_proj_blocks", torch.zeros(8, 32, 2, dtype=torch.uint8))
@@ -543,6 +550,7 @@ def test_experts_without_dense_projections_are_refused_with_the_reason() -> None
 
 def test_library_module_does_not_import_transformers() -> None:
     for module in (hf_module, profiling_module):
+        assert module.__file__ is not None
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {
             alias.name.split(".")[0]

@@ -39,6 +39,11 @@ def serve(model: torch.nn.Module, state: EplbState, steps: int = 3) -> None:
             state.step()
 
 
+def _call(model: object, batch: object) -> object:
+    assert callable(model)
+    return model(batch)
+
+
 def snapshot(state: EplbState, model: AuthorMoELM) -> dict[str, bytes]:
     live = state.model_state()
     tensors = {
@@ -47,11 +52,12 @@ def snapshot(state: EplbState, model: AuthorMoELM) -> dict[str, bytes]:
         "count": live.logical_replica_count,
         "pass": live.expert_load_pass,
         "window": live.expert_load_window,
-        **{f"w{i}": layer.w for i, layer in enumerate(model.layers)},
+        **{f"w{i}": layer.w for i, layer in enumerate(model.blocks)},
     }
     out = {k: t.detach().clone().numpy().tobytes() for k, t in tensors.items()}
-    out["counters"] = repr((state.window_step, state.step_counter, state.num_rearrangements))
-    return {k: v if isinstance(v, bytes) else v.encode() for k, v in out.items()}
+    counters = (state.window_step, state.step_counter, state.num_rearrangements)
+    out["counters"] = repr(counters).encode()
+    return out
 
 
 # ------------------------------------------------------------------ ownership
@@ -125,8 +131,8 @@ def test_two_adapters_over_the_same_weights_collide() -> None:
             self.__dict__.update(
                 {k: getattr(inner, k) for k in vars(inner) if k.startswith("num_")}
             )
-            self.moe_layers = [Layer(layer) for layer in inner.layers]
-            self.expert_weights = [layer.get_expert_weights() for layer in inner.layers]
+            self.moe_layers = [Layer(layer) for layer in inner.blocks]
+            self.expert_weights = [layer.get_expert_weights() for layer in inner.blocks]
 
         def set_eplb_state(
             self,
@@ -158,7 +164,7 @@ def test_two_adapters_over_the_same_weights_collide() -> None:
             raise AssertionError("must be refused before set_eplb_state")
 
     with pytest.raises(EplbOwnershipError, match="layers \\[0, 1, 2\\]"):
-        EplbState(CONFIG, num_ranks=4).add_model(SameWeights(lm))  # type: ignore[arg-type]
+        EplbState(CONFIG, num_ranks=4).add_model(SameWeights(lm))  # type: ignore[arg-type]  # deliberately not a MixtureOfExperts
     assert owner.model_names == ("model",)
 
 
@@ -171,7 +177,7 @@ def test_profiling_a_live_model_borrows_its_layers_and_gives_them_back() -> None
     assert state.last_rearrangement.slots_changed > 0
     before = snapshot(state, lm)
 
-    profiled = record_expert_load(AuthorVLM(lm), [tokens(seed=9)], forward=lambda m, b: m(b))
+    profiled = record_expert_load(AuthorVLM(lm), [tokens(seed=9)], forward=_call)
 
     # Profiled under the live placement: every token-expert assignment is counted.
     assert profiled.shape == (3, 8)
@@ -194,7 +200,7 @@ def test_profiling_counts_match_the_owners_own_recording() -> None:
     state = register(lm)
     serve(lm, state, steps=2)
     state.rearrange()
-    profiled = record_expert_load(lm, [tokens(seed=3)], forward=lambda m, b: m(b))
+    profiled = record_expert_load(lm, [tokens(seed=3)], forward=_call)
     with torch.no_grad():
         lm(tokens(seed=3))
     physical = state.model_state().expert_load_pass.to(torch.int64)
@@ -312,7 +318,7 @@ def test_redundant_slots_that_are_not_replicas_are_refused() -> None:
 
 def test_an_unknown_integrity_mode_is_a_config_error() -> None:
     with pytest.raises(EplbConfigError, match="integrity must be one of"):
-        EplbState(CONFIG, integrity="most")  # type: ignore[arg-type]
+        EplbState(CONFIG, integrity="most")  # type: ignore[arg-type]  # deliberately not an IntegrityMode
 
 
 def test_a_staged_row_of_the_wrong_expert_is_refused_before_the_commit(
@@ -325,7 +331,7 @@ def test_a_staged_row_of_the_wrong_expert_is_refused_before_the_commit(
     real = _transfer._stage_layer
 
     def torn(plan: object, weights: object) -> object:
-        staged = real(plan, weights)  # type: ignore[arg-type]
+        staged = real(plan, weights)  # type: ignore[arg-type]  # the patched function's own arguments
         staged.rows[0][0].add_(1.0)  # a bug that stages a row of other bytes
         return staged
 
@@ -360,7 +366,7 @@ def test_a_commit_that_lands_in_the_wrong_slot_is_rolled_back(
 @pytest.mark.parametrize("kind", ["expanded", "overlapping", "shared"])
 def test_expert_weights_that_alias_are_refused_at_registration(kind: str) -> None:
     lm = AuthorMoELM()
-    layer = lm.layers[1]
+    layer = lm.blocks[1]
     slots, hidden = layer.w.shape[0], layer.w.shape[1]
     if kind == "expanded":
         aliased = layer.w.detach()[:1].expand(slots, -1, -1)
@@ -368,7 +374,7 @@ def test_expert_weights_that_alias_are_refused_at_registration(kind: str) -> Non
         base = torch.randn(slots * hidden * hidden)
         aliased = base.as_strided((slots, hidden, hidden), (hidden * hidden // 2, hidden, 1))
     else:
-        aliased = lm.layers[0].w.detach()
+        aliased = lm.blocks[0].w.detach()
     lm.expert_weights[1] = [aliased]
     with pytest.raises(EplbStateError, match="share memory"):
         EplbState(CONFIG, num_ranks=4, integrity="off").add_model(lm)
@@ -377,7 +383,7 @@ def test_expert_weights_that_alias_are_refused_at_registration(kind: str) -> Non
 def test_moves_that_keep_every_fingerprint_pass_in_every_mode() -> None:
     for mode in ("sampled", "full"):
         lm, reference = AuthorMoELM(), AuthorMoELM()
-        state = EplbState(CONFIG, num_ranks=4, integrity=mode)  # type: ignore[arg-type]
+        state = EplbState(CONFIG, num_ranks=4, integrity=mode)
         state.add_model(lm)
         serve(lm, state)
         assert state.rearrange().slots_changed > 0
@@ -393,7 +399,7 @@ def test_changed_weights_are_refused_until_the_fingerprints_are_refreshed() -> N
     state = register(lm)
     serve(lm, state)
     with torch.no_grad():
-        for layer in lm.layers:
+        for layer in lm.blocks:
             layer.w.mul_(1.5)  # a legitimate weight update, applied to every replica
     before = snapshot(state, lm)
     with pytest.raises(TransferError, match="does not hold the bytes"):
@@ -419,7 +425,7 @@ def test_a_commit_that_fails_part_way_is_rolled_back(
     monkeypatch: pytest.MonkeyPatch, integrity: str
 ) -> None:
     lm = AuthorMoELM()
-    state = EplbState(CONFIG, num_ranks=4, integrity=integrity)  # type: ignore[arg-type]
+    state = EplbState(CONFIG, num_ranks=4, integrity=integrity)  # type: ignore[arg-type]  # parametrized with valid modes, typed str
     state.add_model(lm)
     serve(lm, state)
     before = snapshot(state, lm)

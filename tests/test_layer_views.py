@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
+from torch import Tensor
 
 from moe_protocols import EplbStateError, MappingError, layer_eplb_rows
 
@@ -42,8 +46,11 @@ def test_rows_are_views_of_the_live_tensors() -> None:
         (lambda t: (t[0], t[1][:1], t[2]), MappingError, "outside the maps' 1 layers"),
     ],
 )
-def test_misfits_are_named(change: object, error: type[Exception], fragment: str) -> None:
-    assert callable(change)
+def test_misfits_are_named(
+    change: Callable[[tuple[Tensor, ...]], tuple[Any, Any, Any]],
+    error: type[Exception],
+    fragment: str,
+) -> None:
     load, l2p, count = change(_tensors())
     with pytest.raises(error) as info:
         layer_eplb_rows("layer 2", 2, load, l2p, count, num_logical=4, num_physical=6)
@@ -55,4 +62,4 @@ def test_misfits_are_named(change: object, error: type[Exception], fragment: str
 def test_layer_index_outside_the_load_rows_is_refused(index: object) -> None:
     load, l2p, count = _tensors()
     with pytest.raises(EplbStateError, match="moe_layer_idx"):
-        layer_eplb_rows("layer", index, load, l2p, count, num_logical=4, num_physical=6)  # type: ignore[arg-type]
+        layer_eplb_rows("layer", index, load, l2p, count, num_logical=4, num_physical=6)  # type: ignore[arg-type]  # deliberately not an int

@@ -508,7 +508,7 @@ def test_balanced_replica_dispatch_leaves_outputs_unchanged_and_rejects_unknown_
     with torch.no_grad():
         expected = model(ids)
         model.replica_dispatch = "balanced"
-        assert all(block.replica_dispatch == "balanced" for block in model.moe_layers)
+        assert all(block.replica_dispatch == "balanced" for block in blocks(model))
         assert torch.allclose(model(ids), expected, rtol=0, atol=1e-6)
     with pytest.raises(ModelConfigError, match="replica_dispatch"):
         model.replica_dispatch = "random"  # type: ignore[assignment]  # rejected at run time

@@ -425,11 +425,13 @@ def _drifted(
     shape: Shape, dist: LoadDistribution, seed: int, spread: float = 0.2
 ) -> list[torch.Tensor]:
     """Two windows of loads: ``dist`` (seeded), then the same under a lognormal drift."""
-    return drift_sequence(
-        dist.sample(shape.layers, shape.logical, seed=seed),
-        Drift("lognormal", spread),
-        1,
-        seed=seed + 1,
+    return list(
+        drift_sequence(
+            dist.sample(shape.layers, shape.logical, seed=seed),
+            Drift("lognormal", spread),
+            1,
+            seed=seed + 1,
+        )
     )
 
 

@@ -156,7 +156,7 @@ def test_a_layer_keeping_copies_of_the_maps_is_named(
     snapshot_guard: Callable[[nn.Module], None],
 ) -> None:
     model = VocabLM()
-    with_bug(model.layers[1], CopiesMapsLayer)
+    with_bug(model.blocks[1], CopiesMapsLayer)
     snapshot_guard(model)
     report = verify_eplb_integration(model)
     assert not report.ok
@@ -188,7 +188,7 @@ def test_redundant_slots_with_independent_weights_are_named(
 
 def test_a_layer_counting_every_assignment_twice_is_named() -> None:
     model = VocabLM()
-    model.layers[1].load_sign = 2  # adds each assignment twice
+    model.blocks[1].load_sign = 2  # adds each assignment twice
     report = verify_eplb_integration(model)
     (failure,) = _failures(report, "load-counts")
     assert failure.layer == 1
@@ -206,9 +206,9 @@ def test_a_layer_that_never_writes_its_load_row_is_named() -> None:
 
 def test_without_top_k_layers_are_checked_against_each_other() -> None:
     model = VocabLM()
-    for layer in model.layers:
-        layer.top_k = torch.tensor(2)  # not an int: the probe cannot read it
-    model.layers[2].load_sign = 2
+    for layer in model.blocks:
+        layer.top_k = torch.tensor(2)  # type: ignore[assignment]  # not an int: the probe cannot read it
+    model.blocks[2].load_sign = 2
     report = verify_eplb_integration(model)
     (failure,) = _failures(report, "load-counts")
     assert failure.layer == 2
@@ -293,7 +293,7 @@ def test_after_verify_the_model_can_be_registered_for_serving(
     private: list[EplbState] = []  # kept alive: garbage collection must not be what releases
 
     def keep_alive(*args: object, **kwargs: object) -> EplbState:
-        private.append(EplbState(*args, **kwargs))  # type: ignore[arg-type]
+        private.append(EplbState(*args, **kwargs))  # type: ignore[arg-type]  # forwarding the patched constructor's arguments
         return private[-1]
 
     monkeypatch.setattr(verification, "EplbState", keep_alive)
@@ -327,7 +327,7 @@ def test_a_model_without_vocabulary_needs_sample_inputs() -> None:
 @pytest.mark.parametrize("bad", ["tokens", 3, [1, 2]])
 def test_unusable_sample_inputs_are_a_typed_error(bad: object) -> None:
     with pytest.raises(VerificationInputError, match="sample_inputs must be"):
-        verify_eplb_integration(VocabLM(), bad)  # type: ignore[arg-type]
+        verify_eplb_integration(VocabLM(), bad)  # type: ignore[arg-type]  # deliberately not sample inputs
 
 
 def test_a_failing_inputs_factory_is_a_typed_error() -> None:
@@ -344,7 +344,7 @@ def test_a_failing_inputs_factory_is_a_typed_error() -> None:
 )
 def test_out_of_range_options_are_a_typed_error(option: str, value: object) -> None:
     with pytest.raises(VerificationInputError, match=option):
-        verify_eplb_integration(VocabLM(), **{option: value})  # type: ignore[arg-type]
+        verify_eplb_integration(VocabLM(), **{option: value})  # type: ignore[arg-type]  # deliberately wrong option values
 
 
 def test_inputs_the_forward_rejects_are_a_failed_check_not_a_crash() -> None:
@@ -388,7 +388,7 @@ def test_the_report_is_a_frozen_value() -> None:
 
     report = verify_eplb_integration(VocabLM())
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        report.checks = ()  # type: ignore[misc]
+        report.checks = ()  # type: ignore[misc]  # the frozen attribute is what is tested
     assert report.summary == "OK: every check holds"
     assert str(report).splitlines()[0] == "EPLB integration check of VocabLM"
 
@@ -409,8 +409,8 @@ def test_outputs_difference_compares_every_tensor_inside_a_result() -> None:
 def test_a_layer_listed_in_moe_layers_but_never_run_is_named() -> None:
     model = VocabLM()
     stale = AuthorMoELayer(16, 8, 12, 2)
-    stale.load_state_dict(model.layers[1].state_dict())
-    model.moe_layers = [model.layers[0], stale, model.layers[2]]  # a copy, not the module that runs
+    stale.load_state_dict(model.blocks[1].state_dict())
+    model.moe_layers = [model.blocks[0], stale, model.blocks[2]]  # a copy, not the module that runs
     report = verify_eplb_integration(model)
     (failure,) = _failures(report, "load-counts")
     assert failure.layer == 1

@@ -67,6 +67,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from moe_protocols._torch_typed import named_modules
 from moe_protocols.adapters._forward import fixed
 from moe_protocols.adapters._step import UnwrapStep
 from moe_protocols.errors import EplbStateError, MappingError, NotMixtureOfExpertsError
@@ -348,7 +349,9 @@ def _scores_hook(
     row = recording.row
 
     def record_nonzero_scores(module: nn.Module, args: tuple[object, ...], output: object) -> None:
-        scores = output[0] if isinstance(output, tuple) and output else output
+        scores = output
+        if isinstance(output, tuple) and output:
+            scores = cast("tuple[object, ...]", output)[0]
         if not isinstance(scores, Tensor) or scores.shape[-1] != num_experts:
             return
         recording.fired = True
@@ -589,7 +592,7 @@ def _ep_plan_patterns(root: nn.Module) -> list[re.Pattern[str]]:
     for prefix_path, plan in plans:
         if not isinstance(plan, Mapping):
             continue
-        for key, value in plan.items():
+        for key, value in cast("Mapping[object, object]", plan).items():
             if not isinstance(key, str):
                 continue
             path = None
@@ -619,7 +622,7 @@ def _holds_expert_projections(module: object) -> bool:
 def _experts_candidates(root: nn.Module) -> dict[str, tuple[nn.Module, nn.Module | None]]:
     """``experts path -> (experts module, block)`` by convention and by expert-parallel plan."""
     found: dict[str, tuple[nn.Module, nn.Module | None]] = {}
-    modules = dict(root.named_modules())
+    modules = dict(named_modules(root))
     for name, module in modules.items():
         experts = getattr(module, "experts", None)
         if _holds_expert_projections(experts) and _is_module(experts):
@@ -921,7 +924,7 @@ class HFMoEAdapter:
                 (int32/int64/float) on the experts' device.
             MappingError: the maps are malformed or not the identity placement.
         """
-        if isinstance(expert_load_view, Tensor) and expert_load_view.dim() >= 1:
+        if isinstance(expert_load_view, Tensor) and expert_load_view.dim() >= 1:  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
             rows = expert_load_view.shape[0]
             if rows != len(self._layers):
                 raise EplbStateError(
@@ -929,14 +932,14 @@ class HFMoEAdapter:
                     f"{len(self._layers)} MoE layers"
                 )
         recordings = [
-            layer._check_eplb_views(
+            layer._check_eplb_views(  # pyright: ignore[reportPrivateUsage]  # the adapter drives its own layers
                 i, expert_load_view, logical_to_physical_map, logical_replica_count
             )
             for i, layer in enumerate(self._layers)
         ]
         self.expert_weights = [_transferable(layer) for layer in self._layers]
         for layer, recording in zip(self._layers, recordings, strict=True):
-            layer._install(recording)
+            layer._install(recording)  # pyright: ignore[reportPrivateUsage]  # the adapter drives its own layers
         self._eplb_set = True
 
     def update_physical_experts_metadata(
@@ -1046,7 +1049,7 @@ def _inner_model(obj: object, layers: Sequence[HFMoELayer]) -> str | None:
                 break
         if current is None or current is obj or not _is_module(current):
             continue
-        held = {id(module) for _, module in current.named_modules()}
+        held = {id(module) for _, module in named_modules(current)}
         if wanted <= held:
             return ".".join(names)
     return None
@@ -1096,7 +1099,7 @@ HF_GET_DECODER_STEP: Final = UnwrapStep(
 if TYPE_CHECKING:
     from moe_protocols.protocols import MixtureOfExperts
 
-    def _statically_conforms(
+    def _statically_conforms(  # pyright: ignore[reportUnusedFunction]  # a static check, never called
         adapter: HFMoEAdapter, layer: HFMoELayer
     ) -> tuple[MixtureOfExperts, MoELayer]:
         # mypy checks here that the classes satisfy the protocols member for member.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-import torch
+from moe_protocols._torch_typed import fork_rng, manual_seed
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -79,8 +79,8 @@ def tiny_qwen3_moe(
             vocab_size=vocab_size,
         )
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with fork_rng():
+        manual_seed(seed)
         model: nn.Module = tf.Qwen3MoeForCausalLM(config)
     return _finish(model)
 
@@ -131,8 +131,8 @@ def tiny_qwen3_vl_moe(
         "deepstack_visual_indexes": [0],
     }
     config = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with fork_rng():
+        manual_seed(seed)
         model: nn.Module = tf.Qwen3VLMoeForConditionalGeneration(config)
     return _finish(model)
 

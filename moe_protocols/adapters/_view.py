@@ -13,7 +13,7 @@ descriptor behind each declaration forwards reads and writes to the model
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final, Generic, final, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, cast, final, overload
 
 from typing_extensions import TypeVar
 
@@ -25,7 +25,7 @@ from moe_protocols.errors import NotMixtureOfExpertsError, ResolutionConfigError
 from moe_protocols.protocols import MixtureOfExperts, MoELayer
 
 if TYPE_CHECKING:
-    from collections.abc import MutableSequence, Sequence
+    from collections.abc import Iterable, MutableSequence, Sequence
 
     from torch import Tensor
 
@@ -425,10 +425,10 @@ def moe_looking_module(model: object) -> str | None:
     if not callable(named_modules):
         return None
     try:
-        for count, item in enumerate(named_modules()):
+        for count, item in enumerate(cast("Iterable[object]", named_modules())):
             if count >= _MAX_MODULES_SCANNED:
                 return None
-            name = item[0] if isinstance(item, tuple) and item else None
+            name = cast("tuple[object, ...]", item)[0] if isinstance(item, tuple) and item else None
             if isinstance(name, str) and name.rsplit(".", 1)[-1].lower() in _EXPERT_NAMES:
                 return name
     except Exception:

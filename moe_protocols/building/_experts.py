@@ -127,8 +127,8 @@ class StackedExperts(nn.Module):
         self.ep = ep
         self.top_k = top_k
         self.num_logical_experts = num_logical
-        self.num_physical_experts = num_physical
-        self.num_local_physical_experts = num_physical // ep.world_size
+        self.num_physical_experts: int = num_physical
+        self.num_local_physical_experts: int = num_physical // ep.world_size
         self.record_expert_load = True
         """Whether :meth:`route` records load once EPLB state is set (off: time a forward)."""
         self.weight_names: tuple[str, ...] = tuple(checked)

@@ -133,13 +133,13 @@ class MoEModelMixin(MixtureOfExperts):
         self._elastic_layers = tuple(found)
         self.expert_weights: MutableSequence[Sequence[Tensor]] = []
         self.moe_layers: Sequence[MoELayer] = self._elastic_layers
-        self.num_moe_layers = len(found)
+        self.num_moe_layers: int = len(found)
         self.num_expert_groups = groups
         self.num_logical_experts = logical
         self.num_routed_experts = logical
-        self.num_physical_experts = physical
+        self.num_physical_experts: int = physical
         self.num_local_physical_experts = local
-        self.num_redundant_experts = physical - logical
+        self.num_redundant_experts: int = physical - logical
         self.num_shared_experts = shared
 
     def update_physical_experts_metadata(

@@ -34,7 +34,11 @@ import torch
 
 from moe_protocols.eplb import _limits
 from moe_protocols.eplb._metrics import balancedness, expected_rank_loads
-from moe_protocols.eplb._migration import _heaviest_nodes, _layouts, replica_counts
+from moe_protocols.eplb._migration import (
+    _heaviest_nodes,  # pyright: ignore[reportPrivateUsage]  # shared inside the private eplb package
+    _layouts,  # pyright: ignore[reportPrivateUsage]  # shared inside the private eplb package
+    replica_counts,
+)
 from moe_protocols.eplb.workloads import sample_step_loads
 from moe_protocols.errors import MappingError
 

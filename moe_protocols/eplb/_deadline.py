@@ -90,7 +90,7 @@ def _group_timeout(group: dist.ProcessGroup | None, device: torch.device) -> tim
     try:
         pg = group if group is not None else dist.group.WORLD
         # Private but stable since torch 2.0: the backend's options hold the timeout.
-        backend = pg._get_backend(device)  # type: ignore[union-attr]
+        backend = pg._get_backend(device)  # type: ignore[union-attr]  # WORLD may be None: caught
         seconds = float(backend.options._timeout.total_seconds())
         return timedelta(seconds=seconds)
     except Exception:  # no such backend or options, or beyond timedelta's range
@@ -138,7 +138,7 @@ class Deadline:
         self._end = time.monotonic() + limit.total_seconds()
         try:
             pg = ep.group if ep.group is not None else dist.group.WORLD
-            backend = pg._get_backend(torch.device(device))  # type: ignore[union-attr]
+            backend = pg._get_backend(torch.device(device))  # type: ignore[union-attr]  # as above
             self._gloo = backend.name() == "gloo"
         except Exception:
             self._gloo = False
@@ -210,7 +210,7 @@ def run_phase(
 
 def _store(ep: ExpertParallelContext) -> Store:
     pg = ep.group if ep.group is not None else dist.group.WORLD
-    return pg.get_group_store()  # type: ignore[union-attr]
+    return pg.get_group_store()  # type: ignore[union-attr]  # WORLD is set once EPLB runs
 
 
 def _broken(ep: ExpertParallelContext) -> bool:
@@ -241,7 +241,9 @@ def _report_in(
         )
         return (), phase, note
     missing = tuple(r for r in range(ep.world_size) if r not in present)
-    earliest = min((p for p in PHASES if p in phases), key=PHASES.index, default=phase)
+    # PHASES is in running order: the first one reported is the earliest.
+    reported: list[Phase] = [p for p in PHASES if p in phases]
+    earliest = reported[0] if reported else phase
     return missing, earliest, ""
 
 

@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe_protocols._torch_typed import int_list
 from moe_protocols.errors import EplbConfigError, TransferError, TransferTimeoutError
 
 from ._deadline import Deadline, PhaseHook, run_phase
@@ -65,8 +66,8 @@ from ._transfer import (
     LayerTransferPlan,
     StagedTransfer,
     TransferPlan,
-    _check_weights,
-    _StagedLayer,
+    _check_weights,  # pyright: ignore[reportPrivateUsage]  # shared inside the private eplb package
+    _StagedLayer,  # pyright: ignore[reportPrivateUsage]  # shared inside the private eplb package
 )
 
 if TYPE_CHECKING:
@@ -221,7 +222,7 @@ def agree(
     values = [-code, *digests, *(-d for d in digests)]
     tensor = torch.tensor(values, dtype=torch.int64, device=device)
     ep.all_reduce_(tensor, op="max", wait=wait)
-    reduced = tensor.tolist()
+    reduced = int_list(tensor)
     best = -reduced[0]
     n = len(digests)
     highs, lows = reduced[1 : 1 + n], [-v for v in reduced[1 + n :]]
@@ -448,7 +449,7 @@ class _ReceiveBuffer:
 
     def take(self, sizes: Sequence[int]) -> list[Tensor]:
         """Byte views for one received row of each weight tensor."""
-        views = []
+        views: list[Tensor] = []
         for size in sizes:
             views.append(self._data[self._cursor : self._cursor + size])
             self._cursor += size
@@ -474,8 +475,8 @@ class _Exchange:
     options: TransferOptions
     device: torch.device | str
     steps: list[_Step]
-    prepared: dict[int, _PreparedLayer] = attrs.Factory(dict)
-    counters: list[_Counters] = attrs.Factory(list)
+    prepared: dict[int, _PreparedLayer] = attrs.field(factory=dict[int, _PreparedLayer])
+    counters: list[_Counters] = attrs.field(factory=list[_Counters])
     failure: tuple[int, BaseException] | None = None
     buffer: _ReceiveBuffer | None = None
 

@@ -28,6 +28,8 @@ import attrs
 import torch
 from torch import Tensor
 
+from moe_protocols._torch_typed import int_list
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -90,7 +92,7 @@ def _plan(width: int, mode: IntegrityMode, device: torch.device) -> tuple[_Span,
     """
     if mode == "sampled" and width > _WHOLE_ROW_WORDS:
         block = SAMPLED_WORDS // SAMPLED_BLOCKS
-        starts = torch.linspace(0, width - block, SAMPLED_BLOCKS).long().tolist()
+        starts = int_list(torch.linspace(0, width - block, SAMPLED_BLOCKS).long())
         spans = [(start, start + block) for start in starts]
     else:
         step = _CHUNK_ELEMENTS // 64

@@ -30,6 +30,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from moe_protocols._torch_typed import int_list
 from moe_protocols.errors import EplbStateError, TransferError
 
 from ._fingerprint import IntegrityMode, row_digests
@@ -289,10 +290,12 @@ class UndoRows:
         local_only = staged.plan.is_local_only
         num_local = staged.plan.num_local_physical_experts
         first = staged.plan.rank * num_local
-        kept, reused, spared = [], [], []
+        kept: list[tuple[tuple[int, ...], tuple[Tensor, ...]]] = []
+        reused: list[tuple[tuple[int, int], ...]] = []
+        spared: list[tuple[tuple[int, int], ...]] = []
         for layer in staged.layers:
             weights = staged.expert_weights[layer.layer]
-            old_row = old_map[layer.layer, first : first + num_local].tolist()
+            old_row = int_list(old_map[layer.layer, first : first + num_local])
             # In one process, staged row i is the old content of copies[i].source_slot,
             # i.e. a row of that slot's old expert.
             staged_expert = (

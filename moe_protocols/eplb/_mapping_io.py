@@ -27,19 +27,23 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import attrs
 import torch
 from torch import Tensor
 
+from moe_protocols._torch_typed import int_rows
 from moe_protocols.errors import MappingError, PlacementFileError
 
 from . import _limits
 from ._maps import validate_placement
+
+if TYPE_CHECKING:
+    from typing import TypeGuard
 
 __all__ = ["PLACEMENT_FORMAT", "PLACEMENT_VERSION", "Placement", "load_placement", "save_placement"]
 
@@ -56,12 +60,12 @@ _OPTIONAL_FIELDS: Final = frozenset({"metadata"})
 _SUFFIXES: Final = (".json", ".safetensors")
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _positive_count(instance: Placement, attribute: attrs.Attribute[int], value: object) -> None:
-    if not _is_count(value) or value < 1:  # type: ignore[operator]  # int checked by _is_count
+    if not _is_count(value) or value < 1:
         raise MappingError(f"Placement.{attribute.name} must be an int >= 1, got {value!r}")
 
 
@@ -85,10 +89,13 @@ def _frozen_metadata(value: object) -> Mapping[str, str]:
         raise MappingError(
             f"Placement.metadata must be a mapping of str to str, got {type(value).__name__}"
         )
-    for key, item in value.items():
+    entries = cast("Mapping[object, object]", value)
+    checked: dict[str, str] = {}
+    for key, item in entries.items():
         if not isinstance(key, str) or not isinstance(item, str):
             raise MappingError(f"Placement.metadata must map str to str, got {key!r}: {item!r}")
-    return MappingProxyType(dict(value))
+        checked[key] = item
+    return MappingProxyType(checked)
 
 
 def _check_nodes(instance: Placement, attribute: attrs.Attribute[int], value: int) -> None:
@@ -111,7 +118,8 @@ class Placement:
     """
 
     physical_to_logical_map: Tensor = attrs.field(
-        converter=_to_int64_cpu,
+        # The converter passes a non-tensor through for validate_placement to reject.
+        converter=_to_int64_cpu,  # pyright: ignore[reportGeneralTypeIssues]  # returns object, see above
         eq=attrs.cmp_using(eq=torch.equal),
         hash=False,
     )
@@ -122,7 +130,9 @@ class Placement:
     """EP ranks the slots are spread over; slot ``p`` lives on rank ``p // (P // R)``."""
     num_nodes: int = attrs.field(default=1, validator=_check_nodes)
     """Nodes the ranks were spread over when the placement was computed (informational)."""
-    metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_metadata, hash=False)
+    metadata: Mapping[str, str] = attrs.field(
+        factory=dict[str, str], converter=_frozen_metadata, hash=False
+    )
     """Free-form string annotations (model name, policy, date, ...)."""
 
     def __attrs_post_init__(self) -> None:
@@ -241,7 +251,7 @@ def _json_text(placement: Placement) -> str:
     lines += [
         f"  {json.dumps(key)}: {json.dumps(value)}," for key, value in _header(placement).items()
     ]
-    rows = placement.physical_to_logical_map.tolist()
+    rows = int_rows(placement.physical_to_logical_map)
     lines.append(f"  {json.dumps(_MAP_KEY)}: [")
     lines.append(",\n".join(f"    {json.dumps(row)}" for row in rows))
     lines.append("  ],")
@@ -252,7 +262,7 @@ def _json_text(placement: Placement) -> str:
 
 def _safetensors_save() -> Callable[[dict[str, Tensor], str, dict[str, str]], None]:
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # pyright: ignore[reportUnknownVariableType]  # bare PathLike
     except ImportError as exc:
         raise MappingError(
             "writing .safetensors placements needs the safetensors package "
@@ -276,7 +286,7 @@ def _path(path: object) -> Path:
             raise PlacementFileError(
                 f"placement path {type(path).__name__}: os.fspath() raised {exc!r}", path=None
             ) from exc
-        if not isinstance(text, str):
+        if not isinstance(text, str):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
             raise PlacementFileError(
                 f"placement path must name a file by a str, got {type(text).__name__} {text!r}",
                 path=None,
@@ -292,7 +302,7 @@ def _path(path: object) -> Path:
 
 
 @contextlib.contextmanager
-def _as_file_error(source: Path) -> Iterator[None]:
+def _as_file_error(source: Path) -> Generator[None, None, None]:
     """Turn every ``MappingError`` raised inside into a ``PlacementFileError`` naming ``source``."""
     try:
         yield
@@ -324,7 +334,11 @@ def load_placement(
             field; ``path`` carries the file.
     """
     source = _path(path)
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+    if (
+        isinstance(max_bytes, bool)
+        or not isinstance(max_bytes, int)  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+        or max_bytes < 1
+    ):
         raise PlacementFileError(
             f"load_placement({str(source)!r}): max_bytes must be an int >= 1, got {max_bytes!r}",
             path=str(source),
@@ -498,6 +512,7 @@ def _read_json(data: bytes, where: str) -> tuple[_Header, Tensor]:
         raise MappingError(
             f"{where}: the top level must be a JSON object, got {type(document).__name__}"
         )
+    document = cast("dict[str, object]", document)  # JSON object keys are strings
     unknown = sorted(set(document) - _FIELDS)
     if unknown:
         raise MappingError(f"{where}: unknown field(s) {unknown}; expected {sorted(_FIELDS)}")
@@ -520,7 +535,7 @@ def _string_object(value: object, field: str, where: str) -> dict[str, str]:
     if not isinstance(value, dict):
         raise MappingError(f"{where}: {field} must be an object of strings, got {value!r}")
     result: dict[str, str] = {}
-    for key, item in value.items():
+    for key, item in cast("dict[object, object]", value).items():
         if not isinstance(key, str) or not isinstance(item, str):
             raise MappingError(
                 f"{where}: {field} must be an object of strings, got {key!r}: {item!r}"
@@ -548,7 +563,6 @@ def _json_count(value: object, key: str, where: str) -> int:
         raise MappingError(
             f"{where}: field {key!r} must be an integer, got {type(value).__name__} {value!r}"
         )
-    assert isinstance(value, int)
     return value
 
 
@@ -556,6 +570,7 @@ def _json_table(value: object, where: str) -> Tensor:
     field = f"{where}: field {_MAP_KEY!r}"
     if not isinstance(value, list) or not value:
         raise MappingError(f"{field} must be a non-empty list of rows (one per layer)")
+    value = cast("list[object]", value)
     _limits.check_count(f"{field}: layers", len(value), "MAX_LAYERS", MappingError)
     width: int | None = None
     for layer, row in enumerate(value):
@@ -563,6 +578,7 @@ def _json_table(value: object, where: str) -> Tensor:
             raise MappingError(
                 f"{field}: row {layer} must be a list of expert ids, got {type(row).__name__}"
             )
+        row = cast("list[object]", row)
         if width is None:
             width = len(row)
             _limits.check_count(f"{field}: slots", width, "MAX_PHYSICAL_SLOTS", MappingError)
@@ -570,7 +586,7 @@ def _json_table(value: object, where: str) -> Tensor:
             raise MappingError(
                 f"{field}: row {layer} has {len(row)} slots, row 0 has {width} (ragged rows)"
             )
-    for layer, row in enumerate(value):
+    for layer, row in enumerate(cast("list[list[object]]", value)):  # rows checked above
         for slot, item in enumerate(row):
             if not _is_count(item):
                 raise MappingError(
@@ -638,30 +654,32 @@ def _safetensors_header(data: bytes, where: str) -> dict[str, str]:
     document = _parse_json(data[8 : 8 + length], f"{where} (safetensors header)")
     if not isinstance(document, dict):
         raise MappingError(f"cannot read {where}: the safetensors header is not a JSON object")
+    document = cast("dict[str, object]", document)  # JSON object keys are strings
     keys = sorted(key for key in document if key != "__metadata__")
     if keys != [_MAP_KEY]:
         raise MappingError(f"{where}: must hold exactly one tensor {_MAP_KEY!r}, holds {keys}")
     entry = document[_MAP_KEY]
-    shape = entry.get("shape") if isinstance(entry, dict) else None
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 2
-        or not all(_is_count(n) and n >= 0 for n in shape)
-    ):
+    shape = cast("dict[str, object]", entry).get("shape") if isinstance(entry, dict) else None
+    dims = cast("list[object]", shape) if isinstance(shape, list) else []
+    if len(dims) != 2 or not all(_is_count(n) and n >= 0 for n in dims):
         raise MappingError(
             f"{where}: tensor {_MAP_KEY!r}: expected 2 dimensions [layers, physical], "
             f"got shape {shape!r}"
         )
+    layers, slots = cast("list[int]", dims)  # two counts, checked above
     field = f"{where}: tensor {_MAP_KEY!r}"
-    _limits.check_count(f"{field}: layers", shape[0], "MAX_LAYERS", MappingError)
-    _limits.check_count(f"{field}: slots", shape[1], "MAX_PHYSICAL_SLOTS", MappingError)
-    _limits.check_product(field, (shape[0], shape[1]), "MAX_MAP_ENTRIES", MappingError)
+    _limits.check_count(f"{field}: layers", layers, "MAX_LAYERS", MappingError)
+    _limits.check_count(f"{field}: slots", slots, "MAX_PHYSICAL_SLOTS", MappingError)
+    _limits.check_product(field, (layers, slots), "MAX_MAP_ENTRIES", MappingError)
     metadata = document.get("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(
-        isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
-    ):
+    if not isinstance(metadata, dict):
         raise MappingError(f"{where}: the safetensors metadata must map strings to strings")
-    return metadata
+    strings: dict[str, str] = {}
+    for key, value in cast("dict[object, object]", metadata).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise MappingError(f"{where}: the safetensors metadata must map strings to strings")
+        strings[key] = value
+    return strings
 
 
 def _decimal(text: str, key: str, where: str) -> int:

@@ -147,6 +147,7 @@ from typing import Final
 import attrs
 import torch
 
+from moe_protocols._torch_typed import from_numpy
 from moe_protocols.eplb import _limits
 from moe_protocols.eplb._deepseek import preserve_intra_rank_slots
 from moe_protocols.errors import PolicyError
@@ -887,7 +888,7 @@ def _descending_order(values: torch.Tensor) -> torch.Tensor:
         # rows; both are stable, so ties keep index order and the two paths
         # give the same placement whether or not numpy is installed.
         array = values.detach().numpy()
-        return torch.from_numpy(_NUMPY.argsort(-array, axis=1, kind="stable"))
+        return from_numpy(_NUMPY.argsort(-array, axis=1, kind="stable"))
     return torch.sort(values, dim=1, descending=True, stable=True).indices
 
 

@@ -124,7 +124,7 @@ def find_owner(model: MixtureOfExperts, *, ignore: object = None) -> Claim | Non
     for owner in _owners():
         if owner is ignore:
             continue
-        for name, registered in owner._registered_models():
+        for name, registered in owner._registered_models():  # pyright: ignore[reportPrivateUsage]  # the owner protocol's hook
             theirs = footprint(registered)
             overlap = {mine.layer_ids[i] for i in mine.layer_ids.keys() & theirs.layer_ids.keys()}
             overlap |= {

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 import attrs
 import torch
 
+from moe_protocols._torch_typed import float_list
 from moe_protocols.eplb import _limits
 from moe_protocols.eplb._deepseek import DeepSeekPolicy
 from moe_protocols.eplb._maps import validate_placement
@@ -153,7 +154,7 @@ def check_policy_inputs(
             f"weight: layer {layer}, logical expert {expert} has negative load "
             f"{float(load[layer, expert])}"
         )
-    _limits.check_finite_loads("weight", load.sum(dim=1).tolist(), PolicyError)
+    _limits.check_finite_loads("weight", float_list(load.sum(dim=1).double()), PolicyError)
     num_layers, num_logical = load.shape
     if replicas < num_logical:
         raise PolicyError(
@@ -247,9 +248,9 @@ def _check_policies(
     value: Mapping[str, RebalancePolicy],
 ) -> None:
     for key, policy in value.items():
-        if not isinstance(key, str) or not key:
+        if not isinstance(key, str) or not key:  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
             raise PolicyError(f"policy names must be non-empty strings, got {key!r}")
-        if not isinstance(policy, RebalancePolicy):
+        if not isinstance(policy, RebalancePolicy):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
             raise PolicyError(
                 f"policy registered as {key!r} ({type(policy).__name__}) does not implement "
                 "RebalancePolicy (needs a 'name' property and 'rebalance_experts')"
@@ -295,7 +296,7 @@ class PolicyRegistry:
             PolicyError: the name is taken and ``replace`` is false, or
                 ``policy`` does not implement :class:`RebalancePolicy`.
         """
-        if not isinstance(policy, RebalancePolicy):
+        if not isinstance(policy, RebalancePolicy):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
             raise PolicyError(
                 f"{type(policy).__name__} does not implement RebalancePolicy "
                 "(needs a 'name' property and 'rebalance_experts')"

@@ -23,6 +23,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from moe_protocols._torch_typed import int_list, int_rows
 from moe_protocols.conformance import check_conformance
 from moe_protocols.errors import (
     EplbConfigError,
@@ -226,7 +227,7 @@ def _collected_weights(model: MixtureOfExperts, model_name: str) -> list[list[Te
                 f"{where} yields more than {_MAX_WEIGHTS_PER_LAYER} weight tensors"
             )
         for k, weight in enumerate(found):
-            if not isinstance(weight, Tensor):
+            if not isinstance(weight, Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
                 raise EplbStateError(
                     f"{where} item {k} is a {type(weight).__name__}, not a torch.Tensor"
                 )
@@ -854,7 +855,7 @@ class EplbState:
                 )
             for k in range(len(tensors)):
                 tensor = tensors[k]
-                if not isinstance(tensor, Tensor):
+                if not isinstance(tensor, Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
                     raise EplbStateError(
                         f"model {name!r}: expert_weights[{layer}][{k}] is a "
                         f"{type(tensor).__name__}, not a torch.Tensor"
@@ -1162,7 +1163,7 @@ class EplbState:
             "checking that the EP ranks are in lockstep",
             lambda wait: self._ep.all_reduce_(values, op="max", wait=wait),
         )
-        reduced = values.tolist()
+        reduced = int_list(values)
         descriptors = reduced[4:]
         if len(set(descriptors)) > 1:
             differ = [r for r in range(world) if descriptors[r] != descriptors[0]]
@@ -1175,7 +1176,7 @@ class EplbState:
         most_steps, fewest_steps, most_rearr, fewest_rearr = (
             v if i % 2 == 0 else -v for i, v in enumerate(reduced[:4])
         )
-        spread = []
+        spread: list[str] = []
         if most_steps != fewest_steps:
             spread.append(
                 f"between {fewest_steps} and {most_steps} step() calls (EP rank "
@@ -1237,7 +1238,7 @@ class EplbState:
             try:
                 digests = [
                     digest([(p.state.model_name, _counts(p.state.model)) for p in plans]),
-                    digest([p.new_map.tolist() for p in plans]),
+                    digest([int_rows(p.new_map) for p in plans]),
                     digest([self._layout_digest(p.state) for p in plans]),
                 ]
             except Exception as exc:
@@ -1433,6 +1434,7 @@ class EplbState:
         """
         distributed = self._ep.is_distributed
         failure: Exception | None = None
+        plan: _ModelPlan | None = None
         try:
             plan = self._mapping_plan(model_name, physical_to_logical_map)
         except Exception as exc:
@@ -1441,9 +1443,9 @@ class EplbState:
             failure = exc
         if distributed:
             digests = [0, 0]
-            if failure is None:
+            if plan is not None:
                 try:
-                    digests = [digest(plan.new_map.tolist()), self._layout_digest(plan.state)]
+                    digests = [digest(int_rows(plan.new_map)), self._layout_digest(plan.state)]
                 except Exception as exc:
                     failure = exc
             verdict = self._agree(
@@ -1465,6 +1467,8 @@ class EplbState:
                     f"EP ranks disagree on the expert weight layout of model {model_name!r} "
                     f"or on their transfer options. EP rank {self._ep.rank} changed nothing"
                 )
+        # A rank without a plan re-raised its failure in the agreement above.
+        assert plan is not None
         if distributed:
             self._ensure_tables([plan])
         staged = self._stage_plans([plan])

@@ -34,6 +34,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from moe_protocols._torch_typed import int_rows
 from moe_protocols.errors import TransferError
 
 if TYPE_CHECKING:
@@ -307,8 +308,8 @@ def plan_transfer(
             map needs that no slot holds in the old map.
     """
     num_ranks = _check_maps(old_map, new_map, num_local, rank, num_nodes)
-    old_rows = old_map.detach().to("cpu", torch.int64).tolist()
-    new_rows = new_map.detach().to("cpu", torch.int64).tolist()
+    old_rows = int_rows(old_map.detach().to("cpu", torch.int64))
+    new_rows = int_rows(new_map.detach().to("cpu", torch.int64))
     layers = tuple(
         _plan_layer(layer, old, new, num_local, num_ranks, rank, num_ranks // num_nodes)
         for layer, (old, new) in enumerate(zip(old_rows, new_rows, strict=True))
@@ -329,8 +330,8 @@ def remote_fetches_required(old_map: Tensor, new_map: Tensor, num_local: int) ->
             ranks of ``num_local``.
     """
     _check_maps(old_map, new_map, num_local, 0)
-    old = old_map.detach().to("cpu", torch.int64).tolist()
-    new = new_map.detach().to("cpu", torch.int64).tolist()
+    old = int_rows(old_map.detach().to("cpu", torch.int64))
+    new = int_rows(new_map.detach().to("cpu", torch.int64))
     total = 0
     for old_row, new_row in zip(old, new, strict=True):
         for first in range(0, len(old_row), num_local):

@@ -20,7 +20,7 @@ before wiring, so a restore is the rare path.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import attrs
 
@@ -36,7 +36,7 @@ def _instance_dict(obj: object) -> dict[str, object] | None:
         found = object.__getattribute__(obj, "__dict__")
     except Exception:
         return None
-    return found if type(found) is dict else None
+    return cast("dict[str, object]", found) if type(found) is dict else None
 
 
 @attrs.frozen(eq=False)
@@ -52,7 +52,8 @@ class _Attributes:
         live = _instance_dict(obj)
         if live is None:
             return None
-        nested = tuple((value, dict(value)) for value in live.values() if isinstance(value, dict))
+        tables = [cast("dict[object, object]", v) for v in live.values() if isinstance(v, dict)]
+        nested = tuple((table, dict(table)) for table in tables)
         return cls(live, dict(live), nested)
 
     def restore(self) -> None:
@@ -98,5 +99,6 @@ class WiringSnapshot:
         with contextlib.suppress(Exception):
             if self.model.expert_weights is not self.expert_weights:
                 self.model.expert_weights = self.expert_weights  # type: ignore[assignment]  # the object it held before, whatever its type
-            if self.expert_weights_items is not None and isinstance(self.expert_weights, list):
-                self.expert_weights[:] = self.expert_weights_items
+            held: object = self.expert_weights
+            if self.expert_weights_items is not None and isinstance(held, list):
+                cast("list[object]", held)[:] = self.expert_weights_items

@@ -47,7 +47,7 @@ arguments give the same tensor, whatever else runs in the process.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 import attrs
 import torch
@@ -70,6 +70,8 @@ __all__ = [
     "sample_step_loads",
 ]
 
+_Kind = TypeVar("_Kind", bound=str)
+
 DEFAULT_TOKENS_PER_LAYER: Final = 200_000 * 8
 """Token-expert assignments per layer in one load window (200k tokens, top-8)."""
 
@@ -88,8 +90,8 @@ def _non_negative_float(instance: object, attribute: attrs.Attribute[float], val
         )
 
 
-def _one_of(*options: str) -> Callable[[object, attrs.Attribute[str], object], None]:
-    def check(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+def _one_of(*options: _Kind) -> Callable[[object, attrs.Attribute[_Kind], object], None]:
+    def check(instance: object, attribute: attrs.Attribute[_Kind], value: object) -> None:
         if value not in options:
             raise WorkloadError(
                 f"{type(instance).__name__}.{attribute.name} must be one of {options}, "
@@ -100,7 +102,7 @@ def _one_of(*options: str) -> Callable[[object, attrs.Attribute[str], object], N
 
 
 def _generator(seed: int) -> torch.Generator:
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, int):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
         raise WorkloadError(f"seed must be an int, got {seed!r}")
     return torch.Generator().manual_seed(seed)
 
@@ -301,7 +303,11 @@ def drift_sequence(
         and every window keeps ``initial``'s per-layer totals.
     """
     _check_load(initial, "initial")
-    if isinstance(num_windows, bool) or not isinstance(num_windows, int) or num_windows < 0:
+    if (
+        isinstance(num_windows, bool)
+        or not isinstance(num_windows, int)  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+        or num_windows < 0
+    ):
         raise WorkloadError(f"num_windows must be an int >= 0, got {num_windows!r}")
     gen = _generator(seed)
     current = initial.detach().to(device="cpu", dtype=torch.float64, copy=True)
@@ -358,7 +364,11 @@ def sample_step_loads(
         ("top_k", top_k),
         ("num_steps", num_steps),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
+            or value < 1
+        ):
             raise WorkloadError(f"{what} must be an int >= 1, got {value!r}")
     shape = (num_steps, int(load.shape[0]), int(load.shape[1]))
     _limits.check_product("sample_step_loads", shape, "MAX_WINDOW_ENTRIES", WorkloadError)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_protocols._torch_typed import int_list, int_rows
 from moe_protocols.eplb._maps import (
     compute_logical_maps,
     initial_physical_to_logical_map,
@@ -78,8 +79,12 @@ class TinyDenseMLP(nn.Module):
     ) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up = _normal(generator, 2 * intermediate_size, hidden_size, std=hidden_size**-0.5)
-        self.down = _normal(generator, hidden_size, intermediate_size, std=intermediate_size**-0.5)
+        self.gate_up: nn.Parameter = _normal(
+            generator, 2 * intermediate_size, hidden_size, std=hidden_size**-0.5
+        )
+        self.down: nn.Parameter = _normal(
+            generator, hidden_size, intermediate_size, std=intermediate_size**-0.5
+        )
 
     def forward(self, hidden: Tensor) -> Tensor:
         gate, up = F.linear(hidden, self.gate_up).chunk(2, dim=-1)
@@ -140,20 +145,20 @@ class TinyMoEBlock(nn.Module):
             )
         self.layer_idx = layer_idx
         self.ep = ep
-        self.hidden_size = config.hidden_size
-        self.intermediate_size = config.intermediate_size
-        self.top_k = config.top_k
-        self.num_expert_groups = config.num_expert_groups
-        self.topk_groups = config.topk_groups
-        self.num_logical_experts = config.num_experts
-        self.num_physical_experts = num_physical
-        self.num_local_physical_experts = num_physical // ep.world_size
+        self.hidden_size: int = config.hidden_size
+        self.intermediate_size: int = config.intermediate_size
+        self.top_k: int = config.top_k
+        self.num_expert_groups: int = config.num_expert_groups
+        self.topk_groups: int = config.topk_groups
+        self.num_logical_experts: int = config.num_experts
+        self.num_physical_experts: int = num_physical
+        self.num_local_physical_experts: int = num_physical // ep.world_size
         self.record_expert_load = True
         self.replica_dispatch: ReplicaDispatch = "modulo"
         self._eplb: LayerEplbRows | None = None
 
         hidden, inter = config.hidden_size, config.intermediate_size
-        self.router = _normal(generator, config.num_experts, hidden, std=hidden**-0.5)
+        self.router: nn.Parameter = _normal(generator, config.num_experts, hidden, std=hidden**-0.5)
         # Every rank draws all logical experts so the generator stream, and hence
         # every other weight, is the same on every rank and for any slot count.
         logical_w13 = torch.randn(config.num_experts, 2 * inter, hidden, generator=generator)
@@ -163,8 +168,10 @@ class TinyMoEBlock(nn.Module):
         local_logical = torch.tensor(
             placement[first : first + self.num_local_physical_experts], dtype=torch.int64
         )
-        self.w13 = nn.Parameter((logical_w13 * hidden**-0.5)[local_logical].contiguous())
-        self.w2 = nn.Parameter((logical_w2 * inter**-0.5)[local_logical].contiguous())
+        self.w13: nn.Parameter = nn.Parameter(
+            (logical_w13 * hidden**-0.5)[local_logical].contiguous()
+        )
+        self.w2: nn.Parameter = nn.Parameter((logical_w2 * inter**-0.5)[local_logical].contiguous())
         self.shared_expert: TinyDenseMLP | None = None
         if config.num_shared_experts > 0:
             self.shared_expert = TinyDenseMLP(hidden, config.num_shared_experts * inter, generator)
@@ -277,7 +284,7 @@ class TinyMoEBlock(nn.Module):
         if bool(((replica_count < 1) | (replica_count > l2p.shape[1])).any()):
             raise MappingError(
                 f"{self._name()}: logical_replica_count gives a chosen expert a replica count "
-                f"outside [1, {l2p.shape[1]}]: {count.tolist()}"
+                f"outside [1, {l2p.shape[1]}]: {int_list(count)}"
             )
         if self.replica_dispatch == "balanced":
             physical = balanced_dispatch(
@@ -293,7 +300,7 @@ class TinyMoEBlock(nn.Module):
         if bool(((physical < 0) | (physical >= self.num_physical_experts)).any()):
             raise MappingError(
                 f"{self._name()}: logical_to_physical_map sends a chosen expert to a slot "
-                f"outside [0, {self.num_physical_experts}): {l2p.tolist()}"
+                f"outside [0, {self.num_physical_experts}): {int_rows(l2p)}"
             )
         return physical
 
@@ -319,7 +326,7 @@ class TinyMoEBlock(nn.Module):
         is_local = (local >= 0) & (local < self.num_local_physical_experts)
         slots = torch.where(is_local, local, torch.zeros_like(local)).reshape(-1)
         pair_inputs = hidden.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # [pairs, hidden, 1]
-        chunks = []
+        chunks: list[Tensor] = []
         for start in range(0, slots.shape[0], _PAIR_CHUNK):
             chunk = slots[start : start + _PAIR_CHUNK]
             w13 = self.w13.index_select(0, chunk)  # [chunk, 2 * inter, hidden]
@@ -410,7 +417,7 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
         self.ep = ep
         generator = torch.Generator().manual_seed(config.seed)
         hidden = config.hidden_size
-        self.embed_tokens = _normal(generator, config.vocab_size, hidden, std=1.0)
+        self.embed_tokens: nn.Parameter = _normal(generator, config.vocab_size, hidden, std=1.0)
         layers: list[_DecoderLayer] = []
         blocks: list[TinyMoEBlock] = []
         for idx in range(config.num_layers):
@@ -421,9 +428,9 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
                 ffn = TinyMoEBlock(config, layer_idx=idx, ep=ep, generator=generator)
                 blocks.append(ffn)
             layers.append(_DecoderLayer(hidden, ffn, generator))
-        self.layers = nn.ModuleList(layers)
-        self.norm = nn.RMSNorm(hidden, eps=1e-6)
-        self.lm_head = _normal(generator, config.vocab_size, hidden, std=hidden**-0.5)
+        self.layers: nn.ModuleList = nn.ModuleList(layers)
+        self.norm: nn.RMSNorm = nn.RMSNorm(hidden, eps=1e-6)
+        self.lm_head: nn.Parameter = _normal(generator, config.vocab_size, hidden, std=hidden**-0.5)
         self._decoder_layers = layers
         self._moe_blocks = blocks
         self._record_expert_load = True
@@ -432,14 +439,14 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
         # MixtureOfExperts members: plain attributes, read and written by EPLB.
         self.expert_weights: MutableSequence[Sequence[Tensor]] = []
         self.moe_layers: Sequence[MoELayer] = blocks
-        self.num_moe_layers = len(blocks)
-        self.num_expert_groups = config.num_expert_groups
-        self.num_logical_experts = config.num_experts
-        self.num_physical_experts = config.num_physical_experts
-        self.num_local_physical_experts = config.num_physical_experts // ep.world_size
-        self.num_routed_experts = config.num_experts
-        self.num_shared_experts = config.num_shared_experts
-        self.num_redundant_experts = config.num_redundant_experts
+        self.num_moe_layers: int = len(blocks)
+        self.num_expert_groups: int = config.num_expert_groups
+        self.num_logical_experts: int = config.num_experts
+        self.num_physical_experts: int = config.num_physical_experts
+        self.num_local_physical_experts: int = config.num_physical_experts // ep.world_size
+        self.num_routed_experts: int = config.num_experts
+        self.num_shared_experts: int = config.num_shared_experts
+        self.num_redundant_experts: int = config.num_redundant_experts
 
     @property
     def record_expert_load(self) -> bool:
@@ -525,7 +532,8 @@ class TinyMoEForCausalLM(nn.Module, MixtureOfExperts):
             )
         if input_ids is not None:
             hidden = self.embed_input_ids(input_ids)
-        elif inputs_embeds is not None:
+        else:
+            assert inputs_embeds is not None  # exactly one of the two, checked above
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ModelInputError(
                     f"TinyMoEForCausalLM: inputs_embeds must be [batch, seq, "

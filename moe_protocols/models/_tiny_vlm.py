@@ -28,7 +28,7 @@ from moe_protocols.models._tiny_moe import (
     SINGLE_PROCESS,
     TinyDenseMLP,
     TinyMoEForCausalLM,
-    _normal,
+    _normal,  # pyright: ignore[reportPrivateUsage]  # shared inside the private models package
 )
 
 if TYPE_CHECKING:
@@ -69,12 +69,16 @@ class TinyVisionTower(nn.Module):
         super().__init__()
         self.config = config
         width = config.vision_hidden_size
-        self.patch_embed = _normal(generator, width, config.patch_dim, std=config.patch_dim**-0.5)
-        self.position_embed = _normal(generator, config.num_image_tokens, width, std=0.02)
-        self.blocks = nn.ModuleList(
+        self.patch_embed: nn.Parameter = _normal(
+            generator, width, config.patch_dim, std=config.patch_dim**-0.5
+        )
+        self.position_embed: nn.Parameter = _normal(
+            generator, config.num_image_tokens, width, std=0.02
+        )
+        self.blocks: nn.ModuleList = nn.ModuleList(
             [_VisionBlock(width, generator) for _ in range(config.vision_layers)]
         )
-        self.norm = nn.RMSNorm(width, eps=1e-6)
+        self.norm: nn.RMSNorm = nn.RMSNorm(width, eps=1e-6)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         cfg = self.config
@@ -113,13 +117,15 @@ class TinyVLMForConditionalGeneration(nn.Module):
         super().__init__()
         self.config = config
         generator = torch.Generator().manual_seed(config.seed)
-        self.vision_tower = TinyVisionTower(config, generator)
+        self.vision_tower: TinyVisionTower = TinyVisionTower(config, generator)
         text_hidden = config.text.hidden_size
-        self.projector_in = _normal(
+        self.projector_in: nn.Parameter = _normal(
             generator, text_hidden, config.vision_hidden_size, std=config.vision_hidden_size**-0.5
         )
-        self.projector_out = _normal(generator, text_hidden, text_hidden, std=text_hidden**-0.5)
-        self.language_model = TinyMoEForCausalLM(config.text, ep=ep)
+        self.projector_out: nn.Parameter = _normal(
+            generator, text_hidden, text_hidden, std=text_hidden**-0.5
+        )
+        self.language_model: TinyMoEForCausalLM = TinyMoEForCausalLM(config.text, ep=ep)
 
     def get_language_model(self) -> TinyMoEForCausalLM:
         """The wrapped MoE language model."""
