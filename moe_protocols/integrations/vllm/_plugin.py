@@ -8,7 +8,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, MutableMapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import attrs
 
@@ -102,7 +102,8 @@ def _method_patch(
     module: Any, class_name: str, method: str, wrap: Callable[[Any], Any], where: str
 ) -> _Patch:
     owner = _attr(module, class_name, where)
-    original = vars(owner).get(method)
+    namespace = cast("dict[str, Any]", vars(owner))  # vars() of an Any is unknown to pyright
+    original = namespace.get(method)
     if original is None:
         raise LookupError(f"{where}.{class_name} defines no {method!r}")
     return _Patch(f"{where}.{class_name}.{method}", owner, method, original, wrap(original))

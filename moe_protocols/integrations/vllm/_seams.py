@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, Final
+from collections.abc import Callable, Generator
+from typing import Any, Final, cast
 
 from moe_protocols.adapters import MoEView
 from moe_protocols.errors import NotMixtureOfExpertsError
@@ -208,9 +208,10 @@ _SHADOW: Final = "get_model"
 
 
 @contextlib.contextmanager
-def _get_model_returns(runner: Any, replacement: object) -> Iterator[None]:
-    had_own = _SHADOW in vars(runner)
-    before = vars(runner).get(_SHADOW)
+def _get_model_returns(runner: Any, replacement: object) -> Generator[None, None, None]:
+    namespace = cast("dict[str, object]", vars(runner))  # vars() of an Any is unknown
+    had_own = _SHADOW in namespace
+    before = namespace.get(_SHADOW)
 
     def get_model() -> object:
         return replacement
@@ -254,7 +255,8 @@ def suspending_release_cuda_graphs(method: Callable[..., Any]) -> Callable[..., 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         runner = self.worker.model_runner
-        shadow = vars(runner).get(_SHADOW)
+        namespace = cast("dict[str, object]", vars(runner))  # vars() of an Any is unknown
+        shadow = namespace.get(_SHADOW)
         if not getattr(shadow, "moe_protocols_shadow", False):
             return method(self, *args, **kwargs)
         delattr(runner, _SHADOW)
