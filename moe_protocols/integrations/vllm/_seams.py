@@ -15,6 +15,7 @@ from collections.abc import Callable, Generator
 from typing import Any, Final, cast
 
 from moe_protocols.adapters import MoEView
+from moe_protocols.conformance import MODEL_MEMBERS
 from moe_protocols.errors import NotMixtureOfExpertsError
 
 __all__ = [
@@ -31,22 +32,7 @@ __all__ = [
 LOGGER: Final = logging.getLogger("vllm.moe_protocols")
 """A child of vLLM's ``vllm`` logger, so our lines appear in vLLM's log, in its format."""
 
-EPLB_MEMBERS: Final = frozenset(
-    {
-        "expert_weights",
-        "num_moe_layers",
-        "num_expert_groups",
-        "num_logical_experts",
-        "num_physical_experts",
-        "num_local_physical_experts",
-        "num_routed_experts",
-        "num_shared_experts",
-        "num_redundant_experts",
-        "moe_layers",
-        "set_eplb_state",
-        "update_physical_experts_metadata",
-    }
-)
+EPLB_MEMBERS: Final = frozenset(MODEL_MEMBERS)
 """The ``MixtureOfExperts`` members (vLLM's protocol and ours have the same ones)."""
 
 _policy_name: list[str] = ["vLLM's default"]
