@@ -18,7 +18,7 @@ echo "== ruff"
 echo "== mypy --strict"
 "$VENV/bin/mypy"
 echo "== pyright strict"
-"$VENV/bin/pyright"
+"$VENV/bin/pyright" -p pyproject.toml  # this project's config, not one a parent folder holds
 echo "== typed from outside the repo"
 ./scripts/check-typing-visible.sh
 echo "== pytest"
