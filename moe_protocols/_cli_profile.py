@@ -13,7 +13,13 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Final
 
-from moe_protocols._cli_types import at_least, target_argument, writable_file
+from moe_protocols._cli_types import (
+    at_least,
+    policy_problem,
+    slots_problem,
+    target_argument,
+    writable_file,
+)
 from moe_protocols._target import TargetLoadError, describe_exception, load_target
 
 if TYPE_CHECKING:
@@ -106,29 +112,18 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _deployment_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the deployment flags alone (before the model is built)."""
-    from moe_protocols.eplb._policy import DEFAULT_POLICIES
-
     if args.ranks % args.nodes != 0:
         return f"--ranks {args.ranks} is not a multiple of --nodes {args.nodes}"
-    if args.policy not in DEFAULT_POLICIES:
-        known = ", ".join(DEFAULT_POLICIES.names)
-        return f"--policy {args.policy!r} is not a registered policy (known: {known})"
-    return None
+    return policy_problem(args.policy)
 
 
 def _model_problem(args: argparse.Namespace, view: MoEView) -> str | None:
     """What is wrong with the flags given the model's counts (before any batch is recorded)."""
     experts = view.num_logical_experts
-    slots = experts + args.redundant
-    if slots % args.ranks != 0:
-        return (
-            f"the model's {experts} experts + --redundant {args.redundant} = {slots} slots per "
-            f"layer do not split evenly over --ranks {args.ranks}; choose --redundant so that "
-            f"{experts} + redundant is a multiple of {args.ranks}"
-        )
-    if args.groups is not None and experts % args.groups != 0:
-        return f"--groups {args.groups} does not divide the model's {experts} experts"
-    return None
+    problem = slots_problem(f"the model's {experts} experts", experts, args.redundant, args.ranks)
+    if problem is None and args.groups is not None and experts % args.groups != 0:
+        problem = f"--groups {args.groups} does not divide the model's {experts} experts"
+    return problem
 
 
 class _Progress:

@@ -1,8 +1,10 @@
-"""argparse ``type=`` converters of the command line: bad values are usage errors (exit 2).
+"""Checks of the command line's options: bad values are usage errors (exit 2).
 
-Each converter rejects its value while the arguments are parsed, before any
-model is built, with a message that argparse prefixes with the flag's name.
-This module imports nothing heavy, so ``moe-protocols --help`` stays fast.
+The argparse ``type=`` converters reject a value while the arguments are
+parsed, before any model is built, with a message that argparse prefixes with
+the flag's name; the ``*_problem`` functions check what involves several
+flags, for the commands to report before their work starts. This module
+imports nothing heavy at import time, so ``moe-protocols --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from pathlib import Path
 
 from moe_protocols._target import split_target
 
-__all__ = ["at_least", "finite_at_least", "target_argument", "writable_file"]
+__all__ = [
+    "at_least",
+    "finite_at_least",
+    "policy_problem",
+    "slots_problem",
+    "target_argument",
+    "writable_file",
+]
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -77,3 +86,29 @@ def writable_file(*suffixes: str) -> Callable[[str], Path]:
 
     convert.__name__ = "file"
     return convert
+
+
+def policy_problem(policy: str) -> str | None:
+    """Why ``--policy`` names no registered policy; None when it names one."""
+    from moe_protocols.eplb._policy import DEFAULT_POLICIES  # imports torch: not at start-up
+
+    if policy in DEFAULT_POLICIES:
+        return None
+    known = ", ".join(DEFAULT_POLICIES.names)
+    return f"--policy {policy!r} is not a registered policy (known: {known})"
+
+
+def slots_problem(experts: str, num_experts: int, redundant: int, ranks: int) -> str | None:
+    """Why ``num_experts + --redundant`` slots do not split over ``--ranks``; None when they do.
+
+    ``experts`` says where the expert count came from (``"--experts 16"``,
+    ``"the model's 8 experts"``).
+    """
+    slots = num_experts + redundant
+    if slots % ranks == 0:
+        return None
+    return (
+        f"{experts} + --redundant {redundant} = {slots} slots do not split evenly over "
+        f"--ranks {ranks} (every rank holds as many slots of each layer); choose --redundant "
+        f"so that {num_experts} + redundant is a multiple of {ranks}"
+    )

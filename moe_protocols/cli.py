@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from moe_protocols._cli_profile import PROFILE_DESCRIPTION, add_profile_arguments, run_profile
-from moe_protocols._cli_types import at_least, finite_at_least, target_argument, writable_file
+from moe_protocols._cli_types import (
+    at_least,
+    finite_at_least,
+    policy_problem,
+    slots_problem,
+    target_argument,
+    writable_file,
+)
 from moe_protocols._target import TargetLoadError, describe_exception, load_target
 
 __all__ = ["main"]
@@ -79,19 +86,10 @@ def _inspect(args: argparse.Namespace, out: TextIO) -> int:
 
 def _demo_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with a combination of ``demo`` flags (each flag alone is already checked)."""
-    from moe_protocols.eplb import DEFAULT_POLICIES
-
-    slots = args.experts + args.redundant
-    if slots % args.ranks != 0:
-        return (
-            f"--experts {args.experts} + --redundant {args.redundant} = {slots} slots do not "
-            f"split evenly over --ranks {args.ranks}; choose them so that experts + redundant "
-            f"is a multiple of the ranks"
-        )
-    if args.policy not in DEFAULT_POLICIES:
-        known = ", ".join(DEFAULT_POLICIES.names)
-        return f"--policy {args.policy!r} is not a registered policy (known: {known})"
-    return None
+    experts = f"--experts {args.experts}"
+    return slots_problem(experts, args.experts, args.redundant, args.ranks) or policy_problem(
+        args.policy
+    )
 
 
 def _demo(args: argparse.Namespace, out: TextIO) -> int:
