@@ -150,6 +150,21 @@ def test_help_does_not_import_torch() -> None:
     assert done.stdout.strip() == "False"
 
 
+def test_every_public_name_is_imported_lazily_from_the_module_that_defines_it() -> None:
+    # The package imports its public names on first use (for a fast --help): the lazy table,
+    # __all__ and what each name resolves to must agree, or a name would be missing at run time.
+    import importlib
+
+    import moe_protocols
+
+    exports = moe_protocols._EXPORTS
+    assert sorted(exports) == sorted(n for n in moe_protocols.__all__ if n != "__version__")
+    for name, module in exports.items():
+        assert getattr(moe_protocols, name) is getattr(importlib.import_module(module), name)
+    with pytest.raises(AttributeError, match="no attribute 'Misspelt'"):
+        getattr(moe_protocols, "Misspelt")  # noqa: B009  (a name the package does not have)
+
+
 _BAD_USAGE = [
     # (argv, what the message must name)
     (["demo", "--steps", "x"], "argument --steps: must be an int >= 1, got 'x'"),
