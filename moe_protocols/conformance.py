@@ -23,6 +23,8 @@ from typing import Final, Protocol, TypeVar, cast, runtime_checkable
 import attrs
 import torch
 
+from moe_protocols.protocols import COUNT_MEMBERS, LAYER_METHODS, MODEL_MEMBERS, MODEL_METHODS
+
 __all__ = [
     "ConformanceReport",
     "Problem",
@@ -34,40 +36,10 @@ __all__ = [
 MIXTURE_OF_EXPERTS: Final = "MixtureOfExperts"
 MOE_LAYER: Final = "MoELayer"
 
-COUNT_MEMBERS: Final[tuple[str, ...]] = (
-    "num_moe_layers",
-    "num_expert_groups",
-    "num_logical_experts",
-    "num_physical_experts",
-    "num_local_physical_experts",
-    "num_routed_experts",
-    "num_shared_experts",
-    "num_redundant_experts",
-)
-"""The protocol's ``int`` data members, in protocol order."""
+# The member lists (COUNT_MEMBERS, MODEL_MEMBERS, MODEL_METHODS, LAYER_METHODS)
+# come from ``protocols``, read off the classes there; they are re-exported
+# here because callers found them in this module first.
 
-MODEL_MEMBERS: Final[tuple[str, ...]] = (
-    "expert_weights",
-    *COUNT_MEMBERS,
-    "moe_layers",
-    "set_eplb_state",
-    "update_physical_experts_metadata",
-)
-"""Every ``MixtureOfExperts`` member, in protocol order (the order problems are listed in)."""
-
-# Keyword names a runner (and EPLB) passes to each method; a method that
-# renames one breaks the runner at call time, so the signature is checked.
-_MODEL_METHODS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
-    ("set_eplb_state", ("expert_load_view", "logical_to_physical_map", "logical_replica_count")),
-    ("update_physical_experts_metadata", ("num_physical_experts", "num_local_physical_experts")),
-)
-_LAYER_METHODS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
-    ("get_expert_weights", ()),
-    (
-        "set_eplb_state",
-        ("moe_layer_idx", "expert_load_view", "logical_to_physical_map", "logical_replica_count"),
-    ),
-)
 
 # Element-level problems (one per layer or tensor) are listed up to this many
 # per collection, then counted in one summary problem: a 60-layer model with
@@ -437,7 +409,7 @@ def check_layer_conformance(layer: object, *, path: str) -> ConformanceReport:
                 problems=(_not_instance(layer, MOE_LAYER),),
             )
         problems: list[Problem] = []
-        _check_methods(layer, _LAYER_METHODS, problems)
+        _check_methods(layer, LAYER_METHODS, problems)
         return ConformanceReport(
             subject=subject, path=path, protocol=MOE_LAYER, problems=tuple(problems)
         )
@@ -538,7 +510,7 @@ def _check_model(obj: object, path: str) -> ConformanceReport:
         num_layers = _guarded("moe_layers", layers_found, check_layers)
 
     method_problems: list[Problem] = []
-    _check_methods(obj, _MODEL_METHODS, method_problems)
+    _check_methods(obj, MODEL_METHODS, method_problems)
 
     problems: list[Problem] = list(by_member["expert_weights"])
     for name in COUNT_MEMBERS:

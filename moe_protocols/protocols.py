@@ -12,14 +12,24 @@ use L = MoE layers, E = logical experts, P = physical expert slots.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, MutableSequence, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 from typing_extensions import TypeVar
 
-__all__ = ["LayerT_co", "MixtureOfExperts", "MoELayer", "SupportsLanguageModel"]
+__all__ = [
+    "COUNT_MEMBERS",
+    "LAYER_METHODS",
+    "LayerT_co",
+    "MODEL_MEMBERS",
+    "MODEL_METHODS",
+    "MixtureOfExperts",
+    "MoELayer",
+    "SupportsLanguageModel",
+]
 
 
 @runtime_checkable
@@ -158,3 +168,45 @@ class SupportsLanguageModel(Protocol):
     def get_language_model(self) -> object:
         """Return the wrapped language model; may raise ``NotImplementedError``."""
         ...
+
+
+# The member lists below are read off the protocol classes above, so the
+# contract is written once: adding a member to a protocol adds it to every
+# check that walks these lists (conformance, the walk, the state, the plugin).
+
+
+def _methods(protocol: type) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each method a protocol declares, with its keyword parameter names (``self`` dropped)."""
+    found: list[tuple[str, tuple[str, ...]]] = []
+    for name, value in vars(protocol).items():
+        if name.startswith("_") or not inspect.isfunction(value):
+            continue
+        parameters = tuple(inspect.signature(value).parameters)[1:]
+        found.append((name, parameters))
+    return tuple(found)
+
+
+def _data_members(protocol: type) -> tuple[str, ...]:
+    """The data members a protocol annotates, in declaration order."""
+    annotations: dict[str, object] = vars(protocol).get("__annotations__", {})
+    return tuple(annotations)
+
+
+_MODEL_DATA: Final = _data_members(MixtureOfExperts)
+
+COUNT_MEMBERS: Final[tuple[str, ...]] = tuple(
+    name for name in _MODEL_DATA if vars(MixtureOfExperts)["__annotations__"][name] == "int"
+)
+"""The ``MixtureOfExperts`` ``int`` data members, in protocol order."""
+
+MODEL_METHODS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = _methods(MixtureOfExperts)
+"""Each ``MixtureOfExperts`` method with the keyword names a runner passes to it."""
+
+LAYER_METHODS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = _methods(MoELayer)
+"""Each ``MoELayer`` method with the keyword names EPLB passes to it."""
+
+MODEL_MEMBERS: Final[tuple[str, ...]] = (
+    *_MODEL_DATA,
+    *(name for name, _ in MODEL_METHODS),
+)
+"""Every ``MixtureOfExperts`` member, in protocol order (data members, then methods)."""

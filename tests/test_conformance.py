@@ -25,7 +25,10 @@ from moe_protocols.conformance import (
     check_layer_conformance,
 )
 from moe_protocols.models import tiny_moe, tiny_vlm
+from moe_protocols.protocols import COUNT_MEMBERS, LAYER_METHODS, MODEL_MEMBERS, MODEL_METHODS
 
+# Written out by hand on purpose: vLLM 0.33's MixtureOfExperts has exactly
+# these members, and the lists read off our protocol classes must match it.
 ALL_MEMBERS = (
     "expert_weights",
     "num_moe_layers",
@@ -40,6 +43,24 @@ ALL_MEMBERS = (
     "set_eplb_state",
     "update_physical_experts_metadata",
 )
+
+
+def test_member_lists_read_off_the_protocols_match_vllms_members() -> None:
+    assert MODEL_MEMBERS == ALL_MEMBERS
+    assert tuple(m for m in ALL_MEMBERS if m.startswith("num_")) == COUNT_MEMBERS
+    assert dict(MODEL_METHODS) == {
+        "set_eplb_state": ("expert_load_view", "logical_to_physical_map", "logical_replica_count"),
+        "update_physical_experts_metadata": ("num_physical_experts", "num_local_physical_experts"),
+    }
+    assert dict(LAYER_METHODS) == {
+        "get_expert_weights": (),
+        "set_eplb_state": (
+            "moe_layer_idx",
+            "expert_load_view",
+            "logical_to_physical_map",
+            "logical_replica_count",
+        ),
+    }
 
 
 def faults(report: ConformanceReport) -> set[tuple[str, ProblemKind]]:

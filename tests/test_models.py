@@ -24,18 +24,7 @@ from moe_protocols.models import (
     tiny_vlm,
 )
 from moe_protocols.parallel import ExpertParallelContext
-from moe_protocols.protocols import MixtureOfExperts, MoELayer
-
-COUNT_MEMBERS = (
-    "num_moe_layers",
-    "num_expert_groups",
-    "num_logical_experts",
-    "num_physical_experts",
-    "num_local_physical_experts",
-    "num_routed_experts",
-    "num_shared_experts",
-    "num_redundant_experts",
-)
+from moe_protocols.protocols import COUNT_MEMBERS, MixtureOfExperts, MoELayer
 
 
 def token_ids(batch: int = 4, seq: int = 16, vocab: int = 128, seed: int = 1) -> Tensor:

@@ -47,18 +47,8 @@ from moe_protocols.errors import NotMixtureOfExpertsError, ResolutionConfigError
 from moe_protocols.guards import is_mixture_of_experts
 from moe_protocols.models import TinyProxyVLMForConditionalGeneration, tiny_proxy_vlm, tiny_vlm
 from moe_protocols.models._tiny_moe import TinyMoEBlock
+from moe_protocols.protocols import COUNT_MEMBERS as COUNTS
 from moe_protocols.protocols import MixtureOfExperts, MoELayer
-
-COUNTS = (
-    "num_moe_layers",
-    "num_expert_groups",
-    "num_logical_experts",
-    "num_physical_experts",
-    "num_local_physical_experts",
-    "num_routed_experts",
-    "num_shared_experts",
-    "num_redundant_experts",
-)
 
 
 def outcomes(trace: ResolutionTrace) -> list[TraceOutcome]:

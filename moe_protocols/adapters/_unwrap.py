@@ -22,6 +22,7 @@ from moe_protocols.adapters._step import UnwrapStep, attribute_probe, method_pro
 from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace, TraceEntry, TraceOutcome
 from moe_protocols.conformance import ConformanceReport, check_conformance
 from moe_protocols.errors import ResolutionConfigError
+from moe_protocols.protocols import COUNT_MEMBERS
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -141,18 +142,6 @@ class _Candidate:
     step: str
 
 
-_COUNT_MEMBERS: Final = (
-    "num_moe_layers",
-    "num_expert_groups",
-    "num_logical_experts",
-    "num_physical_experts",
-    "num_local_physical_experts",
-    "num_routed_experts",
-    "num_shared_experts",
-    "num_redundant_experts",
-)
-
-
 def _forwards_counts(obj: object) -> bool:
     """Whether ``obj`` has none of the counts itself and reaches them through ``__getattr__``.
 
@@ -160,7 +149,7 @@ def _forwards_counts(obj: object) -> bool:
     wrapper and shadow the model's own value, so the walk prefers the object
     the wrapper forwards to.
     """
-    for name in _COUNT_MEMBERS:
+    for name in COUNT_MEMBERS:
         try:
             inspect.getattr_static(obj, name)
         except AttributeError:

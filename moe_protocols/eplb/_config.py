@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import attrs
 
+from moe_protocols._validate import Validator, int_field
 from moe_protocols.errors import EplbConfigError
 
 from . import _limits
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 __all__ = ["EplbConfig"]
 
 _NAME: Final = "EplbConfig"
 
 
-def _int_at_least(minimum: int) -> Callable[[object, attrs.Attribute[int], object], None]:
+_TYPE: Final = "{label} must be an int, got {type} {value!r}"
+
+
+def _int_at_least(minimum: int) -> Validator:
     """Validator: an ``int`` (never a ``bool``) that is ``>= minimum``."""
-
-    def check(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-        # bool is a subclass of int; a flag passed where a count belongs is a bug.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise EplbConfigError(
-                f"{_NAME}.{attribute.name} must be an int, got {type(value).__name__} {value!r}"
-            )
-        if value < minimum:
-            bound = "> 0" if minimum == 1 else f">= {minimum}"
-            raise EplbConfigError(f"{_NAME}.{attribute.name} must be {bound}, got {value}")
-
-    return check
+    bound = "> 0" if minimum == 1 else ">= {minimum}"
+    return int_field(
+        minimum,
+        EplbConfigError,
+        owner=_NAME,
+        template="{label} must be " + bound + ", got {value}",
+        type_template=_TYPE,
+    )
 
 
 def _check_window(instance: object, attribute: attrs.Attribute[int], value: object) -> None:

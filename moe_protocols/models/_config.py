@@ -7,40 +7,31 @@ tokens takes milliseconds on one CPU core.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Final
 
 import attrs
 
+from moe_protocols._validate import Validator, int_field
 from moe_protocols.errors import EplbConfigError, ModelConfigError, ModelInputError
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 __all__ = ["ModelConfigError", "ModelInputError", "TinyMoEConfig", "TinyVLMConfig"]
 
 
-def _at_least(minimum: int) -> Callable[[object, attrs.Attribute[int], object], None]:
+def _at_least(minimum: int) -> Validator:
     """Validator: the field is an ``int`` (not a ``bool``) and at least ``minimum``."""
-
-    def check(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-        owner = type(instance).__name__
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ModelConfigError(
-                f"{owner}.{attribute.name} must be an int, got {type(value).__name__} {value!r}"
-            )
-        if value < minimum:
-            raise ModelConfigError(f"{owner}.{attribute.name} must be >= {minimum}, got {value}")
-
-    return check
+    return int_field(
+        minimum,
+        ModelConfigError,
+        template="{label} must be >= {minimum}, got {value}",
+        type_template="{label} must be an int, got {type} {value!r}",
+    )
 
 
-def _redundant_count(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-    owner = type(instance).__name__
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise EplbConfigError(
-            f"{owner}.{attribute.name} must be an int >= 0 (extra physical expert slots), "
-            f"got {value!r}"
-        )
+_redundant_count: Final = int_field(
+    0,
+    EplbConfigError,
+    template="{label} must be an int >= {minimum} (extra physical expert slots), got {value!r}",
+)
 
 
 @attrs.frozen
