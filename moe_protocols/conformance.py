@@ -37,8 +37,7 @@ MIXTURE_OF_EXPERTS: Final = "MixtureOfExperts"
 MOE_LAYER: Final = "MoELayer"
 
 # The member lists (COUNT_MEMBERS, MODEL_MEMBERS, MODEL_METHODS, LAYER_METHODS)
-# come from ``protocols``, read off the classes there; they are re-exported
-# here because callers found them in this module first.
+# come from ``protocols``, read off the classes there; import them from there.
 
 
 # Element-level problems (one per layer or tensor) are listed up to this many

@@ -22,7 +22,7 @@ from moe_protocols.building import (
     route_to_physical,
     swiglu_experts,
 )
-from moe_protocols.conformance import COUNT_MEMBERS, check_conformance
+from moe_protocols.conformance import check_conformance
 from moe_protocols.eplb._maps import compute_logical_maps
 from moe_protocols.errors import (
     CheckpointError,
@@ -32,6 +32,7 @@ from moe_protocols.errors import (
     ModelInputError,
 )
 from moe_protocols.parallel import ExpertParallelContext
+from moe_protocols.protocols import COUNT_MEMBERS
 
 HIDDEN, INTER, EXPERTS = 16, 24, 4
 

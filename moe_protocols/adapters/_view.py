@@ -20,9 +20,9 @@ from typing_extensions import TypeVar
 from moe_protocols.adapters._forward import forwarded
 from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace, TraceOutcome
 from moe_protocols.adapters._unwrap import DEFAULT_UNWRAP_STEPS, UnwrapStep, walk
-from moe_protocols.conformance import MIXTURE_OF_EXPERTS, MODEL_MEMBERS, ProblemKind
+from moe_protocols.conformance import MIXTURE_OF_EXPERTS, ProblemKind
 from moe_protocols.errors import NotMixtureOfExpertsError, ResolutionConfigError
-from moe_protocols.protocols import MixtureOfExperts, MoELayer
+from moe_protocols.protocols import MODEL_MEMBERS, MixtureOfExperts, MoELayer
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, MutableSequence, Sequence

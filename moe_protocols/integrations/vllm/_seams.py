@@ -15,8 +15,8 @@ from collections.abc import Callable, Generator
 from typing import Any, Final, cast
 
 from moe_protocols.adapters import MoEView
-from moe_protocols.conformance import MODEL_MEMBERS
 from moe_protocols.errors import NotMixtureOfExpertsError
+from moe_protocols.protocols import MODEL_MEMBERS
 
 __all__ = [
     "EPLB_MEMBERS",
