@@ -27,17 +27,20 @@ from ._transfer import TransferPlan, TransferStats, plan_transfer
 if TYPE_CHECKING:
     from moe_protocols.parallel import ExpertParallelContext
 
+    from ._agreement import RankGroup
     from ._mapping_io import Placement
     from ._transfer import StagedTransfer
 
 __all__ = [
     "AskPolicy",
+    "ModelPlanner",
     "ModelPlan",
     "PlanFigures",
     "check_load",
     "mapping_plan",
     "plan_model",
     "summarise",
+    "window_load",
 ]
 
 AskPolicy: TypeAlias = Callable[[ModelEplbState, Tensor, Tensor, int, int], Tensor]
@@ -81,6 +84,21 @@ class ModelPlan:
     planning_seconds: float
     figures: PlanFigures | None = None
     """The rearrangement's figures; ``None`` for a placement restored by ``update_mapping``."""
+
+
+def window_load(state: ModelEplbState, group: RankGroup) -> Tensor:
+    """``[L, P]`` int64 on CPU: the window's load per physical slot, summed over ranks.
+
+    Physical, not logical, so that the realised balancedness can be measured
+    per slot and a bad row can be traced to its slot; every rank gets the
+    same tensor, so every rank takes the same decisions from it.
+    """
+    physical = state.expert_load_window.sum(dim=0, dtype=torch.int64)
+    return group.collective(
+        "load reduce",
+        f"all-reducing the expert load of model {state.model_name!r}",
+        lambda wait: group.ep.all_reduce_(physical, wait=wait),
+    ).cpu()
 
 
 def check_load(state: ModelEplbState, physical: Tensor) -> None:
@@ -219,6 +237,44 @@ def mapping_plan(
     old_map = state.physical_to_logical_map.to("cpu", copy=True)
     logical_maps, transfer, planning_seconds = _planned(state, old_map, new_map, ep)
     return ModelPlan(state, old_map, new_map, logical_maps, transfer, planning_seconds)
+
+
+@attrs.frozen
+class ModelPlanner:
+    """Plans moves for the models of one EPLB state: its policy, EP group and placement topology."""
+
+    ask: AskPolicy
+    ep: ExpertParallelContext
+    num_ranks: int
+    num_nodes: int
+    window_size: int
+
+    def rearrangement(
+        self, state: ModelEplbState, physical: Tensor, previous: float | None
+    ) -> ModelPlan:
+        """A rearrangement's plan for ``state`` from its window's load (see :func:`plan_model`)."""
+        return plan_model(
+            state,
+            physical,
+            self.ask,
+            ep=self.ep,
+            num_ranks=self.num_ranks,
+            num_nodes=self.num_nodes,
+            window_size=self.window_size,
+            previous=previous,
+        )
+
+    def restoring(
+        self, state: ModelEplbState, physical_to_logical_map: Tensor | Placement
+    ) -> ModelPlan:
+        """The plan of the move to a given placement (see :func:`mapping_plan`)."""
+        return mapping_plan(
+            state,
+            physical_to_logical_map,
+            ep=self.ep,
+            num_ranks=self.num_ranks,
+            num_nodes=self.num_nodes,
+        )
 
 
 def summarise(

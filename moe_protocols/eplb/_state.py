@@ -19,21 +19,14 @@ import torch
 from torch import Tensor
 
 from moe_protocols._torch_typed import int_rows
-from moe_protocols.errors import (
-    EplbConfigError,
-    EplbStateError,
-    MoEProtocolsError,
-    PolicyError,
-)
+from moe_protocols.errors import EplbConfigError, EplbStateError, MoEProtocolsError, PolicyError
 from moe_protocols.parallel import ExpertParallelContext
 
-from . import _limits
 from ._agreement import RankGroup, describe, digest
 from ._commit import FingerprintTables, commit, stage_plans
-from ._distributed import TransferOptions, layout_digest, receive_budget
-from ._fingerprint import INTEGRITY_MODES, IntegrityMode
+from ._distributed import TransferOptions, receive_budget
+from ._fingerprint import IntegrityMode
 from ._mapping_io import Placement, save_placement
-from ._metrics import rank_loads_from_physical
 from ._model_state import (
     ModelEplbState,
     allocate,
@@ -43,20 +36,17 @@ from ._model_state import (
     wire,
 )
 from ._ownership import track_owner
-from ._planning import ModelPlan, mapping_plan, plan_model, summarise
+from ._planning import ModelPlan, ModelPlanner, summarise, window_load
 from ._policy import DEFAULT_POLICIES, PolicyRegistry, RebalancePolicy, check_policy_output
 from ._reporting import RearrangementLog, log_pass_balancedness
-from ._results import (
-    BalancednessStats,
-    ModelRearrangement,
-    RearrangementResult,
-)
+from ._results import BalancednessStats, ModelRearrangement, RearrangementResult
+from ._settings import checked_integrity, placement_topology, torch_device
 from ._state_view import EplbStateView
+from ._transfer_options import layout_digest_under
 from ._wiring import WiringSnapshot
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Sequence
 
     from moe_protocols.protocols import MixtureOfExperts
 
@@ -74,30 +64,6 @@ _SINGLE_PROCESS: Final = ExpertParallelContext()
 _DEFAULT_TRANSFER: Final = TransferOptions()
 
 
-def _placement_topology(
-    ep: ExpertParallelContext, num_ranks: int | None, num_nodes: int | None
-) -> tuple[int, int]:
-    """The ``(ranks, nodes)`` a state plans for: the EP group's unless given, checked to fit it."""
-    ranks = ep.world_size if num_ranks is None else num_ranks
-    nodes = ep.num_nodes if num_nodes is None else num_nodes
-    for name, value in (("num_ranks", ranks), ("num_nodes", nodes)):
-        if type(value) is not int or value < 1:
-            raise EplbConfigError(f"EplbState: {name} must be an int >= 1, got {value!r}")
-        limit = "MAX_RANKS" if name == "num_ranks" else "MAX_NODES"
-        _limits.check_count(f"EplbState: {name}", value, limit, EplbConfigError)
-    if ranks % ep.world_size != 0:
-        raise EplbConfigError(
-            f"EplbState: num_ranks={ranks} must be a multiple of the EP group's "
-            f"world_size={ep.world_size} (each process holds whole placement ranks)"
-        )
-    if ranks % nodes != 0:
-        raise EplbConfigError(
-            f"EplbState: num_nodes={nodes} must divide num_ranks={ranks} "
-            "(every node holds the same number of ranks)"
-        )
-    return ranks, nodes
-
-
 def _policy_named(config: EplbConfig, policies: PolicyRegistry) -> RebalancePolicy:
     try:
         return policies.get(config.policy)
@@ -106,13 +72,6 @@ def _policy_named(config: EplbConfig, policies: PolicyRegistry) -> RebalancePoli
             f"EplbConfig.policy={config.policy!r} is not a known EPLB policy; "
             f"known policies: {', '.join(policies.names) or '(none)'}"
         ) from exc
-
-
-def _torch_device(device: torch.device | str) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise EplbConfigError(f"EplbState: device {device!r} is not a torch device: {exc}") from exc
 
 
 @final
@@ -179,20 +138,18 @@ class EplbState(EplbStateView):
                 known ones), ``device`` is not a torch device, or the placement
                 topology does not fit the EP group, or ``integrity`` is not a mode.
         """
-        if integrity not in INTEGRITY_MODES:
-            raise EplbConfigError(
-                f"EplbState: integrity must be one of {', '.join(map(repr, INTEGRITY_MODES))}, "
-                f"got {integrity!r}"
-            )
-        self._integrity: IntegrityMode = integrity
+        self._integrity: IntegrityMode = checked_integrity(integrity)
         self._tables = FingerprintTables(integrity)
-        self._num_ranks, self._num_nodes = _placement_topology(ep, num_ranks, num_nodes)
+        self._num_ranks, self._num_nodes = placement_topology(ep, num_ranks, num_nodes)
         self._policy: RebalancePolicy = _policy_named(config, policies)
-        self._device = _torch_device(device)
+        self._device = torch_device(device)
         self._config = config
         self._ep = ep
         self._group = RankGroup(ep, self._device, transfer.phase_hook)
         self._transfer = transfer
+        self._planner = ModelPlanner(
+            self._ask_policy, ep, self._num_ranks, self._num_nodes, config.window_size
+        )
         self._models: dict[str, ModelEplbState] = {}
         self._window_step = 0
         self._step = 0
@@ -393,34 +350,7 @@ class EplbState(EplbStateView):
             self._step = 0
             self.rearrange()
 
-    def balancedness(self, model_name: str = "model") -> BalancednessStats:
-        """Balancedness of the load recorded in the current window, summed over EP ranks.
-
-        Uses the measured per-slot load, so replicas count where they really ran.
-        A window without load has no balancedness: the figures are NaN and
-        ``has_data`` is False (never a perfect 1.0). An all-reduce: call on
-        every EP rank.
-        """
-        state = self.model_state(model_name)
-        physical = self._ep.all_reduce_(state.expert_load_window.sum(dim=0, dtype=torch.int64))
-        rank_load = rank_loads_from_physical(physical, self._num_ranks).cpu()
-        return BalancednessStats.from_rank_load(model_name, rank_load)
-
     # ------------------------------------------------------------ rearrangement
-
-    def _window_load(self, state: ModelEplbState) -> Tensor:
-        """``[L, P]`` int64 on CPU: the window's load per physical slot, summed over ranks.
-
-        Physical, not logical, so that the realised balancedness can be measured
-        per slot and a bad row can be traced to its slot; every rank gets the
-        same tensor, so every rank takes the same decisions from it.
-        """
-        physical = state.expert_load_window.sum(dim=0, dtype=torch.int64)
-        return self._group.collective(
-            "load reduce",
-            f"all-reducing the expert load of model {state.model_name!r}",
-            lambda wait: self._ep.all_reduce_(physical, wait=wait),
-        ).cpu()
 
     def rearrange(self) -> RearrangementResult:
         """Plan a new placement for every model from the window's load, move weights, commit maps.
@@ -503,29 +433,27 @@ class EplbState(EplbStateView):
                 self._models, (self._policy.name, self._integrity, self._num_ranks, self._num_nodes)
             )
             self._group.check_lockstep((self._steps_taken, self._rearrangements), readable, mine)
-        loads = [self._window_load(state) for state in self._models.values()]
+        loads = [window_load(state, self._group) for state in self._models.values()]
         plans: list[ModelPlan] = []
         failure: Exception | None = None
         try:
             for state, load in zip(self._models.values(), loads, strict=True):
-                plans.append(
-                    plan_model(
-                        state,
-                        load,
-                        self._ask_policy,
-                        ep=self._ep,
-                        num_ranks=self._num_ranks,
-                        num_nodes=self._num_nodes,
-                        window_size=self._config.window_size,
-                        previous=self._planned.get(state.model_name),
-                    )
-                )
+                previous = self._planned.get(state.model_name)
+                plans.append(self._planner.rearrangement(state, load, previous))
         except Exception as exc:
             if not distributed:
                 raise
             failure = exc
         if distributed:
-            self._agree_on_plans(plans, failure)
+            self._group.check_plans(
+                failure,
+                lambda: [
+                    digest([(p.state.model_name, counts(p.state.model)) for p in plans]),
+                    digest([int_rows(p.new_map) for p in plans]),
+                    digest([self._layout(p.state) for p in plans]),
+                ],
+                self._policy.name,
+            )
             self._tables.ensure(plans, self._group)
         return plans
 
@@ -557,21 +485,8 @@ class EplbState(EplbStateView):
     def _registered_models(self) -> list[tuple[str, MixtureOfExperts]]:
         return [(name, state.model) for name, state in self._models.items()]
 
-    def _layout_digest(self, state: ModelEplbState) -> int:
-        weights = state.model.expert_weights
-        return layout_digest(weights, receive_budget(weights, self._transfer))
-
-    def _agree_on_plans(self, plans: Sequence[ModelPlan], failure: Exception | None) -> None:
-        """Across ranks: share planning failures and compare what every rank is about to do."""
-        self._group.check_plans(
-            failure,
-            lambda: [
-                digest([(p.state.model_name, counts(p.state.model)) for p in plans]),
-                digest([int_rows(p.new_map) for p in plans]),
-                digest([self._layout_digest(p.state) for p in plans]),
-            ],
-            self._policy.name,
-        )
+    def _layout(self, state: ModelEplbState) -> int:
+        return layout_digest_under(state.model.expert_weights, self._transfer)
 
     # ------------------------------------------------------------ restoring a placement
 
@@ -604,41 +519,28 @@ class EplbState(EplbStateView):
         failure: Exception | None = None
         plan: ModelPlan | None = None
         try:
-            plan = mapping_plan(
-                self.model_state(model_name),
-                physical_to_logical_map,
-                ep=self._ep,
-                num_ranks=self._num_ranks,
-                num_nodes=self._num_nodes,
-            )
+            plan = self._planner.restoring(self.model_state(model_name), physical_to_logical_map)
         except Exception as exc:
             if not self._ep.is_distributed:
                 raise
             failure = exc
         if self._ep.is_distributed:
-            self._agree_on_placement(model_name, plan, failure)
+            self._group.check_placement(
+                failure,
+                lambda: (
+                    []
+                    if plan is None
+                    else [digest(int_rows(plan.new_map)), self._layout(plan.state)]
+                ),
+                model_name,
+            )
         # A rank without a plan re-raised its failure in the agreement above.
         assert plan is not None
-        if self._ep.is_distributed:
-            self._tables.ensure([plan], self._group)
+        self._tables.ensure([plan], self._group)  # one process: every model has its table
         staged = stage_plans([plan], self._group, self._transfer)
         commit([plan], staged, self._group, self._tables)
         _clear_load(plan.state)
         self._planned.pop(model_name, None)
-
-    def _agree_on_placement(
-        self, model_name: str, plan: ModelPlan | None, failure: Exception | None
-    ) -> None:
-        """Across ranks: share a rejected placement and check every rank restores the same."""
-        self._group.check_placement(
-            failure,
-            lambda: (
-                []
-                if plan is None
-                else [digest(int_rows(plan.new_map)), self._layout_digest(plan.state)]
-            ),
-            model_name,
-        )
 
     @classmethod
     def from_mapping(

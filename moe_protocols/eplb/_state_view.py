@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from moe_protocols.errors import EplbStateError
 
+from ._metrics import rank_loads_from_physical
+from ._results import BalancednessStats
+
 if TYPE_CHECKING:
-    import torch
     from torch import Tensor
 
     from moe_protocols.parallel import ExpertParallelContext
@@ -136,6 +140,19 @@ class EplbStateView:
     def expert_load_window(self, model_name: str = "model") -> Tensor:
         """A copy of the model's ``[W, L, P]`` load window."""
         return self.model_state(model_name).expert_load_window.clone()
+
+    def balancedness(self, model_name: str = "model") -> BalancednessStats:
+        """Balancedness of the load recorded in the current window, summed over EP ranks.
+
+        Uses the measured per-slot load, so replicas count where they really ran.
+        A window without load has no balancedness: the figures are NaN and
+        ``has_data`` is False (never a perfect 1.0). An all-reduce: call on
+        every EP rank.
+        """
+        state = self.model_state(model_name)
+        physical = self._ep.all_reduce_(state.expert_load_window.sum(dim=0, dtype=torch.int64))
+        rank_load = rank_loads_from_physical(physical, self._num_ranks).cpu()
+        return BalancednessStats.from_rank_load(model_name, rank_load)
 
     @property
     def integrity(self) -> IntegrityMode:

@@ -30,6 +30,7 @@ __all__ = [
     "TransferOptions",
     "default_buffer_bytes",
     "layout_digest",
+    "layout_digest_under",
     "receive_budget",
     "row_bytes",
 ]
@@ -150,3 +151,10 @@ def layout_digest(expert_weights: Sequence[Sequence[Tensor]], budget: int) -> in
         ],
         budget,
     )
+
+
+def layout_digest_under(
+    expert_weights: Sequence[Sequence[Tensor]], options: TransferOptions
+) -> int:
+    """:func:`layout_digest` of a model's weights at the batch size ``options`` give them."""
+    return layout_digest(expert_weights, receive_budget(expert_weights, options))
