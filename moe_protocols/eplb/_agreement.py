@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from moe_protocols.parallel import ExpertParallelContext
 
-    from ._model_state import ModelEplbState
+    from ._results import ModelEplbState
 
 __all__ = ["GroupVerdict", "RankGroup", "agree", "describe", "digest"]
 

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from ._agreement import RankGroup
     from ._deadline import Phase
     from ._fingerprint import IntegrityMode
-    from ._model_state import ModelEplbState
     from ._planning import ModelPlan
+    from ._results import ModelEplbState
 
 __all__ = ["FingerprintTables", "commit", "stage_plans"]
 

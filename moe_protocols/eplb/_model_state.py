@@ -1,4 +1,4 @@
-"""The live EPLB tensors of one registered model: checking a model, allocating and wiring them.
+"""Registering a model's live EPLB tensors: checking the model, allocating and wiring them.
 
 Registration reads the model only until everything about it has been checked
 (conformance, sizes, ownership, counts); then :func:`allocate` builds its
@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Final
 
-import attrs
 import torch
 from torch import Tensor
 
@@ -27,6 +26,7 @@ from . import _limits
 from ._integrity import aliasing_problem
 from ._maps import compute_logical_maps, initial_placement, max_replicas
 from ._ownership import find_owner
+from ._results import ModelEplbState
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_WEIGHTS_PER_LAYER",
     "SHARED_COUNTS",
-    "ModelEplbState",
     "allocate",
     "check_expert_weights",
     "check_registrable",
@@ -48,54 +47,6 @@ __all__ = [
     "ep_problem",
     "wire",
 ]
-
-
-@attrs.frozen(eq=False)
-class ModelEplbState:
-    """The live EPLB tensors of one registered model.
-
-    The model's MoE layers hold views of these tensors, so they are never
-    rebound, only written in place by :class:`EplbState`. Treat them as
-    read-only: writing into them changes what the layers route to without
-    moving any weight.
-    """
-
-    model_name: str
-    """Name the model was registered under."""
-    model: MixtureOfExperts
-    """The registered model (for example a ``MoEView``); its expert weights are moved in place."""
-    physical_to_logical_map: Tensor
-    """``[L, P]`` int64: logical expert held by each physical slot."""
-    logical_to_physical_map: Tensor
-    """``[L, E, max_replicas]`` int64: physical slots of each expert, ascending, ``-1`` padded."""
-    logical_replica_count: Tensor
-    """``[L, E]`` int64: replicas of each expert."""
-    expert_load_pass: Tensor
-    """``[L, P]`` int32: load the layers recorded since the last ``step()``."""
-    expert_load_window: Tensor
-    """``[W, L, P]`` int32: the load of the last ``W`` recorded steps (circular)."""
-    num_local_physical_experts: int
-    """Physical slots per EP rank."""
-
-    @property
-    def num_layers(self) -> int:
-        """MoE layers ``L``."""
-        return int(self.physical_to_logical_map.shape[0])
-
-    @property
-    def num_physical_experts(self) -> int:
-        """Physical slots ``P``."""
-        return int(self.physical_to_logical_map.shape[1])
-
-    @property
-    def num_logical_experts(self) -> int:
-        """Logical experts ``E``."""
-        return int(self.logical_replica_count.shape[1])
-
-    @property
-    def max_replicas(self) -> int:
-        """Last dimension of ``logical_to_physical_map`` (``P - E + 1``)."""
-        return int(self.logical_to_physical_map.shape[2])
 
 
 def ep_problem(

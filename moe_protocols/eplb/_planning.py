@@ -9,7 +9,7 @@ move did (:func:`summarise`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
@@ -20,8 +20,7 @@ from moe_protocols.errors import ExpertLoadError, MappingError
 
 from ._maps import compute_logical_maps, validate_placement
 from ._metrics import expected_rank_loads, rank_loads_from_physical, slots_changed
-from ._model_state import ModelEplbState
-from ._results import ModelRearrangement, mean_with_data, per_layer_with_data
+from ._results import ModelEplbState, ModelRearrangement, mean_with_data, per_layer_with_data
 from ._transfer import TransferPlan, TransferStats, plan_transfer
 
 if TYPE_CHECKING:
@@ -40,6 +39,7 @@ __all__ = [
     "mapping_plan",
     "plan_model",
     "summarise",
+    "summarise_all",
     "window_load",
 ]
 
@@ -304,3 +304,15 @@ def summarise(
         skipped=figures.skipped,
         layers_without_load=figures.layers_without_load,
     )
+
+
+def summarise_all(
+    plans: Sequence[ModelPlan],
+    staged: Sequence[StagedTransfer],
+    committed: Sequence[tuple[TransferStats, float]],
+) -> dict[str, ModelRearrangement]:
+    """:func:`summarise` of every committed plan, keyed by model name, in the plans' order."""
+    return {
+        plan.state.model_name: summarise(plan, transfer, stats, commit_seconds)
+        for plan, transfer, (stats, commit_seconds) in zip(plans, staged, committed, strict=True)
+    }

@@ -19,8 +19,7 @@ from ._results import BalancednessStats
 if TYPE_CHECKING:
     from moe_protocols.parallel import ExpertParallelContext
 
-    from ._model_state import ModelEplbState
-    from ._results import RearrangementResult
+    from ._results import ModelEplbState, RearrangementResult
 
 __all__ = ["RearrangementLog", "log_pass_balancedness", "logger"]
 

@@ -13,6 +13,7 @@ ranks, ``W`` window steps.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Final, final
 
 import torch
@@ -28,7 +29,6 @@ from ._distributed import TransferOptions, receive_budget
 from ._fingerprint import IntegrityMode
 from ._mapping_io import Placement, save_placement
 from ._model_state import (
-    ModelEplbState,
     allocate,
     check_expert_weights,
     check_registrable,
@@ -36,10 +36,15 @@ from ._model_state import (
     wire,
 )
 from ._ownership import track_owner
-from ._planning import ModelPlan, ModelPlanner, summarise, window_load
+from ._planning import ModelPlan, ModelPlanner, summarise_all, window_load
 from ._policy import DEFAULT_POLICIES, PolicyRegistry, RebalancePolicy, check_policy_output
 from ._reporting import RearrangementLog, log_pass_balancedness
-from ._results import BalancednessStats, ModelRearrangement, RearrangementResult
+from ._results import (
+    BalancednessStats,
+    ModelEplbState,
+    ModelRearrangement,
+    RearrangementResult,
+)
 from ._settings import checked_integrity, placement_topology, torch_device
 from ._state_view import EplbStateView
 from ._transfer_options import layout_digest_under
@@ -72,6 +77,34 @@ def _policy_named(config: EplbConfig, policies: PolicyRegistry) -> RebalancePoli
             f"EplbConfig.policy={config.policy!r} is not a known EPLB policy; "
             f"known policies: {', '.join(policies.names) or '(none)'}"
         ) from exc
+
+
+def _ask_policy(
+    policy: RebalancePolicy,
+    state: ModelEplbState,
+    load: Tensor,
+    old_map: Tensor,
+    num_nodes: int,
+    num_ranks: int,
+) -> Tensor:
+    """The policy's placement for one model, checked; a failure is a ``PolicyError``."""
+    try:
+        proposed = policy.rebalance_experts(
+            load,
+            num_replicas=state.num_physical_experts,
+            num_groups=state.model.num_expert_groups,
+            num_nodes=num_nodes,
+            num_ranks=num_ranks,
+            old_physical_to_logical_map=old_map.clone(),
+        )
+    except MoEProtocolsError:
+        raise
+    except Exception as exc:
+        raise PolicyError(
+            f"policy {policy.name!r} failed for model {state.model_name!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return check_policy_output(policy.name, proposed, load, state.num_physical_experts, num_ranks)
 
 
 @final
@@ -139,7 +172,7 @@ class EplbState(EplbStateView):
                 topology does not fit the EP group, or ``integrity`` is not a mode.
         """
         self._integrity: IntegrityMode = checked_integrity(integrity)
-        self._tables = FingerprintTables(integrity)
+        self._tables = FingerprintTables(self._integrity)
         self._num_ranks, self._num_nodes = placement_topology(ep, num_ranks, num_nodes)
         self._policy: RebalancePolicy = _policy_named(config, policies)
         self._device = torch_device(device)
@@ -147,9 +180,9 @@ class EplbState(EplbStateView):
         self._ep = ep
         self._group = RankGroup(ep, self._device, transfer.phase_hook)
         self._transfer = transfer
-        self._planner = ModelPlanner(
-            self._ask_policy, ep, self._num_ranks, self._num_nodes, config.window_size
-        )
+        # Not a bound method: a cycle would keep a dropped state's claim alive (_ownership).
+        ask = functools.partial(_ask_policy, self._policy)
+        self._planner = ModelPlanner(ask, ep, self._num_ranks, self._num_nodes, config.window_size)
         self._models: dict[str, ModelEplbState] = {}
         self._window_step = 0
         self._step = 0
@@ -406,12 +439,7 @@ class EplbState(EplbStateView):
         plans = self._plan_all()
         staged = stage_plans(plans, self._group, self._transfer)
         committed = commit(plans, staged, self._group, self._tables)
-        results = {
-            plan.state.model_name: summarise(plan, transfer, stats, commit_seconds)
-            for plan, transfer, (stats, commit_seconds) in zip(
-                plans, staged, committed, strict=True
-            )
-        }
+        results = summarise_all(plans, staged, committed)
         for state in self._models.values():
             _clear_load(state)
         self._window_step = 0
@@ -456,29 +484,6 @@ class EplbState(EplbStateView):
             )
             self._tables.ensure(plans, self._group)
         return plans
-
-    def _ask_policy(
-        self, state: ModelEplbState, load: Tensor, old_map: Tensor, num_nodes: int, num_ranks: int
-    ) -> Tensor:
-        try:
-            proposed = self._policy.rebalance_experts(
-                load,
-                num_replicas=state.num_physical_experts,
-                num_groups=state.model.num_expert_groups,
-                num_nodes=num_nodes,
-                num_ranks=num_ranks,
-                old_physical_to_logical_map=old_map.clone(),
-            )
-        except MoEProtocolsError:
-            raise
-        except Exception as exc:
-            raise PolicyError(
-                f"policy {self._policy.name!r} failed for model {state.model_name!r}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        return check_policy_output(
-            self._policy.name, proposed, load, state.num_physical_experts, num_ranks
-        )
 
     # ------------------------------------------------------------ across ranks
 

@@ -22,8 +22,7 @@ if TYPE_CHECKING:
 
     from ._config import EplbConfig
     from ._fingerprint import IntegrityMode
-    from ._model_state import ModelEplbState
-    from ._results import RearrangementResult
+    from ._results import ModelEplbState, RearrangementResult
     from ._transfer_options import TransferOptions
 
 __all__ = ["EplbStateView"]
