@@ -15,6 +15,7 @@ from moe_protocols.eplb import (
     EplbState,
     Placement,
     PolicyRegistry,
+    TransferOptions,
     _transfer,
     balancedness,
     compute_logical_maps,
@@ -673,6 +674,27 @@ def test_a_saved_placement_restores_a_fresh_model_exactly(tmp_path: Path, suffix
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
     assert torch.equal(fresh(tokens), expected)
     assert load_placement(path).metadata["model_name"] == "model"
+
+
+def test_from_mapping_takes_the_options_the_constructor_takes() -> None:
+    options = TransferOptions(buffer_bytes=1 << 20)
+    restored = EplbState.from_mapping(
+        model(),
+        EplbConfig(num_redundant_experts=REDUNDANT),
+        GOOD,
+        transfer=options,
+        integrity="full",
+    )
+    assert restored.transfer_options is options
+    assert restored.integrity == "full"
+    assert torch.equal(restored.physical_to_logical_map(), GOOD)
+    with pytest.raises(EplbConfigError, match="integrity must be one of"):
+        EplbState.from_mapping(
+            model(),
+            EplbConfig(num_redundant_experts=REDUNDANT),
+            GOOD,
+            integrity="most",  # type: ignore[arg-type]  # a caller without a checker
+        )
 
 
 def test_from_mapping_rejects_a_bad_placement() -> None:

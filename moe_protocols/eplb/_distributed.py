@@ -47,27 +47,36 @@ commits. The group is unusable afterwards (gloo closes its connections).
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_protocols._torch_typed import int_list
-from moe_protocols.errors import EplbConfigError, TransferError, TransferTimeoutError
+from moe_protocols.errors import TransferError, TransferTimeoutError
 
-from ._deadline import Deadline, PhaseHook, run_phase
+# GroupVerdict and digest: importable from here, as before the agreement had its own module.
+from ._agreement import GroupVerdict, agree, digest
+from ._deadline import run_phase
 from ._transfer import (
     ExpertTransfer,
     LayerTransferPlan,
     StagedTransfer,
-    TransferPlan,
     _check_weights,  # pyright: ignore[reportPrivateUsage]  # shared inside the private eplb package
     _StagedLayer,  # pyright: ignore[reportPrivateUsage]  # shared inside the private eplb package
+)
+
+# The options and sizes: importable from here, where users and tests found them.
+from ._transfer_options import (
+    FaultHook,
+    TransferJob,
+    TransferOptions,
+    default_buffer_bytes,
+    layout_digest,
+    receive_budget,
+    row_bytes,
 )
 
 if TYPE_CHECKING:
@@ -88,191 +97,7 @@ __all__ = [
     "receive_budget",
 ]
 
-FaultHook: TypeAlias = Callable[[int, int], None]
-"""Test hook ``hook(ep_rank, layer)``, called on every rank while each layer is prepared.
-
-Raising there makes this rank fail at that layer; blocking there makes it a
-hung peer. For fault-injection tests; leave it ``None`` in production.
-"""
-
-_SHIFT: Final = 32  # verdict code: rank in the high bits, step in the low bits
-
-
-def _to_device(value: torch.device | str | None) -> torch.device | None:
-    if value is None:
-        return None
-    try:
-        return torch.device(value)
-    except (RuntimeError, TypeError) as exc:
-        raise EplbConfigError(
-            f"TransferOptions.staging_device: {value!r} is not a torch device: {exc}"
-        ) from exc
-
-
-def _check_buffer_bytes(
-    instance: TransferOptions, attribute: attrs.Attribute[int | None], value: object
-) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EplbConfigError(
-            f"TransferOptions.buffer_bytes must be None or an int >= 1, got {value!r}"
-        )
-
-
-def _check_hook(
-    instance: TransferOptions,
-    attribute: attrs.Attribute[Any],
-    value: object,
-) -> None:
-    if value is not None and not callable(value):
-        raise EplbConfigError(
-            f"TransferOptions.{attribute.name} must be None or callable, got {type(value).__name__}"
-        )
-
-
-@attrs.frozen
-class TransferOptions:
-    """How expert weights move between EP ranks (ignored in one process: every move is local).
-
-    Every rank must use the same options; the ranks check that they agree on
-    the resulting batch sizes before moving anything.
-    """
-
-    buffer_bytes: int | None = attrs.field(default=None, validator=_check_buffer_bytes)
-    """Most bytes a rank receives per batch, and the receive buffer's size when staging
-    elsewhere. ``None``: one layer of this rank's local expert weights (vLLM's
-    ``expert_buffer``). Must hold one expert row (all weight tensors of a slot)."""
-    staging_device: torch.device | None = attrs.field(default=None, converter=_to_device)
-    """Where staged rows wait for the vote. ``None``: next to the weights, and rows are
-    received straight into the staging. A device (e.g. ``"cpu"`` for GPU weights,
-    to keep device memory bounded by ``buffer_bytes``): rows are received into a
-    buffer on the weights' device and copied there."""
-    fault_hook: FaultHook | None = attrs.field(default=None, validator=_check_hook, eq=False)
-    """Fault injection for tests (see :data:`FaultHook`)."""
-    phase_hook: PhaseHook | None = attrs.field(default=None, validator=_check_hook, eq=False)
-    """Fault injection for tests, called before each collective of a multi-rank rearrangement
-    or ``update_mapping`` with the phase and the EP rank (see ``PhaseHook``)."""
-
-
-@attrs.frozen(eq=False)
-class TransferJob:
-    """One model's share of a cross-rank transfer."""
-
-    model_name: str
-    """Name used in error messages."""
-    plan: TransferPlan
-    """This rank's plan (``plan.rank`` must be the EP rank)."""
-    expert_weights: Sequence[Sequence[Tensor]]
-    """``expert_weights[layer][k]`` is ``[num_local, ...]``; read here, written only on commit."""
-
-
-# ----------------------------------------------------------------------------- agreement
-
-
-def digest(*parts: object) -> int:
-    """A 61-bit fingerprint of ``repr(parts)`` (ints, strings, nested lists) for cross-rank checks.
-
-    Fits an int64 with its negation, so ranks compare digests with one MAX all-reduce.
-    """
-    raw = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(raw, "big") >> 3
-
-
-@attrs.frozen
-class GroupVerdict:
-    """What one agreement round established over the EP group."""
-
-    failed_rank: int | None
-    """Lowest EP rank that reported a failure, or ``None``."""
-    failed_at: int | None
-    """The step (caller-defined index) that rank failed at, or ``None``."""
-    mismatched: tuple[int, ...] = ()
-    """Positions of the digests that differ between ranks."""
-
-    @property
-    def digests_agree(self) -> bool:
-        """Whether every rank passed the same digests."""
-        return not self.mismatched
-
-    @property
-    def ok(self) -> bool:
-        """No rank failed and every digest agrees."""
-        return self.failed_rank is None and self.digests_agree
-
-
-def agree(
-    ep: ExpertParallelContext,
-    *,
-    failed_at: int | None,
-    digests: Sequence[int] = (),
-    device: torch.device | str = "cpu",
-    wait: Deadline | None = None,
-) -> GroupVerdict:
-    """One all-reduce: whether any rank failed (and the first one), and whether digests match.
-
-    A collective: call on every rank with the same number of ``digests``.
-    ``failed_at`` is this rank's failure step (``0 <= failed_at < 2**32``) or
-    ``None``; ``wait`` bounds the wait (``None``: the group's timeout).
-    Raises whatever ``torch.distributed`` raises (e.g. a timeout).
-    """
-    rank, world = ep.rank, ep.world_size
-    code = world << _SHIFT if failed_at is None else (rank << _SHIFT) | failed_at
-    # MAX of the negated code is MIN of the code: the lowest failing rank wins.
-    values = [-code, *digests, *(-d for d in digests)]
-    tensor = torch.tensor(values, dtype=torch.int64, device=device)
-    ep.all_reduce_(tensor, op="max", wait=wait)
-    reduced = int_list(tensor)
-    best = -reduced[0]
-    n = len(digests)
-    highs, lows = reduced[1 : 1 + n], [-v for v in reduced[1 + n :]]
-    mismatched = tuple(i for i, (hi, lo) in enumerate(zip(highs, lows, strict=True)) if hi != lo)
-    failed_rank = best >> _SHIFT
-    if failed_rank >= world:
-        return GroupVerdict(None, None, mismatched)
-    return GroupVerdict(failed_rank, best & ((1 << _SHIFT) - 1), mismatched)
-
-
-# ----------------------------------------------------------------------------- sizing
-
-
-def _row_bytes(weights: Sequence[Tensor]) -> tuple[int, ...]:
-    """Bytes of one expert row of each weight tensor of a layer."""
-    return tuple((w.numel() // max(w.shape[0], 1)) * w.element_size() for w in weights)
-
-
-def default_buffer_bytes(expert_weights: Sequence[Sequence[Tensor]]) -> int:
-    """One layer of local expert weights (the largest layer): the default ``buffer_bytes``."""
-    return max(sum(w.numel() * w.element_size() for w in layer) for layer in expert_weights)
-
-
-def receive_budget(expert_weights: Sequence[Sequence[Tensor]], options: TransferOptions) -> int:
-    """Bytes a rank receives per batch under ``options`` for a model with these weights.
-
-    Raises:
-        EplbConfigError: ``buffer_bytes`` cannot hold one expert row of some layer.
-    """
-    budget = options.buffer_bytes or default_buffer_bytes(expert_weights)
-    for layer, weights in enumerate(expert_weights):
-        row = sum(_row_bytes(weights))
-        if row > budget:
-            raise EplbConfigError(
-                f"TransferOptions.buffer_bytes={budget} cannot hold one expert row of MoE layer "
-                f"{layer} ({row} bytes over {len(weights)} weight tensors)"
-            )
-    return budget
-
-
-def layout_digest(expert_weights: Sequence[Sequence[Tensor]], budget: int) -> int:
-    """Fingerprint of what ranks must agree on to pair their P2P ops: row layouts and batches."""
-    return digest(
-        [
-            [(str(w.dtype), _row_bytes([w])[0], w.shape[0]) for w in layer]
-            for layer in expert_weights
-        ],
-        budget,
-    )
-
+_DEFAULT_OPTIONS: Final = TransferOptions()  # a frozen value object
 
 # ----------------------------------------------------------------------------- batches
 
@@ -339,7 +164,7 @@ def _plan_batches(
         if index and step.job != steps[index - 1].job:
             flush()
         transfers = jobs[step.job].plan.layers[step.layer].transfers
-        row = sum(_row_bytes(jobs[step.job].expert_weights[step.layer]))
+        row = sum(row_bytes(jobs[step.job].expert_weights[step.layer]))
         budget = budgets[step.job]
         need: dict[int, int] = {}
         for t in transfers:
@@ -559,7 +384,7 @@ class _Exchange:
                     device = weights[0].device
                     if self.buffer is None or not self.buffer.fits(budget, device):
                         self.buffer = _ReceiveBuffer(budget, device)
-                    targets = self.buffer.take(_row_bytes(weights))
+                    targets = self.buffer.take(row_bytes(weights))
                     buffered.append((prepared, row_index, targets))
                 for target in targets:
                     ops.append(dist.P2POp(dist.irecv, target, peer, ep.group))
@@ -648,7 +473,7 @@ def exchange_expert_weights(
     jobs: Sequence[TransferJob],
     ep: ExpertParallelContext,
     *,
-    options: TransferOptions = TransferOptions(),  # a frozen value object
+    options: TransferOptions = _DEFAULT_OPTIONS,
     device: torch.device | str = "cpu",
 ) -> tuple[StagedTransfer, ...]:
     """Stage every job's changed rows across the EP group; return them only if every rank did.

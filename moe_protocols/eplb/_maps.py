@@ -83,28 +83,8 @@ def max_replicas(num_logical: int, num_physical: int) -> int:
     return num_physical - num_logical + 1
 
 
-def compute_logical_maps(
-    physical_to_logical_map: torch.Tensor, num_logical: int, max_replicas: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert a placement into the maps the MoE layers read when routing.
-
-    Args:
-        physical_to_logical_map: ``[layers, physical]`` integer tensor; ``-1``
-            marks an empty slot and is ignored.
-        num_logical: number of logical experts ``E``.
-        max_replicas: last dimension of the result (use :func:`max_replicas`).
-
-    Returns:
-        ``(logical_to_physical_map, logical_replica_count)``:
-        ``[layers, logical, max_replicas]`` int64 holding the physical slots of
-        each expert in ascending slot order, padded with ``-1``; and
-        ``[layers, logical]`` int64 replica counts. Both on the input's device.
-
-    Raises:
-        MappingError: the map is not 2-D, holds ids outside ``[-1, E)``, or
-            some expert has more than ``max_replicas`` replicas.
-    """
-    p2l = physical_to_logical_map
+def _check_inversion(p2l: torch.Tensor, num_logical: int, max_replicas: int) -> None:
+    """Refuse a map :func:`compute_logical_maps` cannot invert, or whose result is over a limit."""
     if p2l.dim() != 2:
         raise MappingError(
             f"physical_to_logical_map must be [layers, physical], got shape {tuple(p2l.shape)}"
@@ -129,6 +109,32 @@ def compute_logical_maps(
         "MAX_REPLICA_MAP_ENTRIES",
         MappingError,
     )
+
+
+def compute_logical_maps(
+    physical_to_logical_map: torch.Tensor, num_logical: int, max_replicas: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert a placement into the maps the MoE layers read when routing.
+
+    Args:
+        physical_to_logical_map: ``[layers, physical]`` integer tensor; ``-1``
+            marks an empty slot and is ignored.
+        num_logical: number of logical experts ``E``.
+        max_replicas: last dimension of the result (use :func:`max_replicas`).
+
+    Returns:
+        ``(logical_to_physical_map, logical_replica_count)``:
+        ``[layers, logical, max_replicas]`` int64 holding the physical slots of
+        each expert in ascending slot order, padded with ``-1``; and
+        ``[layers, logical]`` int64 replica counts. Both on the input's device.
+
+    Raises:
+        MappingError: the map is not 2-D, holds ids outside ``[-1, E)``, or
+            some expert has more than ``max_replicas`` replicas.
+    """
+    p2l = physical_to_logical_map
+    _check_inversion(p2l, num_logical, max_replicas)
+    num_layers, num_physical = p2l.shape
     device = p2l.device
     p2l = p2l.to(torch.int64)
     bad = (p2l < -1) | (p2l >= num_logical)
@@ -169,6 +175,52 @@ def compute_logical_maps(
     return logical_to_physical_map, logical_replica_count
 
 
+def _check_placement_topology(num_logical: int, num_ranks: int, num_nodes: int, what: str) -> None:
+    """Refuse expert and rank counts no placement can be checked against."""
+    if num_logical < 1:
+        raise MappingError(f"{what}: num_logical must be >= 1, got {num_logical}")
+    if num_ranks < 1 or num_nodes < 1 or num_ranks % num_nodes != 0:
+        raise MappingError(
+            f"{what}: num_ranks={num_ranks} must be >= 1 and a multiple of num_nodes={num_nodes}"
+        )
+    for name, value, limit in (
+        ("num_logical", num_logical, "MAX_LOGICAL_EXPERTS"),
+        ("num_ranks", num_ranks, "MAX_RANKS"),
+        ("num_nodes", num_nodes, "MAX_NODES"),
+    ):
+        _limits.check_count(f"{what}: {name}", value, limit, MappingError)
+
+
+def _dense_table(physical_to_logical_map: object, what: str) -> torch.Tensor:
+    """The object as a dense 2-D integer tensor within the map limits, or a ``MappingError``."""
+    if not isinstance(physical_to_logical_map, torch.Tensor):
+        raise MappingError(
+            f"{what}: expected a torch.Tensor [layers, physical], "
+            f"got {type(physical_to_logical_map).__name__}"
+        )
+    tensor = physical_to_logical_map
+    if tensor.layout != torch.strided or tensor.is_nested or tensor.device.type == "meta":
+        raise MappingError(
+            f"{what}: expected a dense tensor with data, got layout {tensor.layout} "
+            f"on device {tensor.device}"
+        )
+    if tensor.dim() != 2:
+        raise MappingError(
+            f"{what}: expected 2 dimensions [layers, physical], got shape {tuple(tensor.shape)}"
+        )
+    if tensor.dtype not in _INTEGER_DTYPES:
+        raise MappingError(
+            f"{what}: expected an integer dtype holding expert ids, got {tensor.dtype}"
+        )
+    layers, physical = tensor.shape
+    if layers < 1:
+        raise MappingError(f"{what}: has no layers (shape {tuple(tensor.shape)})")
+    _limits.check_count(f"{what}: layers", layers, "MAX_LAYERS", MappingError)
+    _limits.check_count(f"{what}: physical slots", physical, "MAX_PHYSICAL_SLOTS", MappingError)
+    _limits.check_product(f"{what}", (layers, physical), "MAX_MAP_ENTRIES", MappingError)
+    return tensor
+
+
 def validate_placement(
     physical_to_logical_map: object,
     *,
@@ -197,43 +249,9 @@ def validate_placement(
         MappingError: for anything that is not a valid placement; the message
             names ``what`` and the layer and slot or expert at fault.
     """
-    if num_logical < 1:
-        raise MappingError(f"{what}: num_logical must be >= 1, got {num_logical}")
-    if num_ranks < 1 or num_nodes < 1 or num_ranks % num_nodes != 0:
-        raise MappingError(
-            f"{what}: num_ranks={num_ranks} must be >= 1 and a multiple of num_nodes={num_nodes}"
-        )
-    for name, value, limit in (
-        ("num_logical", num_logical, "MAX_LOGICAL_EXPERTS"),
-        ("num_ranks", num_ranks, "MAX_RANKS"),
-        ("num_nodes", num_nodes, "MAX_NODES"),
-    ):
-        _limits.check_count(f"{what}: {name}", value, limit, MappingError)
-    if not isinstance(physical_to_logical_map, torch.Tensor):
-        raise MappingError(
-            f"{what}: expected a torch.Tensor [layers, physical], "
-            f"got {type(physical_to_logical_map).__name__}"
-        )
-    tensor = physical_to_logical_map
-    if tensor.layout != torch.strided or tensor.is_nested or tensor.device.type == "meta":
-        raise MappingError(
-            f"{what}: expected a dense tensor with data, got layout {tensor.layout} "
-            f"on device {tensor.device}"
-        )
-    if tensor.dim() != 2:
-        raise MappingError(
-            f"{what}: expected 2 dimensions [layers, physical], got shape {tuple(tensor.shape)}"
-        )
-    if tensor.dtype not in _INTEGER_DTYPES:
-        raise MappingError(
-            f"{what}: expected an integer dtype holding expert ids, got {tensor.dtype}"
-        )
+    _check_placement_topology(num_logical, num_ranks, num_nodes, what)
+    tensor = _dense_table(physical_to_logical_map, what)
     layers, physical = tensor.shape
-    if layers < 1:
-        raise MappingError(f"{what}: has no layers (shape {tuple(tensor.shape)})")
-    _limits.check_count(f"{what}: layers", layers, "MAX_LAYERS", MappingError)
-    _limits.check_count(f"{what}: physical slots", physical, "MAX_PHYSICAL_SLOTS", MappingError)
-    _limits.check_product(f"{what}", (layers, physical), "MAX_MAP_ENTRIES", MappingError)
     if num_layers is not None and layers != num_layers:
         raise MappingError(f"{what}: has {layers} layers, expected {num_layers}")
     if num_physical is not None and physical != num_physical:

@@ -1,4 +1,4 @@
-"""What EPLB reports: balancedness of a window, and what one rearrangement did.
+"""What EPLB reports: a model's live tensors, balancedness of a window, what a rearrangement did.
 
 Figures say what was measured. A window with no recorded load has no
 balancedness (NaN and ``has_data=False``), never a perfect 1.0; a
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
@@ -21,8 +22,12 @@ from torch import Tensor
 from ._metrics import balancedness as layer_balancedness
 from ._metrics import token_weighted_balancedness
 
+if TYPE_CHECKING:
+    from moe_protocols.protocols import MixtureOfExperts
+
 __all__ = [
     "BalancednessStats",
+    "ModelEplbState",
     "ModelRearrangement",
     "RearrangementResult",
     "format_bytes",
@@ -57,6 +62,54 @@ def mean_with_data(per_layer: Tensor) -> float:
 
 def _figure(value: float) -> str:
     return "no data" if math.isnan(value) else f"{value:.4f}"
+
+
+@attrs.frozen(eq=False)
+class ModelEplbState:
+    """The live EPLB tensors of one registered model.
+
+    The model's MoE layers hold views of these tensors, so they are never
+    rebound, only written in place by :class:`EplbState`. Treat them as
+    read-only: writing into them changes what the layers route to without
+    moving any weight.
+    """
+
+    model_name: str
+    """Name the model was registered under."""
+    model: MixtureOfExperts
+    """The registered model (for example a ``MoEView``); its expert weights are moved in place."""
+    physical_to_logical_map: Tensor
+    """``[L, P]`` int64: logical expert held by each physical slot."""
+    logical_to_physical_map: Tensor
+    """``[L, E, max_replicas]`` int64: physical slots of each expert, ascending, ``-1`` padded."""
+    logical_replica_count: Tensor
+    """``[L, E]`` int64: replicas of each expert."""
+    expert_load_pass: Tensor
+    """``[L, P]`` int32: load the layers recorded since the last ``step()``."""
+    expert_load_window: Tensor
+    """``[W, L, P]`` int32: the load of the last ``W`` recorded steps (circular)."""
+    num_local_physical_experts: int
+    """Physical slots per EP rank."""
+
+    @property
+    def num_layers(self) -> int:
+        """MoE layers ``L``."""
+        return int(self.physical_to_logical_map.shape[0])
+
+    @property
+    def num_physical_experts(self) -> int:
+        """Physical slots ``P``."""
+        return int(self.physical_to_logical_map.shape[1])
+
+    @property
+    def num_logical_experts(self) -> int:
+        """Logical experts ``E``."""
+        return int(self.logical_replica_count.shape[1])
+
+    @property
+    def max_replicas(self) -> int:
+        """Last dimension of ``logical_to_physical_map`` (``P - E + 1``)."""
+        return int(self.logical_to_physical_map.shape[2])
 
 
 @attrs.frozen(eq=False)

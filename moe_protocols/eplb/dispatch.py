@@ -89,6 +89,52 @@ def _check_maps(
     return num_physical // num_ranks
 
 
+def _check_load_shape(logical_load: torch.Tensor, replica_count: torch.Tensor) -> None:
+    if tuple(logical_load.shape) != tuple(replica_count.shape):
+        raise MappingError(
+            f"replica dispatch: logical_load {tuple(logical_load.shape)} does not match "
+            f"replica_count {tuple(replica_count.shape)}"
+        )
+
+
+def _usable_replicas(
+    l2p: torch.Tensor, count: torch.Tensor, slots: int, num_ranks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rank, usable)`` of each ``[rows, logical, width]`` replica entry.
+
+    Padding goes to a dummy rank ``num_ranks`` that nobody waits for; a second
+    replica of an expert on the same rank adds nothing, so only the first is usable.
+    """
+    index = torch.arange(l2p.shape[-1], device=l2p.device)
+    valid = (index < count) & (l2p >= 0)
+    rank = torch.where(valid, torch.div(l2p.clamp_min(0), slots, rounding_mode="floor"), num_ranks)
+    sorted_rank, order = rank.sort(dim=-1, stable=True)
+    repeat = torch.zeros_like(valid)
+    repeat[..., 1:] = (sorted_rank[..., 1:] == sorted_rank[..., :-1]) & (
+        sorted_rank[..., 1:] < num_ranks
+    )
+    return rank, valid & ~torch.zeros_like(valid).scatter_(-1, order, repeat)
+
+
+def _rank_loads(weighted: torch.Tensor, flat_rank: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum each entry's ``weighted`` load onto its (row, rank) bucket, ``[size]``."""
+    total = torch.zeros(size, device=weighted.device, dtype=weighted.dtype)
+    return total.index_add_(0, flat_rank, weighted.reshape(-1))
+
+
+def _relaxation(
+    moving: torch.Tensor, flat_rank: torch.Tensor, size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Per expert, how far a round moves its shares: 1 / the most movers sharing one of its ranks.
+
+    Damped so that experts moving load onto the same rank at once do not overshoot.
+    """
+    movers = moving.to(dtype).reshape(-1)
+    degree = torch.zeros(size, device=moving.device, dtype=dtype).index_add_(0, flat_rank, movers)
+    degree = torch.where(moving, degree[flat_rank].view_as(moving), 1.0)
+    return 1.0 / degree.amax(dim=-1, keepdim=True).clamp_min(1.0)
+
+
 def replica_shares(
     logical_to_physical_map: torch.Tensor,
     replica_count: torch.Tensor,
@@ -126,11 +172,7 @@ def replica_shares(
     """
     slots = _check_maps(logical_to_physical_map, replica_count, num_physical, num_ranks)
     _check_int("num_rounds", num_rounds, 0)
-    if tuple(logical_load.shape) != tuple(replica_count.shape):
-        raise MappingError(
-            f"replica dispatch: logical_load {tuple(logical_load.shape)} does not match "
-            f"replica_count {tuple(replica_count.shape)}"
-        )
+    _check_load_shape(logical_load, replica_count)
     *lead, num_logical, width = logical_to_physical_map.shape
     device = logical_to_physical_map.device
     dtype = logical_load.dtype if logical_load.dtype.is_floating_point else torch.float32
@@ -139,36 +181,18 @@ def replica_shares(
     load = logical_load.reshape(rows, num_logical, 1).to(device=device, dtype=dtype)
     count = replica_count.reshape(rows, num_logical, 1).to(device)
 
-    index = torch.arange(width, device=device)
-    valid = (index < count) & (l2p >= 0)
-    # Rank of each replica; padding goes to a dummy rank R that nobody waits for.
-    rank = torch.where(valid, torch.div(l2p.clamp_min(0), slots, rounding_mode="floor"), num_ranks)
-    # A second replica of an expert on the same rank adds nothing: serve the first only.
-    sorted_rank, order = rank.sort(dim=-1, stable=True)
-    repeat = torch.zeros_like(valid)
-    repeat[..., 1:] = (sorted_rank[..., 1:] == sorted_rank[..., :-1]) & (
-        sorted_rank[..., 1:] < num_ranks
-    )
-    usable = valid & ~torch.zeros_like(valid).scatter_(-1, order, repeat)
+    rank, usable = _usable_replicas(l2p, count, slots, num_ranks)
     num_usable = usable.sum(dim=-1, keepdim=True)
     share = usable.to(dtype) / num_usable.clamp_min(1).to(dtype)
     splittable = (num_usable > 1) & (load > 0)
 
     stride = num_ranks + 1
     flat_rank = (rank + torch.arange(rows, device=device).view(rows, 1, 1) * stride).reshape(-1)
-
-    def rank_loads(current: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(rows * stride, device=device, dtype=dtype)
-        return total.index_add_(0, flat_rank, (load * current).reshape(-1))
-
-    movers = (usable & splittable).to(dtype).reshape(-1)
-    degree = torch.zeros(rows * stride, device=device, dtype=dtype).index_add_(0, flat_rank, movers)
-    degree = torch.where(usable & splittable, degree[flat_rank].view_as(share), 1.0)
-    relax = 1.0 / degree.amax(dim=-1, keepdim=True).clamp_min(1.0)
+    relax = _relaxation(usable & splittable, flat_rank, rows * stride, dtype)
     levels = torch.arange(1, width + 1, device=device, dtype=dtype)
     safe_load = torch.where(load > 0, load, 1.0)
 
-    totals = rank_loads(share)
+    totals = _rank_loads(load * share, flat_rank, rows * stride)
     best = share
     best_peak = totals.view(rows, stride)[:, :num_ranks].amax(dim=1)
     for _ in range(num_rounds):
@@ -182,7 +206,7 @@ def replica_shares(
         water = level.gather(-1, filled - 1)
         target = torch.where(usable, (water - other).clamp_min(0.0) / safe_load, 0.0)
         share = torch.where(splittable, share + relax * (target - share), share)
-        totals = rank_loads(share)
+        totals = _rank_loads(load * share, flat_rank, rows * stride)
         peak = totals.view(rows, stride)[:, :num_ranks].amax(dim=1)
         better = (peak < best_peak).view(rows, 1, 1)
         best = torch.where(better, share, best)
