@@ -370,6 +370,46 @@ def test_non_attribute_step_names_show_as_arrows(fake_lm: FakeMoELM) -> None:
     assert view.trace.resolved_path == "model -> my adapter"
 
 
+class _Shell:
+    """A wrapper holding ``.module``, which an adapt step could adapt as well as what it wraps."""
+
+    def __init__(self, module: object) -> None:
+        self.module = module
+
+
+def _adapt_shells(fake_lm: FakeMoELM) -> UnwrapStep:
+    """An adapt step that 'adapts' any shell to ``fake_lm``, wherever the shell sits."""
+    return UnwrapStep(
+        "shell adapter",
+        lambda obj: fake_lm if isinstance(obj, _Shell) else None,
+        kind="adapt",
+    )
+
+
+def test_adapt_step_is_applied_below_the_wrappers_an_unwrap_step_passes(
+    fake_lm: FakeMoELM,
+) -> None:
+    root = _Shell(_Shell(object()))
+    steps = (*DEFAULT_UNWRAP_STEPS, _adapt_shells(fake_lm))
+    view = MoEView.resolve(root, steps=steps)
+    assert view is not None
+    assert view.model is fake_lm
+    assert view.trace.resolved_path == "model.module -> shell adapter"
+
+
+def test_descend_step_does_not_make_an_adapt_step_pass_the_object(fake_lm: FakeMoELM) -> None:
+    inner = UnwrapStep(".module", lambda obj: getattr(obj, "module", None), kind="descend")
+    view = MoEView.resolve(_Shell(_Shell(object())), steps=(inner, _adapt_shells(fake_lm)))
+    assert view is not None
+    assert view.trace.resolved_path == "model -> shell adapter"
+
+
+def test_step_kind_is_checked_and_defaults_to_unwrap() -> None:
+    assert UnwrapStep(".x", lambda obj: None).kind == "unwrap"
+    with pytest.raises(ValueError, match="kind"):
+        UnwrapStep(".x", lambda obj: None, kind="wrap")  # type: ignore[arg-type]
+
+
 # -------------------------------------------------------------------- the trace
 
 
