@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
 
@@ -34,6 +36,7 @@ from fakes import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import moe_protocols.adapters
 from moe_protocols.adapters import (
     DEFAULT_UNWRAP_STEPS,
     HFMoEAdapter,
@@ -749,3 +752,39 @@ def test_other_implementations_declare_the_protocols_counts_as_attributes(cls: t
     ours = {k: v for k, v in MixtureOfExperts.__annotations__.items() if k != "moe_layers"}
     declared = {k: v for k, v in cls.__annotations__.items() if k in ours}
     assert declared == ours
+
+
+# ------------------------------------------------------------------ layering
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The ``moe_protocols`` modules that the file at ``path`` imports (type-only ones too)."""
+    tree = ast.parse(path.read_text())
+    return {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and node.module is not None
+        and node.module.startswith("moe_protocols")
+    }
+
+
+def test_generic_walk_knows_no_ecosystem_and_hf_knows_no_engine() -> None:
+    adapters = Path(moe_protocols.adapters.__file__).parent
+    for name in ("_walk.py", "_step.py", "_trace.py", "_generic.py", "_forward.py"):
+        imported = _package_imports(adapters / name)
+        assert not [m for m in imported if m.startswith("moe_protocols.adapters.hf")], name
+        assert not [
+            m for m in imported if m.startswith(("moe_protocols.eplb", "moe_protocols.models"))
+        ]
+    for path in sorted((adapters / "hf").glob("*.py")):
+        imported = _package_imports(path)
+        bad = [m for m in imported if m.startswith(("moe_protocols.eplb", "moe_protocols.models"))]
+        assert not bad, path.name
+    meeting = [
+        path.name
+        for path in sorted(adapters.glob("*.py"))
+        if path.name != "__init__.py"
+        and any(m.startswith("moe_protocols.adapters.hf") for m in _package_imports(path))
+    ]
+    assert meeting == ["_defaults.py"]
