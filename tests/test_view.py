@@ -410,7 +410,7 @@ def test_descend_step_does_not_make_an_adapt_step_pass_the_object(fake_lm: FakeM
 def test_step_kind_is_checked_and_defaults_to_unwrap() -> None:
     assert UnwrapStep(".x", lambda obj: None).kind == "unwrap"
     with pytest.raises(ValueError, match="kind"):
-        UnwrapStep(".x", lambda obj: None, kind="wrap")  # type: ignore[arg-type]
+        UnwrapStep(".x", lambda obj: None, kind="wrap")  # type: ignore[arg-type]  # the wrong kind on purpose
 
 
 # -------------------------------------------------------------------- the trace
