@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from moe_protocols._torch_typed import int_list, manual_seed
 from moe_protocols.adapters import MoEView
-from moe_protocols.adapters._hf_factories import tiny_qwen3_moe, tiny_qwen3_vl_moe
 from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
+from moe_protocols.models._tiny_hf import tiny_qwen3_moe, tiny_qwen3_vl_moe
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

@@ -251,7 +251,7 @@ def _build(spec: str | None) -> object:
     if spec is not None:
         return load_target(spec)
     try:
-        from moe_protocols.adapters._hf_factories import tiny_qwen3_moe
+        from moe_protocols.models._tiny_hf import tiny_qwen3_moe
 
         return tiny_qwen3_moe()
     except Exception as exc:

@@ -32,12 +32,10 @@ import torch
 from torch import Tensor
 
 from moe_protocols._torch_typed import int_list
-from moe_protocols.adapters._hf import (
-    _TOP_K_ATTRS,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
-    _int_attr,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
-    _text_config,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
-)
 from moe_protocols.adapters._view import DEFAULT_MAX_DEPTH, MoEView
+from moe_protocols.adapters.hf._probe import TOP_K_ATTRS as _TOP_K_ATTRS
+from moe_protocols.adapters.hf._probe import int_attr as _int_attr
+from moe_protocols.adapters.hf._probe import text_config as _text_config
 from moe_protocols.conformance import check_conformance
 from moe_protocols.eplb import EplbConfig, EplbState
 from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas

@@ -16,7 +16,7 @@ import torch
 import transformers as tf
 from torch import Tensor, nn
 
-from moe_protocols.adapters._hf_factories import tiny_qwen3_moe, tiny_qwen3_vl_moe
+from moe_protocols.models._tiny_hf import tiny_qwen3_moe, tiny_qwen3_vl_moe
 
 HIDDEN: Final = 32
 VOCAB: Final = 128

@@ -24,9 +24,10 @@ from hf_models import FAMILIES, HIDDEN, OTHER_STANDARD_FAMILIES, VOCAB, Family
 from torch import Tensor, nn
 
 from moe_protocols import profiling as profiling_module
-from moe_protocols.adapters import DEFAULT_UNWRAP_STEPS, MoEView
-from moe_protocols.adapters import _hf as hf_module
-from moe_protocols.adapters._hf import (
+from moe_protocols.adapters import DEFAULT_UNWRAP_STEPS, MoEView, UnwrapStep
+from moe_protocols.adapters import hf as hf_package
+from moe_protocols.adapters._step import attribute_probe
+from moe_protocols.adapters.hf import (
     HF_EXPERTS_STEP,
     HF_GET_DECODER_STEP,
     INDEX_HOOK,
@@ -103,6 +104,13 @@ def _router_choices(adapter: HFMoEAdapter, run: object) -> tuple[Tensor, object]
         for handle in handles:
             handle.remove()
     return counts, result
+
+
+def _package_files(module: types.ModuleType) -> list[Path]:
+    """The source files of ``module``: every file of its package when it is one."""
+    assert module.__file__ is not None
+    path = Path(module.__file__)
+    return sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]
 
 
 # ---------------------------------------------------------------- every family
@@ -289,7 +297,7 @@ def test_dense_first_layers_are_not_moe_layers() -> None:
 
 @pytest.mark.parametrize("family_spec", OTHER_STANDARD_FAMILIES, ids=lambda f: f.name)
 def test_other_standard_families_need_no_code_of_their_own(family_spec: Family) -> None:
-    source = Path(hf_module.__file__).read_text().lower()
+    source = "".join(path.read_text() for path in _package_files(hf_package)).lower()
     model = family_spec.build()
     for word in (family_spec.name, type(model).__name__.lower()):
         assert word.replace("_", "") not in source.replace("_", "")
@@ -511,6 +519,24 @@ def test_compiled_and_data_parallel_models_resolve_through_their_wrappers() -> N
     assert view.num_expert_groups == 2
 
 
+class _DecoderHolder(nn.Module):
+    """Holds the model under ``.decoder``, which no default step knows."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+
+def test_adapter_is_built_below_a_user_unwrap_step_not_over_it() -> None:
+    holder = _DecoderHolder(_build("qwen3_vl_moe"))
+    unwrap = UnwrapStep(".decoder", attribute_probe("decoder"))
+    view = MoEView.require(holder, steps=(*STEPS, unwrap))
+    assert view.trace.resolved_path == "model.decoder.model.language_model -> hf-experts adapter"
+    descend = UnwrapStep(".decoder", attribute_probe("decoder"), kind="descend")
+    view = MoEView.require(holder, steps=(*STEPS, descend))
+    assert view.trace.resolved_path == "model -> hf-experts adapter"
+
+
 def test_experts_are_found_from_the_expert_parallel_plan() -> None:
     model = _build("qwen3_moe")
     for decoder_layer in _tree(model).model.layers:
@@ -549,9 +575,8 @@ def test_experts_without_dense_projections_are_refused_with_the_reason() -> None
 
 
 def test_library_module_does_not_import_transformers() -> None:
-    for module in (hf_module, profiling_module):
-        assert module.__file__ is not None
-        tree = ast.parse(Path(module.__file__).read_text())
+    for path in (*_package_files(hf_package), *_package_files(profiling_module)):
+        tree = ast.parse(path.read_text())
         imported = {
             alias.name.split(".")[0]
             for node in ast.walk(tree)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
 
@@ -34,6 +36,7 @@ from fakes import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import moe_protocols.adapters
 from moe_protocols.adapters import (
     DEFAULT_UNWRAP_STEPS,
     HFMoEAdapter,
@@ -368,6 +371,46 @@ def test_non_attribute_step_names_show_as_arrows(fake_lm: FakeMoELM) -> None:
     view = MoEView.resolve(object(), steps=(adapter_step,))
     assert view is not None
     assert view.trace.resolved_path == "model -> my adapter"
+
+
+class _Shell:
+    """A wrapper holding ``.module``, which an adapt step could adapt as well as what it wraps."""
+
+    def __init__(self, module: object) -> None:
+        self.module = module
+
+
+def _adapt_shells(fake_lm: FakeMoELM) -> UnwrapStep:
+    """An adapt step that 'adapts' any shell to ``fake_lm``, wherever the shell sits."""
+    return UnwrapStep(
+        "shell adapter",
+        lambda obj: fake_lm if isinstance(obj, _Shell) else None,
+        kind="adapt",
+    )
+
+
+def test_adapt_step_is_applied_below_the_wrappers_an_unwrap_step_passes(
+    fake_lm: FakeMoELM,
+) -> None:
+    root = _Shell(_Shell(object()))
+    steps = (*DEFAULT_UNWRAP_STEPS, _adapt_shells(fake_lm))
+    view = MoEView.resolve(root, steps=steps)
+    assert view is not None
+    assert view.model is fake_lm
+    assert view.trace.resolved_path == "model.module -> shell adapter"
+
+
+def test_descend_step_does_not_make_an_adapt_step_pass_the_object(fake_lm: FakeMoELM) -> None:
+    inner = UnwrapStep(".module", lambda obj: getattr(obj, "module", None), kind="descend")
+    view = MoEView.resolve(_Shell(_Shell(object())), steps=(inner, _adapt_shells(fake_lm)))
+    assert view is not None
+    assert view.trace.resolved_path == "model -> shell adapter"
+
+
+def test_step_kind_is_checked_and_defaults_to_unwrap() -> None:
+    assert UnwrapStep(".x", lambda obj: None).kind == "unwrap"
+    with pytest.raises(ValueError, match="kind"):
+        UnwrapStep(".x", lambda obj: None, kind="wrap")  # type: ignore[arg-type]  # the wrong kind on purpose
 
 
 # -------------------------------------------------------------------- the trace
@@ -709,3 +752,39 @@ def test_other_implementations_declare_the_protocols_counts_as_attributes(cls: t
     ours = {k: v for k, v in MixtureOfExperts.__annotations__.items() if k != "moe_layers"}
     declared = {k: v for k, v in cls.__annotations__.items() if k in ours}
     assert declared == ours
+
+
+# ------------------------------------------------------------------ layering
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The ``moe_protocols`` modules that the file at ``path`` imports (type-only ones too)."""
+    tree = ast.parse(path.read_text())
+    return {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and node.module is not None
+        and node.module.startswith("moe_protocols")
+    }
+
+
+def test_generic_walk_knows_no_ecosystem_and_hf_knows_no_engine() -> None:
+    adapters = Path(moe_protocols.adapters.__file__).parent
+    for name in ("_walk.py", "_step.py", "_trace.py", "_generic.py", "_forward.py"):
+        imported = _package_imports(adapters / name)
+        assert not [m for m in imported if m.startswith("moe_protocols.adapters.hf")], name
+        assert not [
+            m for m in imported if m.startswith(("moe_protocols.eplb", "moe_protocols.models"))
+        ]
+    for path in sorted((adapters / "hf").glob("*.py")):
+        imported = _package_imports(path)
+        bad = [m for m in imported if m.startswith(("moe_protocols.eplb", "moe_protocols.models"))]
+        assert not bad, path.name
+    meeting = [
+        path.name
+        for path in sorted(adapters.glob("*.py"))
+        if path.name != "__init__.py"
+        and any(m.startswith("moe_protocols.adapters.hf") for m in _package_imports(path))
+    ]
+    assert meeting == ["_defaults.py"]

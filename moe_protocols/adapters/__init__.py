@@ -8,7 +8,11 @@ view that delegates every protocol member to the MoE model it found, with the
 
 from __future__ import annotations
 
-from moe_protocols.adapters._hf import (
+from moe_protocols.adapters._defaults import DEFAULT_UNWRAP_STEPS
+from moe_protocols.adapters._step import StepKind, UnwrapStep
+from moe_protocols.adapters._trace import ResolutionTrace, TraceEntry, TraceOutcome
+from moe_protocols.adapters._view import MoEView
+from moe_protocols.adapters.hf import (
     HF_EXPERTS_STEP,
     HF_GET_DECODER_STEP,
     HFDiscovery,
@@ -17,10 +21,6 @@ from moe_protocols.adapters._hf import (
     HFMoELayer,
     discover_hf_moe,
 )
-from moe_protocols.adapters._step import UnwrapStep
-from moe_protocols.adapters._trace import ResolutionTrace, TraceEntry, TraceOutcome
-from moe_protocols.adapters._unwrap import DEFAULT_UNWRAP_STEPS
-from moe_protocols.adapters._view import MoEView
 
 __all__ = [
     "DEFAULT_UNWRAP_STEPS",
@@ -33,6 +33,7 @@ __all__ = [
     "discover_hf_moe",
     "MoEView",
     "ResolutionTrace",
+    "StepKind",
     "TraceEntry",
     "TraceOutcome",
     "UnwrapStep",

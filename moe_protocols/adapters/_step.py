@@ -1,19 +1,37 @@
-"""``UnwrapStep``: one named, structural way to go one wrapper level down.
+"""``UnwrapStep``: one named, structural way to go one level down, and the kinds of step.
 
-Kept apart from the walk so that adapter modules can define steps that the
-default step list then includes.
+Kept apart from the walk so that ecosystem adapters (``adapters/hf``) can
+define steps without importing the walk; ``_defaults.py`` puts the generic
+and the ecosystem steps together.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 import attrs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["UnwrapStep", "attribute_probe", "method_probe"]
+__all__ = ["STEP_KINDS", "StepKind", "UnwrapStep", "attribute_probe", "method_probe", "step_kind"]
+
+StepKind: TypeAlias = Literal["unwrap", "descend", "adapt"]
+"""How the walk treats what a step returns.
+
+* ``"unwrap"``: the object is a wrapper around what the step returns
+  (torch.compile, DDP, PEFT, a VLM around its language model). An ``"adapt"``
+  step is never applied to a wrapper whose inner object it would also adapt:
+  the adapter is built below the wrapper.
+* ``"descend"``: the step returns a part of the object (transformers'
+  ``get_decoder()``: a causal LM's decoder without its head). The part is
+  checked like any candidate, but the object itself stays the one to adapt.
+* ``"adapt"``: the step presents the object as ``MixtureOfExperts`` (an
+  ecosystem adapter such as the hf-experts adapter).
+"""
+
+STEP_KINDS: Final[tuple[StepKind, ...]] = ("unwrap", "descend", "adapt")
+"""Every ``StepKind``, in the order of its documentation."""
 
 
 def _non_empty(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -23,7 +41,7 @@ def _non_empty(instance: object, attribute: attrs.Attribute[str], value: str) ->
 
 @attrs.frozen
 class UnwrapStep:
-    """One named way to go one wrapper level down.
+    """One named way to go one level down from an object: unwrap it, descend into it, or adapt it.
 
     ``probe(obj)`` returns the inner object, or None when the step does not
     apply to ``obj``. It may raise: the walk records the exception in the
@@ -36,6 +54,20 @@ class UnwrapStep:
     name: str = attrs.field(validator=[attrs.validators.instance_of(str), _non_empty])
     probe: Callable[[object], object | None] = attrs.field(validator=attrs.validators.is_callable())
     description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    kind: StepKind = attrs.field(default="unwrap", validator=attrs.validators.in_(STEP_KINDS))
+    """How the walk treats what ``probe`` returns (see ``StepKind``)."""
+
+
+def step_kind(step: object) -> StepKind:
+    """The kind of ``step``; ``"unwrap"`` for a duck-typed step without a valid ``kind``."""
+    try:
+        kind: object = getattr(step, "kind", "unwrap")
+        for known in STEP_KINDS:
+            if kind == known:
+                return known
+    except Exception:
+        pass  # a step too odd to read is taken as a plain unwrapping step
+    return "unwrap"
 
 
 def method_probe(name: str) -> Callable[[object], object | None]:

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any, Final, Generic, cast, final, overload
 
 from typing_extensions import TypeVar
 
+from moe_protocols.adapters._defaults import DEFAULT_UNWRAP_STEPS
 from moe_protocols.adapters._forward import forwarded
+from moe_protocols.adapters._step import UnwrapStep
 from moe_protocols.adapters._trace import ROOT_PATH, ResolutionTrace, TraceOutcome
-from moe_protocols.adapters._unwrap import DEFAULT_UNWRAP_STEPS, UnwrapStep, walk
+from moe_protocols.adapters._walk import walk
 from moe_protocols.conformance import MIXTURE_OF_EXPERTS, ProblemKind
 from moe_protocols.errors import NotMixtureOfExpertsError, ResolutionConfigError
 from moe_protocols.protocols import MODEL_MEMBERS, MixtureOfExperts, MoELayer

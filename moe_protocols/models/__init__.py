@@ -2,7 +2,8 @@
 
 Small enough to run in milliseconds on a CPU, real enough for EPLB to move
 their experts. Used by the demo, the tests and the benchmarks, and meant as
-templates for model authors.
+templates for model authors. ``tiny_qwen3_moe`` and ``tiny_qwen3_vl_moe`` build
+tiny random-weight transformers models (transformers imported when called).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from moe_protocols.models._config import (
     TinyMoEConfig,
     TinyVLMConfig,
 )
+from moe_protocols.models._tiny_hf import tiny_qwen3_moe, tiny_qwen3_vl_moe
 from moe_protocols.models._tiny_moe import (
     TinyDenseMLP,
     TinyMoEBlock,
@@ -42,5 +44,7 @@ __all__ = [
     "grouped_topk",
     "tiny_moe",
     "tiny_proxy_vlm",
+    "tiny_qwen3_moe",
+    "tiny_qwen3_vl_moe",
     "tiny_vlm",
 ]
