@@ -409,8 +409,25 @@ def test_descend_step_does_not_make_an_adapt_step_pass_the_object(fake_lm: FakeM
 
 def test_step_kind_is_checked_and_defaults_to_unwrap() -> None:
     assert UnwrapStep(".x", lambda obj: None).kind == "unwrap"
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ResolutionConfigError, match=r"UnwrapStep.kind must be one of .*'wrap'"):
         UnwrapStep(".x", lambda obj: None, kind="wrap")  # type: ignore[arg-type]  # the wrong kind on purpose
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "  "}, "UnwrapStep.name must not be empty"),
+        ({"name": 3}, "UnwrapStep.name must be a str, got int"),
+        ({"probe": "decoder"}, "UnwrapStep.probe must be callable, got str"),
+        ({"description": None}, "UnwrapStep.description must be a str, got NoneType"),
+    ],
+)
+def test_a_malformed_step_is_refused_with_a_typed_error(
+    kwargs: dict[str, object], message: str
+) -> None:
+    fields: dict[str, object] = {"name": ".x", "probe": lambda obj: None, **kwargs}
+    with pytest.raises(ResolutionConfigError, match=message):
+        UnwrapStep(**fields)  # type: ignore[arg-type]  # malformed on purpose
 
 
 # -------------------------------------------------------------------- the trace

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 import attrs
 
+from moe_protocols.errors import ResolutionConfigError
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -34,9 +36,28 @@ STEP_KINDS: Final[tuple[StepKind, ...]] = ("unwrap", "descend", "adapt")
 """Every ``StepKind``, in the order of its documentation."""
 
 
-def _non_empty(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if not value.strip():
-        raise ValueError(f"UnwrapStep.{attribute.name} must not be empty")
+def _text(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str):
+        raise ResolutionConfigError(
+            f"UnwrapStep.{attribute.name} must be a str, got {type(value).__name__}"
+        )
+    if attribute.name == "name" and not value.strip():
+        raise ResolutionConfigError(f"UnwrapStep.{attribute.name} must not be empty")
+
+
+def _callable(instance: object, attribute: attrs.Attribute[object], value: object) -> None:
+    if not callable(value):
+        raise ResolutionConfigError(
+            f"UnwrapStep.{attribute.name} must be callable, got {type(value).__name__}"
+        )
+
+
+def _kind(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if value not in STEP_KINDS:
+        raise ResolutionConfigError(
+            f"UnwrapStep.{attribute.name} must be one of {', '.join(map(repr, STEP_KINDS))}, "
+            f"got {value!r}"
+        )
 
 
 @attrs.frozen
@@ -51,10 +72,10 @@ class UnwrapStep:
     (``model.get_language_model()``), anything else after an arrow.
     """
 
-    name: str = attrs.field(validator=[attrs.validators.instance_of(str), _non_empty])
-    probe: Callable[[object], object | None] = attrs.field(validator=attrs.validators.is_callable())
-    description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
-    kind: StepKind = attrs.field(default="unwrap", validator=attrs.validators.in_(STEP_KINDS))
+    name: str = attrs.field(validator=_text)
+    probe: Callable[[object], object | None] = attrs.field(validator=_callable)
+    description: str = attrs.field(default="", validator=_text)
+    kind: StepKind = attrs.field(default="unwrap", validator=_kind)
     """How the walk treats what ``probe`` returns (see ``StepKind``)."""
 
 
