@@ -7,7 +7,7 @@ and the ecosystem steps together.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import attrs
 
@@ -36,7 +36,8 @@ STEP_KINDS: Final[tuple[StepKind, ...]] = ("unwrap", "descend", "adapt")
 """Every ``StepKind``, in the order of its documentation."""
 
 
-def _text(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+# The validators take Any: they exist for values the annotations do not hold.
+def _text(instance: object, attribute: attrs.Attribute[str], value: Any) -> None:
     if not isinstance(value, str):
         raise ResolutionConfigError(
             f"UnwrapStep.{attribute.name} must be a str, got {type(value).__name__}"
@@ -45,14 +46,14 @@ def _text(instance: object, attribute: attrs.Attribute[str], value: object) -> N
         raise ResolutionConfigError(f"UnwrapStep.{attribute.name} must not be empty")
 
 
-def _callable(instance: object, attribute: attrs.Attribute[object], value: object) -> None:
+def _callable(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not callable(value):
         raise ResolutionConfigError(
             f"UnwrapStep.{attribute.name} must be callable, got {type(value).__name__}"
         )
 
 
-def _kind(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+def _kind(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value not in STEP_KINDS:
         raise ResolutionConfigError(
             f"UnwrapStep.{attribute.name} must be one of {', '.join(map(repr, STEP_KINDS))}, "
