@@ -6,11 +6,14 @@ import math
 
 import attrs
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from moe_protocols._validate import int_field, number_field, require_int, require_number
-from moe_protocols.errors import EplbConfigError, MoEProtocolsError, PolicyError
+from moe_protocols.building import StackedExperts
+from moe_protocols.eplb import TransferOptions, replica_shares
+from moe_protocols.errors import EplbConfigError, MappingError, MoEProtocolsError, PolicyError
 
 
 @given(value=st.integers(min_value=-5, max_value=5), minimum=st.integers(min_value=-2, max_value=2))
@@ -80,3 +83,35 @@ def test_attrs_fields_label_the_owner_and_field() -> None:
         _Settings(limit=True)
     with pytest.raises(MoEProtocolsError, match=r"_Settings\.share"):
         _Settings(share=2.0)
+
+
+# Callers that moved onto the shared checks keep their error type and their words.
+
+
+def _dispatch_with_ranks(num_ranks: object) -> None:
+    maps = torch.zeros(1, 4, 1, dtype=torch.long)
+    replica_shares(
+        maps,
+        torch.ones(1, 4, dtype=torch.long),
+        torch.ones(1, 4),
+        num_physical=4,
+        num_ranks=num_ranks,  # type: ignore[arg-type]  # the bad input under test
+    )
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2"])
+def test_moved_callers_keep_their_typed_errors_and_messages(bad: object) -> None:
+    with pytest.raises(MappingError) as mapping:
+        _dispatch_with_ranks(bad)
+    assert str(mapping.value) == f"replica dispatch: num_ranks must be an int >= 1, got {bad!r}"
+    with pytest.raises(EplbConfigError) as transfer:
+        TransferOptions(buffer_bytes=bad)  # type: ignore[arg-type]  # the bad input under test
+    assert str(transfer.value) == (
+        f"TransferOptions.buffer_bytes must be None or an int >= 1, got {bad!r}"
+    )
+    with pytest.raises(EplbConfigError) as experts:
+        StackedExperts(
+            {"w": torch.zeros(4, 2)},
+            top_k=bad,  # type: ignore[arg-type]  # the bad input under test
+        )
+    assert str(experts.value).endswith(f"top_k must be an int >= 1, got {bad!r}")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, Final, cast
 import torch
 from torch import Tensor, nn
 
+from moe_protocols._validate import require_int
 from moe_protocols.building._routing import route_to_physical, swiglu_experts
 from moe_protocols.eplb._maps import (
     compute_logical_maps,
@@ -44,9 +45,7 @@ SINGLE_PROCESS: Final = ExpertParallelContext()
 
 
 def _count(name: str, what: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise EplbConfigError(f"{name}: {what} must be an int >= {minimum}, got {value!r}")
-    return value
+    return require_int(value, minimum=minimum, error=EplbConfigError, label=f"{name}: {what}")
 
 
 def _checked_weights(name: str, weights: object) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from moe_protocols._validate import require_int
 from moe_protocols.errors import EplbConfigError, EplbStateError
 from moe_protocols.protocols import MixtureOfExperts, MoELayer
 
@@ -55,11 +56,9 @@ class ElasticMoELayer(MoELayer, Protocol):
 
 
 def _non_negative(what: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise EplbConfigError(
-            f"MoEModelMixin.init_moe_layers: {what} must be an int >= 0, got {value!r}"
-        )
-    return value
+    return require_int(
+        value, minimum=0, error=EplbConfigError, label=f"MoEModelMixin.init_moe_layers: {what}"
+    )
 
 
 class MoEModelMixin(MixtureOfExperts):

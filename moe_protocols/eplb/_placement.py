@@ -8,26 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import attrs
 import torch
 from torch import Tensor
 
+from moe_protocols._validate import is_int
 from moe_protocols.errors import MappingError
 
 from . import _limits
 from ._maps import validate_placement
 
-if TYPE_CHECKING:
-    from typing import TypeGuard
-
 __all__ = ["Placement", "is_count"]
 
 
-def is_count(value: object) -> TypeGuard[int]:
-    """Whether ``value`` is an ``int`` and not a ``bool``."""
-    return isinstance(value, int) and not isinstance(value, bool)
+is_count = is_int
+"""Whether ``value`` is an ``int`` and not a ``bool`` (``_validate.is_int``)."""
 
 
 def _positive_count(instance: Placement, attribute: attrs.Attribute[int], value: object) -> None:

@@ -14,6 +14,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from moe_protocols._validate import int_field
 from moe_protocols.errors import EplbConfigError
 
 from ._agreement import digest
@@ -54,15 +55,13 @@ def _to_device(value: torch.device | str | None) -> torch.device | None:
         ) from exc
 
 
-def _check_buffer_bytes(
-    instance: TransferOptions, attribute: attrs.Attribute[int | None], value: object
-) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EplbConfigError(
-            f"TransferOptions.buffer_bytes must be None or an int >= 1, got {value!r}"
-        )
+_check_buffer_bytes = int_field(
+    1,
+    EplbConfigError,
+    owner="TransferOptions",
+    template="{label} must be None or an int >= {minimum}, got {value!r}",
+    optional=True,
+)
 
 
 def _check_hook(

@@ -34,6 +34,7 @@ from typing import Final
 
 import torch
 
+from moe_protocols._validate import require_int
 from moe_protocols.errors import MappingError
 
 __all__ = [
@@ -49,9 +50,9 @@ DEFAULT_DISPATCH_ROUNDS: Final = 8
 
 
 def _check_int(what: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MappingError(f"replica dispatch: {what} must be an int >= {minimum}, got {value!r}")
-    return value
+    return require_int(
+        value, minimum=minimum, error=MappingError, label=f"replica dispatch: {what}"
+    )
 
 
 def _check_maps(
