@@ -8,7 +8,8 @@ thread, medians of interleaved runs, in thread CPU time:
 
 * **EPLB**: the example's layer registered with an ``EplbState``: router,
   ``route_to_physical`` (replica maps + load recording) and the grouped
-  SwiGLU over the 10 slots;
+  SwiGLU over the 10 slots (replicas on one rank computed as one group, see
+  ``StackedExperts.compute_slots``);
 * **no EPLB**: the same router and the same grouped SwiGLU on the same 10
   slots, fed the logical ids directly (slot e holds expert e): the same layer
   routing without EPLB. The ratio EPLB / no EPLB is the goal figure (<= 1.05);

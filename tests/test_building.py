@@ -269,6 +269,33 @@ def test_each_ep_rank_holds_its_share_of_the_slots() -> None:
     assert ranks[1].local_slots(physical).tolist() == [[-1, 0], [2, -1]]
 
 
+def test_replicas_on_one_rank_are_computed_as_one_group() -> None:
+    """A pair is computed by its expert's first local replica; the load still names its slot."""
+    # 6 slots on 2 ranks; rank 1 holds expert 3 twice (slots 3 and 4) and expert 0 (slot 5).
+    l2p, count = maps_of([0, 1, 2, 3, 3, 0])
+    ranks = []
+    for rank in range(2):
+        layer = StackedExperts.from_module_list(
+            experts_list(),
+            num_redundant_experts=2,
+            ep=ExpertParallelContext(world_size=2, rank=rank),
+        )
+        layer.set_eplb_state(
+            0, torch.zeros(1, 6, dtype=torch.int64), l2p.unsqueeze(0), count.unsqueeze(0)
+        )
+        ranks.append(layer)
+    ids = torch.tensor([[3, 0], [3, 0], [1, 2]])
+    physical = ranks[1].route(ids)
+    assert physical.tolist() == [[3, 0], [4, 5], [1, 2]]  # token t takes replica t % count
+    assert ranks[1].compute_slots(ids, physical).tolist() == [[0, -1], [0, 2], [-1, -1]]
+    assert ranks[0].compute_slots(ids, physical).tolist() == [[-1, 0], [-1, -1], [1, 2]]
+    single = StackedExperts.from_module_list(experts_list(), num_redundant_experts=2)
+    single.set_eplb_state(
+        0, torch.zeros(1, 6, dtype=torch.int64), l2p.unsqueeze(0), count.unsqueeze(0)
+    )
+    assert single.compute_slots(ids, single.route(ids)).tolist() == [[3, 0], [3, 0], [1, 2]]
+
+
 def test_the_container_keeps_the_eplb_views_it_is_handed() -> None:
     layer = SwiGLUExperts.from_module_list(experts_list(), num_redundant_experts=2, top_k=2)
     load = torch.zeros(3, 6, dtype=torch.int64)

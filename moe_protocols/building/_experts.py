@@ -392,6 +392,32 @@ class StackedExperts(nn.Module):
         here = (local >= 0) & (local < self.num_local_physical_experts)
         return torch.where(here, local, torch.full_like(local, -1))
 
+    def compute_slots(self, logical_ids: Tensor, physical: Tensor) -> Tensor:
+        """Local slot computing each (token, k) pair; -1 where another rank serves it.
+
+        ``physical`` is :meth:`route`'s result for ``logical_ids``. A pair served
+        here is computed by the first local replica of its expert: replicas
+        hold the same weights, so the replicas of one expert on one rank are
+        one group of rows (one matmul per projection, not one per replica),
+        and outputs stay bit-identical (see ``GROUP_ROWS``). The load was
+        recorded per serving slot by :meth:`route`, so EPLB still sees how the
+        replicas split the tokens. Tensor ops only: no host reads.
+        """
+        if self.num_physical_experts == self.num_logical_experts:
+            return self.local_slots(physical)  # no replicas: each slot is its expert's one
+        l2p, count = self._maps()
+        if not self.ep.is_distributed:  # one rank holds every replica, the first one too
+            return l2p[logical_ids, 0].to(torch.int64)
+        local = self.local_slots(physical)
+        slots = l2p.to(torch.int64) - self.first_slot
+        ranks = torch.arange(l2p.shape[1], device=l2p.device).unsqueeze(0)
+        here = (ranks < count.unsqueeze(1)) & (slots >= 0)
+        here &= slots < self.num_local_physical_experts
+        # argmax gives the first True: the expert's first local replica (garbage, never
+        # read, for experts without one: a pair is local only if its expert has one here).
+        first_local = slots.gather(1, here.to(torch.int32).argmax(dim=1, keepdim=True))
+        return torch.where(local >= 0, first_local.squeeze(1)[logical_ids], local)
+
     def reduce_over_ranks(self, partial: Tensor) -> Tensor:
         """Sum per-rank partial outputs over the EP group in place (no-op on one rank)."""
         return self.ep.all_reduce_(partial)
@@ -491,7 +517,7 @@ class SwiGLUExperts(StackedExperts):
     Weights ``gate_proj``/``up_proj`` ``[logical, intermediate, hidden]`` and
     ``down_proj`` ``[logical, hidden, intermediate]`` (``nn.Linear`` layout).
     ``forward(hidden, logical_ids, routing_weights)`` routes, records the load
-    and computes the experts grouped by slot.
+    and computes the experts grouped by expert (replicas on this rank as one group).
     """
 
     EXPERT_KEYS: ClassVar[Mapping[str, str] | None] = {
@@ -536,7 +562,7 @@ class SwiGLUExperts(StackedExperts):
         physical = self.route(logical_ids)
         out = swiglu_experts(
             hidden,
-            self.local_slots(physical),
+            self.compute_slots(logical_ids, physical),
             routing_weights,
             self.stacked("gate_proj"),
             self.stacked("up_proj"),
