@@ -107,6 +107,22 @@ def test_closing_a_state_or_dropping_it_releases_its_models() -> None:
     register(lm)  # nobody holds the layers any more
 
 
+def test_a_dropped_state_releases_its_models_without_the_cycle_collector() -> None:
+    """Nothing in a state refers back to it (its policy is asked through a partial, not a
+    bound method), so dropping the last reference frees it at once, as CPython users expect."""
+    lm = AuthorMoELM()
+    gc.collect()
+    gc.disable()
+    try:
+        dropped = register(lm)
+        serve(lm, dropped, steps=1)
+        del dropped
+        second = register(lm)  # no gc.collect(): the claim went with the last reference
+    finally:
+        gc.enable()
+    assert second.model_names == ("model",)
+
+
 def test_a_second_runner_cannot_detach_the_first() -> None:
     lm = AuthorMoELM()
     config = RunnerConfig(enable_eplb=True, eplb=CONFIG, num_ranks=4)
