@@ -7,7 +7,8 @@ the hf-experts adapter) and returns the tokens each logical expert received,
 placement for a target deployment (EP ranks, nodes, redundant slots) with any
 registered policy and reports the balancedness it would reach next to the
 naive contiguous placement. The ``moe-protocols profile`` command is built
-from the two (:mod:`moe_protocols._cli_profile`).
+from the two (:mod:`moe_protocols.cli._profile`); this module never imports
+the command line.
 
 The recorder is deliberately small instead of an ``EplbState``: profiling
 needs only the load of a few forwards, whereas ``EplbState`` rearranges (and
@@ -23,11 +24,20 @@ import attrs
 import torch
 from torch import Tensor
 
-from moe_protocols.eplb._mapping_io import Placement
-from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
-from moe_protocols.eplb._metrics import balancedness, expected_rank_loads
+from moe_protocols.adapters import MoEView
+from moe_protocols.eplb import (
+    DEFAULT_POLICIES,
+    Placement,
+    PolicyRegistry,
+    balancedness,
+    compute_logical_maps,
+    expected_rank_loads,
+    initial_placement,
+    max_replicas,
+)
+
+# Not on the eplb face (yet): who owns a model's layers, for profiling a live model.
 from moe_protocols.eplb._ownership import Claim, find_owner
-from moe_protocols.eplb._policy import DEFAULT_POLICIES, PolicyRegistry
 from moe_protocols.errors import (
     EplbConfigError,
     EplbOwnershipError,
@@ -37,7 +47,6 @@ from moe_protocols.errors import (
 )
 
 if TYPE_CHECKING:
-    from moe_protocols.adapters._view import MoEView
     from moe_protocols.protocols import MixtureOfExperts
 
 __all__ = [
@@ -57,8 +66,6 @@ Batch = Tensor | Mapping[str, object]
 def _resolve(model: object, view: MoEView | None) -> MoEView:
     if view is not None:
         return view
-    from moe_protocols.adapters._view import MoEView
-
     return MoEView.require(model)
 
 

@@ -72,7 +72,8 @@ def test_demo_figure_shows_every_step_and_legends_that_match_the_bars() -> None:
 
     import matplotlib.pyplot as plt
 
-    from moe_protocols._demo import DemoOptions, demo_figure, run_demo
+    from moe_protocols.cli._demo_plot import demo_figure
+    from moe_protocols.cli._demo_run import DemoOptions, run_demo
 
     report = run_demo(DemoOptions(steps=12, step_interval=5, window_size=4), io.StringIO())
     fig = demo_figure(report)
@@ -197,8 +198,8 @@ def test_bad_usage_exits_2_naming_the_flag_before_any_model_is_built(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import moe_protocols._cli_profile as cli_profile
-    import moe_protocols._demo as demo
+    import moe_protocols.cli._demo_run as demo
+    import moe_protocols.cli._profile as cli_profile
 
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was built before the options were checked")

@@ -18,14 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from moe_protocols._cli_profile import (
-    EXIT_LOAD_ERROR,
-    EXIT_NOT_MOE,
-    EXIT_OK,
-    EXIT_USAGE,
-    add_profile_arguments,
-    run_profile,
-)
+from moe_protocols.cli._exit import EXIT_LOAD_ERROR, EXIT_NOT_MOE, EXIT_OK, EXIT_USAGE
+from moe_protocols.cli._profile import add_profile_arguments, run_profile
 from moe_protocols.eplb._mapping_io import load_placement, save_placement
 from moe_protocols.errors import EplbConfigError, EplbStateError, PolicyError
 from moe_protocols.models._tiny_moe import tiny_moe

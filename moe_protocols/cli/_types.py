@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from moe_protocols._target import split_target
+from moe_protocols.cli._target import split_target
 
 __all__ = [
     "at_least",
@@ -90,7 +90,8 @@ def writable_file(*suffixes: str) -> Callable[[str], Path]:
 
 def policy_problem(policy: str) -> str | None:
     """Why ``--policy`` names no registered policy; None when it names one."""
-    from moe_protocols.eplb._policy import DEFAULT_POLICIES  # imports torch: not at start-up
+    # Imported here, not at the top: the engine imports torch, which --help must not wait for.
+    from moe_protocols.eplb import DEFAULT_POLICIES
 
     if policy in DEFAULT_POLICIES:
         return None

@@ -1,8 +1,8 @@
 """``MODULE:ATTR`` targets of the command line: parse them, import them, build the model.
 
-Kept apart from :mod:`moe_protocols.cli` so that every command (``inspect``,
-``verify``, ``demo``, ``profile``) loads user code the same way, and so that
-the parser can be built without importing torch.
+One module for every command (``inspect``, ``verify``, ``demo``,
+``profile``), so that each loads user code the same way; it imports nothing
+heavy, so the parser can be built without importing torch.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TargetLoadError", "describe_exception", "load_target", "split_target"]
+__all__ = ["TargetLoadError", "describe_exception", "load_target", "show_cause", "split_target"]
 
 
 class TargetLoadError(Exception):
@@ -21,6 +23,13 @@ class TargetLoadError(Exception):
 
     ``__cause__`` is what user code raised, for ``--traceback``.
     """
+
+
+def show_cause(exc: TargetLoadError, *, enabled: bool) -> None:
+    """With ``--traceback`` (``enabled``), print the traceback of what made the load fail."""
+    cause = exc.__cause__
+    if enabled and cause is not None:
+        traceback.print_exception(cause, file=sys.stderr)
 
 
 def describe_exception(exc: BaseException) -> str:
