@@ -157,7 +157,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoReport:
     probe = stream.batch()
     with torch.no_grad():
         probe_before = model(probe)
-    lines, step_balance = _serve(runner, model, stream, options.steps, out)
+    lines, step_balance = _serve(runner, state, model, stream, options.steps, out)
     last_balance, last_load = _last_window(state, config.model_name, lines)
     with torch.no_grad():
         probe_after = model(probe)
@@ -220,14 +220,13 @@ def _print_setup(
 
 def _serve(
     runner: ReferenceRunner,
+    state: EplbState,
     model: TinyVLMForConditionalGeneration,
     stream: _TokenStream,
     steps: int,
     out: TextIO,
 ) -> tuple[list[RearrangementLine], list[float]]:
     """Run ``steps`` engine steps; return the rearrangements seen and every step's balancedness."""
-    state = runner.eplb_state
-    assert state is not None  # the runner was loaded with EPLB enabled
     name = runner.config.model_name
     lines: list[RearrangementLine] = []
     step_balance: list[float] = []

@@ -58,10 +58,11 @@ def profile_model(args: argparse.Namespace, model: object, out: TextIO) -> int:
             file=err,
         )
         return EXIT_USAGE
+    batches = _batches(args, view, vocab)
     try:
         # Through the module, not a name bound at import: a substitute put there is seen.
         load = profiling.record_expert_load(
-            model, _batches(args, view, vocab), view=view, progress=_Progress(args.batches, err)
+            model, batches, view=view, progress=_Progress(args.batches, err)
         )
     except EplbStateError as exc:
         print(f"moe-protocols profile: recording failed: {exc}", file=err)
