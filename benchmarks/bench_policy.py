@@ -33,16 +33,14 @@ from pathlib import Path
 import attrs
 import torch
 
-from moe_protocols.eplb._bounds import (
+from moe_protocols.eplb.analysis import (
     balancedness_bound,
     duplicate_replicas,
     migration_stats,
     realised_balancedness,
     sampled_balancedness,
 )
-from moe_protocols.eplb._deepseek import DeepSeekPolicy
-from moe_protocols.eplb._migration import MigrationAwarePolicy
-from moe_protocols.eplb._policy import RebalancePolicy
+from moe_protocols.eplb.policies import DeepSeekPolicy, MigrationAwarePolicy, RebalancePolicy
 from moe_protocols.eplb.workloads import (
     DEEPSEEK_V3_288,
     DEEPSEEK_V3_320,
@@ -515,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             goals(fresh, drift),
             "## Fresh plans (no old placement; balancedness on the planned loads)",
             "`bound` is the best balancedness any placement can reach (see "
-            "`moe_protocols/eplb/_bounds.py`); `node-local` = whole expert groups stay on one "
+            "`moe_protocols/eplb/analysis/bounds.py`); `node-local` = whole expert groups stay on one "
             "node (both policies honour it on those shapes).",
             fresh_table(fresh),
             "## Rebalance after a 0.2 lognormal drift, from each policy's own placement",

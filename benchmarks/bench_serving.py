@@ -77,17 +77,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_protocols._torch_typed import from_numpy
-from moe_protocols.eplb._bounds import duplicate_replicas
-from moe_protocols.eplb._deepseek import DeepSeekPolicy
 from moe_protocols.eplb._maps import compute_logical_maps, initial_placement
 from moe_protocols.eplb._metrics import expected_rank_loads, refetched_per_rank
-from moe_protocols.eplb._migration import MigrationAwarePolicy
-from moe_protocols.eplb._policy import RebalancePolicy
+from moe_protocols.eplb.analysis import duplicate_replicas
 from moe_protocols.eplb.dispatch import (
     DEFAULT_DISPATCH_ROUNDS,
     rank_loads_from_shares,
     replica_shares,
 )
+from moe_protocols.eplb.policies import DeepSeekPolicy, MigrationAwarePolicy, RebalancePolicy
 from moe_protocols.eplb.workloads import (
     STANDARD_SHAPES,
     Drift,

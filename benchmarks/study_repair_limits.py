@@ -48,14 +48,13 @@ import numpy.typing as npt
 import torch
 
 from moe_protocols._torch_typed import from_numpy
-from moe_protocols.eplb._bounds import (
+from moe_protocols.eplb._metrics import expected_rank_loads
+from moe_protocols.eplb.analysis import (
     max_rank_load_lower_bound,
     migration_stats,
     realised_balancedness,
 )
-from moe_protocols.eplb._deepseek import DeepSeekPolicy
-from moe_protocols.eplb._metrics import expected_rank_loads
-from moe_protocols.eplb._migration import MigrationAwarePolicy
+from moe_protocols.eplb.policies import DeepSeekPolicy, MigrationAwarePolicy
 from moe_protocols.eplb.workloads import (
     STANDARD_DISTRIBUTIONS,
     STANDARD_SHAPES,

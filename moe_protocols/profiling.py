@@ -27,17 +27,19 @@ from torch import Tensor
 from moe_protocols.adapters import MoEView
 from moe_protocols.eplb import (
     DEFAULT_POLICIES,
+    Claim,
     Placement,
     PolicyRegistry,
     balancedness,
+    checked_rebalance,
     compute_logical_maps,
     expected_rank_loads,
+    find_owner,
     initial_placement,
     max_replicas,
 )
 
 # Not on the eplb face (yet): who owns a model's layers, for profiling a live model.
-from moe_protocols.eplb._ownership import Claim, find_owner
 from moe_protocols.errors import (
     EplbConfigError,
     EplbOwnershipError,
@@ -353,8 +355,8 @@ def plan_placement(
         )
     groups = 1 if num_groups is None else num_groups
     chosen = policies.get(policy)
-    physical_to_logical = chosen.rebalance_experts(
-        load.detach().cpu(), num_physical, groups, num_nodes, num_ranks
+    physical_to_logical = checked_rebalance(
+        chosen, load.detach().cpu(), num_physical, groups, num_nodes, num_ranks
     )
     naive = initial_placement(num_layers, num_logical, num_physical)
     notes = {"policy": chosen.name, "tokens": str(int(load.sum()))}

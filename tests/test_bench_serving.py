@@ -15,7 +15,7 @@ import torch
 from benchmark_modules import load_benchmark
 
 from moe_protocols.eplb import refetched_per_rank, slots_refetched
-from moe_protocols.eplb._deepseek import DeepSeekPolicy
+from moe_protocols.eplb.policies import DeepSeekPolicy
 from moe_protocols.eplb.workloads import Drift, LoadDistribution, MoEShape, drift_sequence
 
 

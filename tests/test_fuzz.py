@@ -36,11 +36,11 @@ from moe_protocols.eplb import (
     EplbConfig,
     EplbState,
     Placement,
-    check_policy_output,
     limits,
     load_placement,
     save_placement,
 )
+from moe_protocols.eplb.policies import check_policy_output
 from moe_protocols.errors import MoEProtocolsError
 
 if TYPE_CHECKING:

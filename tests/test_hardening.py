@@ -31,11 +31,11 @@ from moe_protocols.eplb import (
     compute_logical_maps,
     limits,
     load_placement,
-    migration_stats,
-    replica_counts,
     save_placement,
     slots_refetched,
 )
+from moe_protocols.eplb.analysis import migration_stats
+from moe_protocols.eplb.policies import replica_counts
 from moe_protocols.eplb.workloads import sample_step_loads
 from moe_protocols.errors import (
     EplbConfigError,

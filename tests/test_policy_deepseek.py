@@ -12,22 +12,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_protocols.eplb._deepseek import (
-    DeepSeekPolicy,
-    balanced_packing,
-    preserve_intra_rank_slots,
-    rebalance_global,
-    rebalance_hierarchical,
-    replicate_experts,
-)
 from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
 from moe_protocols.eplb._metrics import expected_rank_loads, overall_balancedness
-from moe_protocols.eplb._policy import (
+from moe_protocols.eplb.policies import (
     DEFAULT_POLICIES,
+    DeepSeekPolicy,
     PolicyRegistry,
     RebalancePolicy,
     check_policy_inputs,
     check_policy_output,
+    preserve_intra_rank_slots,
+)
+from moe_protocols.eplb.policies.deepseek import (
+    balanced_packing,
+    rebalance_global,
+    rebalance_hierarchical,
+    replicate_experts,
 )
 from moe_protocols.errors import PolicyError
 

@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_protocols.eplb import EplbConfig, EplbState
-from moe_protocols.eplb._bounds import (
+from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
+from moe_protocols.eplb._metrics import expected_rank_loads, slots_refetched
+from moe_protocols.eplb.analysis import (
     balancedness_bound,
     duplicate_replicas,
     max_rank_load_lower_bound,
@@ -19,16 +21,18 @@ from moe_protocols.eplb._bounds import (
     realised_balancedness,
     sampled_balancedness,
 )
-from moe_protocols.eplb._deepseek import DeepSeekPolicy, preserve_intra_rank_slots
-from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
-from moe_protocols.eplb._metrics import expected_rank_loads, slots_refetched
-from moe_protocols.eplb._migration import (
+from moe_protocols.eplb.policies import (
+    DEFAULT_POLICIES,
+    DeepSeekPolicy,
     MigrationAwarePolicy,
-    _keep_stayer_slots,
-    _Search,
+    RebalancePolicy,
+    preserve_intra_rank_slots,
     replica_counts,
 )
-from moe_protocols.eplb._policy import DEFAULT_POLICIES, RebalancePolicy
+from moe_protocols.eplb.policies.migration import _rows
+from moe_protocols.eplb.policies.migration._counts import limit_heavy_replicas
+from moe_protocols.eplb.policies.migration._open import _Search
+from moe_protocols.eplb.policies.migration._repair import _match_ranks, keep_stayer_slots
 from moe_protocols.eplb.workloads import Drift, LoadDistribution, drift_sequence
 from moe_protocols.errors import MappingError, PolicyError
 
@@ -175,15 +179,13 @@ def test_policy_is_deterministic_and_leaves_inputs_untouched(data: st.DataObject
 def test_placement_does_not_depend_on_numpy_being_installed(data: st.DataObject) -> None:
     # numpy only speeds up a sort; ties (equal loads are common with integer
     # counts) must break the same way on the torch fallback.
-    from moe_protocols.eplb import _migration
-
     shape = data.draw(shapes())
     weight = data.draw(loads(shape.layers, shape.logical)).round()
     old = random_placement(shape, data.draw(st.integers(0, 2**16)))
     with_numpy = POLICY.rebalance_experts(weight, *shape.args, old)
     fresh_with_numpy = POLICY.rebalance_experts(weight, *shape.args)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_migration, "_NUMPY", None)
+        patch.setattr(_rows, "_NUMPY", None)
         without = POLICY.rebalance_experts(weight, *shape.args, old)
         fresh_without = POLICY.rebalance_experts(weight, *shape.args)
     assert torch.equal(with_numpy, without)
@@ -217,7 +219,7 @@ def test_stayer_slots_are_restored_like_the_baseline_does(data: st.DataObject) -
     kept = torch.rand(old.shape, generator=torch.Generator().manual_seed(seed)) < 0.7
     new = torch.where(kept, old, new)
     expected = preserve_intra_rank_slots(new, old, shape.ranks)
-    assert torch.equal(_keep_stayer_slots(new, old, shape.ranks), expected)
+    assert torch.equal(keep_stayer_slots(new, old, shape.ranks), expected)
 
 
 @FAST
@@ -512,12 +514,11 @@ def test_fresh_gain_trades_balance_for_fewer_moved_slots() -> None:
 
 @pytest.mark.parametrize("seed", [93, 94, 95])
 def test_heavy_replica_limit_keeps_counts_valid(seed: int) -> None:
-    from moe_protocols.eplb._migration import _limit_heavy_replicas
 
     load = LoadDistribution("zipf", 1.1).sample(3, 256, seed=seed)
     count, hottest = replica_counts(load, 320, 64)
     target = torch.maximum(load.sum(dim=1) / 64, hottest)
-    spread = _limit_heavy_replicas(load, count, target, 64, 64)
+    spread = limit_heavy_replicas(load, count, target, 64, 64)
     assert torch.equal(spread.sum(dim=1), count.sum(dim=1))
     assert int(spread.min()) >= 1
     assert int(spread.max()) <= 64
@@ -529,7 +530,6 @@ def test_heavy_replica_limit_keeps_counts_valid(seed: int) -> None:
 
 
 def test_fresh_plan_ranks_are_matched_to_the_old_ranks() -> None:
-    from moe_protocols.eplb._migration import _match_ranks
 
     old = torch.arange(2 * 8 * 3).view(2, 8, 3) % 20
     permutation = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])

@@ -13,9 +13,9 @@ import pytest
 import torch
 from benchmark_modules import load_benchmark
 
-from moe_protocols.eplb._bounds import max_rank_load_lower_bound
 from moe_protocols.eplb._metrics import expected_rank_loads
-from moe_protocols.eplb._migration import MigrationAwarePolicy
+from moe_protocols.eplb.analysis import max_rank_load_lower_bound
+from moe_protocols.eplb.policies import MigrationAwarePolicy
 from moe_protocols.eplb.workloads import Drift, LoadDistribution, drift_sequence
 
 

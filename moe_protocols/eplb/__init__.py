@@ -9,22 +9,18 @@ route with up to date, in place. Placements persist as JSON or safetensors
 (:func:`save_placement` / :func:`load_placement`). Semantics follow vLLM
 0.33's EPLB. Sizes are bounded by the limits in :mod:`limits`
 (``moe_protocols.eplb.limits.MAX_LOGICAL_EXPERTS`` and friends).
+
+Policies live in :mod:`moe_protocols.eplb.policies` (the contract, the
+registry, the built-in policies and their shared primitives); per-step
+replica dispatch in :mod:`moe_protocols.eplb.dispatch`; the research tools
+(bounds, migration statistics, synthetic workloads) in the opt-in
+:mod:`moe_protocols.eplb.analysis`, which nothing in the engine imports.
 """
 
 from __future__ import annotations
 
 from . import _limits as limits
-from ._bounds import (
-    MigrationStats,
-    balancedness_bound,
-    duplicate_replicas,
-    max_rank_load_lower_bound,
-    migration_stats,
-    realised_balancedness,
-    sampled_balancedness,
-)
 from ._config import EplbConfig
-from ._deepseek import DeepSeekPolicy
 from ._distributed import (
     FaultHook,
     TransferJob,
@@ -56,14 +52,7 @@ from ._metrics import (
     slots_refetched,
     token_weighted_balancedness,
 )
-from ._migration import MigrationAwarePolicy, replica_counts
-from ._policy import (
-    DEFAULT_POLICIES,
-    PolicyRegistry,
-    RebalancePolicy,
-    check_policy_inputs,
-    check_policy_output,
-)
+from ._ownership import Claim, find_owner
 from ._state import (
     BalancednessStats,
     EplbState,
@@ -91,6 +80,15 @@ from .dispatch import (
     rank_loads_from_shares,
     replica_shares,
 )
+from .policies import (
+    DEFAULT_POLICIES,
+    CheckedPolicy,
+    DeepSeekPolicy,
+    MigrationAwarePolicy,
+    PolicyRegistry,
+    RebalancePolicy,
+    checked_rebalance,
+)
 
 __all__ = [
     "DEFAULT_DISPATCH_ROUNDS",
@@ -98,6 +96,8 @@ __all__ = [
     "PLACEMENT_FORMAT",
     "PLACEMENT_VERSION",
     "BalancednessStats",
+    "CheckedPolicy",
+    "Claim",
     "DeepSeekPolicy",
     "EplbConfig",
     "EplbState",
@@ -107,7 +107,6 @@ __all__ = [
     "FaultHook",
     "LayerTransferPlan",
     "MigrationAwarePolicy",
-    "MigrationStats",
     "ModelEplbState",
     "ModelRearrangement",
     "Placement",
@@ -122,32 +121,25 @@ __all__ = [
     "apply_transfer",
     "balanced_dispatch",
     "balancedness",
-    "balancedness_bound",
-    "check_policy_inputs",
-    "check_policy_output",
+    "checked_rebalance",
     "compute_logical_maps",
     "default_buffer_bytes",
     "dispatch_to_replicas",
-    "duplicate_replicas",
     "exchange_expert_weights",
+    "find_owner",
     "expected_rank_loads",
     "initial_physical_to_logical_map",
     "initial_placement",
     "limits",
     "load_placement",
-    "max_rank_load_lower_bound",
     "max_replicas",
-    "migration_stats",
     "overall_balancedness",
     "plan_transfer",
     "rank_loads_from_physical",
     "rank_loads_from_shares",
     "refetched_per_rank",
-    "realised_balancedness",
     "remote_fetches_required",
-    "replica_counts",
     "replica_shares",
-    "sampled_balancedness",
     "save_placement",
     "slots_changed",
     "slots_refetched",

@@ -37,7 +37,6 @@ from ._model_state import (
 )
 from ._ownership import track_owner
 from ._planning import ModelPlan, ModelPlanner, summarise_all, window_load
-from ._policy import DEFAULT_POLICIES, PolicyRegistry, RebalancePolicy, check_policy_output
 from ._reporting import RearrangementLog, log_pass_balancedness
 from ._results import (
     BalancednessStats,
@@ -49,6 +48,7 @@ from ._settings import checked_integrity, placement_topology, torch_device
 from ._state_view import EplbStateView
 from ._transfer_options import layout_digest_under
 from ._wiring import WiringSnapshot
+from .policies import DEFAULT_POLICIES, PolicyRegistry, RebalancePolicy, checked_rebalance
 
 if TYPE_CHECKING:
     import os
@@ -89,7 +89,8 @@ def _ask_policy(
 ) -> Tensor:
     """The policy's placement for one model, checked; a failure is a ``PolicyError``."""
     try:
-        proposed = policy.rebalance_experts(
+        return checked_rebalance(
+            policy,
             load,
             num_replicas=state.num_physical_experts,
             num_groups=state.model.num_expert_groups,
@@ -104,7 +105,6 @@ def _ask_policy(
             f"policy {policy.name!r} failed for model {state.model_name!r}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    return check_policy_output(policy.name, proposed, load, state.num_physical_experts, num_ranks)
 
 
 @final

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Final
 
-from moe_protocols.eplb import DEFAULT_POLICIES
+from moe_protocols.eplb import DEFAULT_POLICIES, checked_rebalance
 
 if TYPE_CHECKING:
     import torch
@@ -93,4 +93,6 @@ def _run(
 ) -> torch.Tensor:
     # vLLM hands the summed window (int64) on CPU and copies the result to the
     # device itself; our policies take and return the same shapes.
-    return policy.rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_ranks, old_map)
+    return checked_rebalance(
+        policy, weight, num_replicas, num_groups, num_nodes, num_ranks, old_map
+    )

@@ -34,12 +34,9 @@ import torch
 
 from moe_protocols.eplb import _limits
 from moe_protocols.eplb._metrics import balancedness, expected_rank_loads
-from moe_protocols.eplb._migration import (
-    _heaviest_nodes,  # pyright: ignore[reportPrivateUsage]  # shared inside the private eplb package
-    _layouts,  # pyright: ignore[reportPrivateUsage]  # shared inside the private eplb package
-    replica_counts,
-)
-from moe_protocols.eplb.workloads import sample_step_loads
+from moe_protocols.eplb.analysis.workloads import sample_step_loads
+from moe_protocols.eplb.policies._apportion import replica_counts
+from moe_protocols.eplb.policies._layouts import group_layouts, heaviest_nodes
 from moe_protocols.errors import MappingError
 
 __all__ = [
@@ -119,9 +116,9 @@ def max_rank_load_lower_bound(
             f"got E={num_logical}, G={num_groups}, N={num_nodes}, R={num_ranks}"
         )
     group_load = load.view(num_layers, num_groups, -1).sum(dim=2)
-    enumerated = _layouts(num_groups, num_nodes)
+    enumerated = group_layouts(num_groups, num_nodes)
     if enumerated is not None:
-        node = _heaviest_nodes(group_load, enumerated[1], num_nodes).amin(dim=1)
+        node = heaviest_nodes(group_load, enumerated[1], num_nodes).amin(dim=1)
     else:
         ordered = torch.sort(group_load, dim=1, descending=True).values
         node = torch.maximum(group_load.sum(dim=1) / num_nodes, ordered[:, 0])
@@ -266,7 +263,7 @@ def sampled_balancedness(
     """Mean per-step balancedness when each step draws its tokens from ``logical_load``'s shares.
 
     Each step routes ``tokens_per_step * top_k`` token-expert pairs per layer
-    (:func:`moe_protocols.eplb.workloads.sample_step_loads`); each expert's
+    (:func:`moe_protocols.eplb.analysis.workloads.sample_step_loads`); each expert's
     tokens are split evenly over its replicas.
     """
     steps = sample_step_loads(

@@ -19,12 +19,13 @@ from typing import Final
 
 import torch
 
+from moe_protocols.eplb.policies._contract import CheckedPolicy
+from moe_protocols.eplb.policies._slots import occurrence, preserve_intra_rank_slots
 from moe_protocols.errors import PolicyError
 
 __all__ = [
     "DeepSeekPolicy",
     "balanced_packing",
-    "preserve_intra_rank_slots",
     "rebalance_global",
     "rebalance_hierarchical",
     "replicate_experts",
@@ -66,7 +67,7 @@ def replicate_experts(
         logcnt.scatter_add_(1, expert, one)
     phy2log = torch.cat(chosen, dim=1)
     # Replica i of an expert is its (i+1)-th appearance in phy2log.
-    replica_rank = _occurrence(phy2log)
+    replica_rank = occurrence(phy2log)
     return phy2log, replica_rank, logcnt
 
 
@@ -113,7 +114,7 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
         loads.masked_fill_(counts == per_pack, torch.inf)
     pack_of_sorted = torch.cat(chosen, dim=1)
     # An item's position in its pack = how many heavier items went there first.
-    rank_of_sorted = _occurrence(pack_of_sorted)
+    rank_of_sorted = occurrence(pack_of_sorted)
     pack_index = torch.empty_like(pack_of_sorted).scatter_(1, order, pack_of_sorted)
     rank_in_pack = torch.empty_like(rank_of_sorted).scatter_(1, order, rank_of_sorted)
     return pack_index, rank_in_pack
@@ -203,73 +204,7 @@ def rebalance_global(
     return rebalance_hierarchical(weight, num_physical, 1, 1, num_ranks)
 
 
-def preserve_intra_rank_slots(
-    new_map: torch.Tensor, old_map: torch.Tensor, num_ranks: int
-) -> torch.Tensor:
-    """Reorder each rank's slots so experts that stay on a rank keep their old slot.
-
-    Within every (layer, rank), the k-th copy (in slot order) of an expert in
-    ``new_map`` takes the slot of the k-th copy of that expert in ``old_map``
-    if there is one; the remaining experts fill the freed slots, both in
-    ascending slot order. Each rank ends up with the same multiset of experts
-    as in ``new_map``; only the order inside a rank changes, which saves the
-    copies a pure reshuffle would cost.
-
-    Args:
-        new_map: ``[layers, physical]`` freshly computed placement.
-        old_map: ``[layers, physical]`` placement currently in use (``-1`` = empty slot).
-        num_ranks: EP ranks; must divide ``physical``.
-
-    Returns:
-        A new ``[layers, physical]`` int64 tensor; ``new_map`` itself (as
-        int64) when the shapes differ, since then no slot can be kept.
-    """
-    new_map = new_map.to(torch.int64)
-    if old_map.shape != new_map.shape:
-        return new_map
-    num_layers, num_physical = new_map.shape
-    if num_ranks < 1 or num_physical % num_ranks != 0:
-        raise PolicyError(f"num_ranks={num_ranks} must be >= 1 and divide {num_physical} slots")
-    slots = num_physical // num_ranks
-    new = new_map.reshape(num_layers * num_ranks, slots)
-    old = old_map.to(device=new_map.device, dtype=torch.int64).reshape(
-        num_layers * num_ranks, slots
-    )
-    # Key each slot by (expert, occurrence of that expert within the rank).
-    # Keys are unique within one side, so after a stable sort of old and new
-    # keys together an equal adjacent pair is an old copy followed by the new
-    # copy that can stay in its slot.
-    both = torch.cat([old * slots + _occurrence(old), new * slots + _occurrence(new)], dim=1)
-    sorted_keys, origin = torch.sort(both, dim=1, stable=True)
-    pair = sorted_keys[:, 1:] == sorted_keys[:, :-1]
-    # Unpaired entries are routed to a spare column ``slots`` and dropped.
-    new_slot = torch.where(pair, origin[:, 1:] - slots, slots)
-    old_slot = torch.where(pair, origin[:, :-1], slots)
-    spare = torch.zeros(new.shape[0], slots + 1, dtype=torch.int64, device=new.device)
-    stays = spare.to(torch.bool).scatter_(1, new_slot, pair)[:, :slots]
-    kept_slot = spare.clone().scatter_(1, new_slot, old_slot)[:, :slots]
-    taken = spare.to(torch.bool).scatter_(1, old_slot, pair)[:, :slots]
-    # Movers (unmatched new entries, in slot order) go to the free old slots
-    # (in slot order); there are as many of one as of the other.
-    free_slots = torch.sort(taken.to(torch.int8), dim=1, stable=True).indices
-    movers = torch.sort(stays.to(torch.int8), dim=1, stable=True).indices
-    dest = torch.empty_like(new).scatter_(1, movers, free_slots)
-    dest = torch.where(stays, kept_slot, dest)
-    result = torch.empty_like(new).scatter_(1, dest, new)
-    return result.view(num_layers, num_physical)
-
-
-def _occurrence(rows: torch.Tensor) -> torch.Tensor:
-    """For ``[X, n]`` values, how many earlier entries of the same row hold the same value."""
-    sorted_values, order = torch.sort(rows, dim=1, stable=True)
-    positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
-    starts = torch.ones_like(sorted_values, dtype=torch.bool)
-    starts[:, 1:] = sorted_values[:, 1:] != sorted_values[:, :-1]
-    run_start = torch.cummax(torch.where(starts, positions, 0), dim=1).values
-    return torch.empty_like(rows).scatter_(1, order, positions - run_start)
-
-
-class DeepSeekPolicy:
+class DeepSeekPolicy(CheckedPolicy):
     """The published DeepSeek EPLB policy: hierarchical when groups fit nodes, else global.
 
     Hierarchical iff ``num_groups % num_nodes == 0`` and the groups split the
@@ -289,26 +224,21 @@ class DeepSeekPolicy:
     def __repr__(self) -> str:
         return "DeepSeekPolicy()"
 
-    def rebalance_experts(
+    def plan_checked(
         self,
-        weight: torch.Tensor,
+        load: torch.Tensor,
         num_replicas: int,
         num_groups: int,
         num_nodes: int,
         num_ranks: int,
-        old_physical_to_logical_map: torch.Tensor | None = None,
+        old_physical_to_logical_map: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Compute a new ``physical_to_logical_map [layers, num_replicas]`` (int64, CPU).
+        """The new ``physical_to_logical_map [layers, num_replicas]`` for checked arguments.
 
-        See :class:`moe_protocols.eplb._policy.RebalancePolicy` for the contract.
+        Called through :func:`~moe_protocols.eplb.policies.checked_rebalance`
+        (``rebalance_experts`` does that); see
+        :class:`~moe_protocols.eplb.policies.RebalancePolicy` for the contract.
         """
-        # Imported here, not at module level: _policy imports this module to
-        # build DEFAULT_POLICIES, so a module-level import would be circular.
-        from moe_protocols.eplb._policy import check_policy_inputs, check_policy_output
-
-        load = check_policy_inputs(
-            weight, num_replicas, num_groups, num_nodes, num_ranks, old_physical_to_logical_map
-        )
         num_logical = load.shape[1]
         if num_groups % num_nodes == 0 and num_logical % num_groups == 0:
             new_map = rebalance_hierarchical(load, num_replicas, num_groups, num_nodes, num_ranks)
@@ -318,4 +248,4 @@ class DeepSeekPolicy:
             new_map = preserve_intra_rank_slots(
                 new_map, old_physical_to_logical_map.cpu(), num_ranks
             )
-        return check_policy_output(self.name, new_map, load, num_replicas, num_ranks)
+        return new_map

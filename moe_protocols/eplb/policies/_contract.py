@@ -1,34 +1,32 @@
-"""The rebalancing-policy contract, its input/output checks, and the policy registry.
+"""The rebalancing-policy contract: the protocol, its argument and result checks, one checked call.
 
 A policy turns the recent load per logical expert into a new placement. It is
 a pure function of its arguments (tensors in, tensor out); the EPLB state owns
-everything that changes over time.
+everything that changes over time. Every caller runs a policy through
+:func:`checked_rebalance`, which checks the arguments and the result once
+each. This module imports no policy (the registry does).
 """
 
 from __future__ import annotations
 
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
+import abc
+from typing import Protocol, runtime_checkable
 
-import attrs
 import torch
 
 from moe_protocols._torch_typed import float_list
+from moe_protocols._validate import require_int
 from moe_protocols.eplb import _limits
-from moe_protocols.eplb._deepseek import DeepSeekPolicy
 from moe_protocols.eplb._maps import validate_placement
-from moe_protocols.eplb._migration import MigrationAwarePolicy
 from moe_protocols.errors import MappingError, PolicyError
 
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
 __all__ = [
-    "DEFAULT_POLICIES",
-    "PolicyRegistry",
+    "CheckedPolicy",
+    "PlansCheckedArguments",
     "RebalancePolicy",
     "check_policy_inputs",
     "check_policy_output",
+    "checked_rebalance",
 ]
 
 
@@ -74,8 +72,9 @@ class RebalancePolicy(Protocol):
 
         Contract: every logical expert has at least one replica in every layer
         of the result, every id lies in ``[0, E)``, and the inputs are not
-        modified. Call :func:`check_policy_inputs` first and
-        :func:`check_policy_output` last.
+        modified. Callers run a policy through :func:`checked_rebalance`,
+        which checks both sides; :class:`CheckedPolicy` is a base class for
+        policies that want the same checks when called directly.
 
         Raises:
             PolicyError: the arguments violate the constraints above.
@@ -84,9 +83,7 @@ class RebalancePolicy(Protocol):
 
 
 def _count(arg: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise PolicyError(f"{arg} must be an int >= 1, got {value!r}")
-    return value
+    return require_int(value, minimum=1, error=PolicyError, label=arg)
 
 
 def check_policy_inputs(
@@ -109,6 +106,23 @@ def check_policy_inputs(
             ``num_ranks % num_nodes != 0``, or an old map that is not an
             integer ``[L, *]`` tensor with ids in ``[-1, E)``.
     """
+    tensor = _check_weight_tensor(weight)
+    replicas = _count("num_replicas", num_replicas)
+    groups = _count("num_groups", num_groups)
+    nodes = _count("num_nodes", num_nodes)
+    ranks = _count("num_ranks", num_ranks)
+    # Sizes first: nothing is allocated for a problem over the limits.
+    _check_sizes(tensor, replicas, groups, nodes, ranks)
+    load = _checked_load(tensor)
+    num_layers, num_logical = load.shape
+    _check_divisibility(num_logical, replicas, nodes, ranks)
+    if old_physical_to_logical_map is not None:
+        _check_old_map(old_physical_to_logical_map, num_layers, num_logical)
+    return load
+
+
+def _check_weight_tensor(weight: object) -> torch.Tensor:
+    """``weight`` itself, once it is a non-empty 2-D tensor of real numbers with data."""
     if not isinstance(weight, torch.Tensor):
         raise PolicyError(
             f"weight must be a torch.Tensor [layers, logical], got {type(weight).__name__}"
@@ -122,11 +136,11 @@ def check_policy_inputs(
         raise PolicyError(
             f"weight must hold real loads, got dtype {weight.dtype} on {weight.device}"
         )
-    replicas = _count("num_replicas", num_replicas)
-    groups = _count("num_groups", num_groups)
-    nodes = _count("num_nodes", num_nodes)
-    ranks = _count("num_ranks", num_ranks)
-    # Sizes first: nothing is allocated for a problem over the limits.
+    return weight
+
+
+def _check_sizes(weight: torch.Tensor, replicas: int, groups: int, nodes: int, ranks: int) -> None:
+    """Refuse sizes over the limits of ``moe_protocols.eplb.limits``."""
     for arg, value, limit in (
         ("weight.shape[0] (layers)", int(weight.shape[0]), "MAX_LAYERS"),
         ("weight.shape[1] (logical experts)", int(weight.shape[1]), "MAX_LOGICAL_EXPERTS"),
@@ -139,6 +153,10 @@ def check_policy_inputs(
     _limits.check_product(
         "the placement", (int(weight.shape[0]), replicas), "MAX_MAP_ENTRIES", PolicyError
     )
+
+
+def _checked_load(weight: torch.Tensor) -> torch.Tensor:
+    """A float64 CPU copy of ``weight`` once every load is finite, non-negative and in range."""
     load = weight.detach().to(device="cpu", dtype=torch.float64, copy=True)
     finite = torch.isfinite(load)
     if not bool(finite.all()):
@@ -155,7 +173,11 @@ def check_policy_inputs(
             f"{float(load[layer, expert])}"
         )
     _limits.check_finite_loads("weight", float_list(load.sum(dim=1).double()), PolicyError)
-    num_layers, num_logical = load.shape
+    return load
+
+
+def _check_divisibility(num_logical: int, replicas: int, nodes: int, ranks: int) -> None:
+    """Refuse slot and rank counts that do not split evenly, or too few slots."""
     if replicas < num_logical:
         raise PolicyError(
             f"num_replicas={replicas} is smaller than the {num_logical} logical experts: "
@@ -171,9 +193,6 @@ def check_policy_inputs(
             f"num_ranks={ranks} must be a multiple of num_nodes={nodes} "
             "(every node holds the same number of EP ranks)"
         )
-    if old_physical_to_logical_map is not None:
-        _check_old_map(old_physical_to_logical_map, num_layers, num_logical)
-    return load
 
 
 def _check_old_map(old_map: object, num_layers: int, num_logical: int) -> None:
@@ -236,99 +255,117 @@ def check_policy_output(
         raise PolicyError(str(exc)) from exc
 
 
-def _frozen_policies(policies: Mapping[str, RebalancePolicy]) -> Mapping[str, RebalancePolicy]:
-    # A private dict copy behind a read-only proxy: neither the caller nor a
-    # user of the registry can change it afterwards.
-    return MappingProxyType(dict(policies))
+@runtime_checkable
+class PlansCheckedArguments(Protocol):
+    """A policy that plans on arguments :func:`checked_rebalance` has already checked.
 
-
-def _check_policies(
-    instance: PolicyRegistry,
-    attribute: attrs.Attribute[Mapping[str, RebalancePolicy]],
-    value: Mapping[str, RebalancePolicy],
-) -> None:
-    for key, policy in value.items():
-        if not isinstance(key, str) or not key:  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
-            raise PolicyError(f"policy names must be non-empty strings, got {key!r}")
-        if not isinstance(policy, RebalancePolicy):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
-            raise PolicyError(
-                f"policy registered as {key!r} ({type(policy).__name__}) does not implement "
-                "RebalancePolicy (needs a 'name' property and 'rebalance_experts')"
-            )
-
-
-@attrs.frozen(eq=False)
-class PolicyRegistry:
-    """An immutable mapping from names to rebalancing policies.
-
-    Registration is explicit and local: :meth:`with_policy` returns a new
-    registry and leaves this one (and :data:`DEFAULT_POLICIES`) unchanged.
+    :class:`CheckedPolicy` implements it; :func:`checked_rebalance` calls
+    ``plan_checked`` instead of ``rebalance_experts`` on such a policy, so that
+    nothing is checked twice. The method name is distinctive on purpose: the
+    check is structural, and a policy must not match it by accident.
     """
 
-    _policies: Mapping[str, RebalancePolicy] = attrs.field(
-        factory=dict, converter=_frozen_policies, validator=_check_policies, alias="policies"
+    def plan_checked(
+        self,
+        load: torch.Tensor,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_physical_to_logical_map: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The new ``[L, num_replicas]`` map; ``load`` is the checked float64 CPU copy."""
+        ...
+
+
+def checked_rebalance(
+    policy: RebalancePolicy,
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_ranks: int,
+    old_physical_to_logical_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run ``policy`` with its arguments and its result checked, once each.
+
+    The arguments go through :func:`check_policy_inputs` and the result
+    through :func:`check_policy_output`. A :class:`CheckedPolicy` gets the
+    checked float64 copy of ``weight`` (its ``plan_checked``, see
+    :class:`PlansCheckedArguments`); any other policy gets the arguments as given.
+
+    Returns:
+        The new ``physical_to_logical_map [L, num_replicas]``, int64 on CPU.
+
+    Raises:
+        PolicyError: the arguments violate the contract of
+            :class:`RebalancePolicy`, or the policy's result does.
+    """
+    load = check_policy_inputs(
+        weight, num_replicas, num_groups, num_nodes, num_ranks, old_physical_to_logical_map
     )
+    if isinstance(policy, PlansCheckedArguments):
+        new_map: object = policy.plan_checked(
+            load, num_replicas, num_groups, num_nodes, num_ranks, old_physical_to_logical_map
+        )
+    else:
+        new_map = policy.rebalance_experts(
+            weight, num_replicas, num_groups, num_nodes, num_ranks, old_physical_to_logical_map
+        )
+    return check_policy_output(policy.name, new_map, load, num_replicas, num_ranks)
+
+
+class CheckedPolicy(abc.ABC):
+    """Base for policies whose algorithm runs on checked arguments.
+
+    A subclass implements :meth:`plan_checked`; :meth:`rebalance_experts` runs it
+    through :func:`checked_rebalance`, so a direct call is checked exactly
+    like a call from the EPLB state, and no route checks twice.
+    """
+
+    __slots__ = ()
 
     @property
-    def names(self) -> tuple[str, ...]:
-        """Registered names, sorted."""
-        return tuple(sorted(self._policies))
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The name the policy is registered and configured under."""
 
-    def get(self, name: str) -> RebalancePolicy:
-        """The policy registered as ``name``.
+    @abc.abstractmethod
+    def plan_checked(
+        self,
+        load: torch.Tensor,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_physical_to_logical_map: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The new ``[L, num_replicas]`` map for checked arguments.
 
-        Raises:
-            PolicyError: no policy has that name; the message lists the known ones.
+        ``load`` is the float64 CPU copy :func:`check_policy_inputs` returns;
+        the other arguments passed its checks. The result is checked by the
+        caller.
         """
-        try:
-            return self._policies[name]
-        except (KeyError, TypeError):
-            raise PolicyError(
-                f"unknown EPLB policy {name!r}; known policies: {', '.join(self.names) or '(none)'}"
-            ) from None
 
-    def with_policy(
-        self, policy: RebalancePolicy, *, name: str | None = None, replace: bool = False
-    ) -> PolicyRegistry:
-        """A new registry that also holds ``policy`` under ``name`` (default: ``policy.name``).
+    def rebalance_experts(
+        self,
+        weight: torch.Tensor,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_physical_to_logical_map: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Compute a new ``physical_to_logical_map [L, num_replicas]`` (int64, CPU).
 
-        Raises:
-            PolicyError: the name is taken and ``replace`` is false, or
-                ``policy`` does not implement :class:`RebalancePolicy`.
+        See :class:`RebalancePolicy` for the contract.
         """
-        if not isinstance(policy, RebalancePolicy):  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
-            raise PolicyError(
-                f"{type(policy).__name__} does not implement RebalancePolicy "
-                "(needs a 'name' property and 'rebalance_experts')"
-            )
-        key = policy.name if name is None else name
-        if key in self._policies and not replace:
-            raise PolicyError(
-                f"a policy named {key!r} is already registered "
-                f"({self._policies[key]!r}); pass replace=True to override it"
-            )
-        return PolicyRegistry({**self._policies, key: policy})
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._policies
-
-    def __len__(self) -> int:
-        return len(self._policies)
-
-    def __repr__(self) -> str:
-        return f"PolicyRegistry(names={self.names!r})"
-
-
-def _default_policies() -> PolicyRegistry:
-    deepseek = DeepSeekPolicy()
-    # "default" is vLLM's name for the same algorithm.
-    return (
-        PolicyRegistry()
-        .with_policy(deepseek)
-        .with_policy(deepseek, name="default")
-        .with_policy(MigrationAwarePolicy())
-    )
-
-
-DEFAULT_POLICIES: Final[PolicyRegistry] = _default_policies()
-"""The built-in policies: ``"deepseek"`` (alias ``"default"``) and ``"migration_aware"``."""
+        return checked_rebalance(
+            self,
+            weight,
+            num_replicas,
+            num_groups,
+            num_nodes,
+            num_ranks,
+            old_physical_to_logical_map,
+        )
