@@ -288,7 +288,8 @@ def test_a_model_a_live_state_balances_is_refused_and_left_alone() -> None:
 def test_after_verify_the_model_can_be_registered_for_serving(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from moe_protocols import EplbConfig, EplbState, MoEView, verification
+    from moe_protocols import EplbConfig, EplbState, MoEView
+    from moe_protocols.verification import _verifier
 
     private: list[EplbState] = []  # kept alive: garbage collection must not be what releases
 
@@ -296,7 +297,7 @@ def test_after_verify_the_model_can_be_registered_for_serving(
         private.append(EplbState(*args, **kwargs))  # type: ignore[arg-type]  # forwarding the patched constructor's arguments
         return private[-1]
 
-    monkeypatch.setattr(verification, "EplbState", keep_alive)
+    monkeypatch.setattr(_verifier, "EplbState", keep_alive)
     model = tiny_moe(num_redundant_experts=2)
     assert verify_eplb_integration(model).ok
     assert private

@@ -1,87 +1,44 @@
-"""A self-test of a model's EPLB integration: does balancing leave it computing the same thing?
-
-``verify_eplb_integration(model)`` resolves the MoE model with ``MoEView``,
-registers it with a private ``EplbState`` and, on the live model (no copy of
-it is made), checks what a model author can get silently wrong:
-
-* every MoE layer records ``tokens x top_k`` assignments into its row of the
-  load view (or, without a ``top_k`` to read, the same count in two identical
-  forwards and in every layer);
-* every redundant slot holds the bytes of the logical expert it replicates
-  under the initial placement (slot ``p >= E`` holds expert ``p % E``);
-* ``update_physical_experts_metadata`` with the current counts changes nothing;
-* after two forced moves (a random permutation of the slots, then a change of
-  replica counts, both through ``EplbState.update_mapping``) the outputs are
-  unchanged and every layer routes and records by the *new* maps (a layer that
-  kept copies of the maps instead of the views is named);
-* the model is back on its original placement, computing what it computed
-  before, when the run ends.
-
-The result is a :class:`VerificationReport` (a value, printable); only
-unusable arguments raise (:class:`~moe_protocols.errors.VerificationInputError`).
-"""
+"""One verification run: the private EPLB state, the forced moves and every check."""
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Final, TypeGuard, cast, final
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final, final
 
 import attrs
 import torch
 from torch import Tensor
 
 from moe_protocols._torch_typed import int_list
-from moe_protocols.adapters._view import DEFAULT_MAX_DEPTH, MoEView
-from moe_protocols.adapters.hf._probe import TOP_K_ATTRS as _TOP_K_ATTRS
-from moe_protocols.adapters.hf._probe import int_attr as _int_attr
-from moe_protocols.adapters.hf._probe import text_config as _text_config
+from moe_protocols.adapters._view import MoEView
 from moe_protocols.conformance import check_conformance
 from moe_protocols.eplb import EplbConfig, EplbState
 from moe_protocols.eplb._maps import compute_logical_maps, initial_placement, max_replicas
 from moe_protocols.errors import (
     EplbOwnershipError,
     MoEProtocolsError,
-    NotMixtureOfExpertsError,
-    VerificationInputError,
 )
 from moe_protocols.profiling import (
     Batch,
-    _default_forward,  # pyright: ignore[reportPrivateUsage]  # shared inside the package
-    vocabulary_size,
     weights_device,
 )
-from moe_protocols.protocols import MixtureOfExperts
 
 if TYPE_CHECKING:
-    from torch.utils.hooks import RemovableHandle
-
     from moe_protocols.eplb._fingerprint import IntegrityMode
     from moe_protocols.eplb._state import ModelEplbState
-
-__all__ = [
-    "CheckStatus",
-    "VerificationCheck",
-    "VerificationReport",
-    "outputs_difference",
-    "verify_eplb_integration",
-]
-
-SampleInputs = Tensor | Mapping[str, object] | Callable[[], object]
-"""What ``sample_inputs`` may be: ``input_ids``, forward keywords, or a factory of either."""
+from moe_protocols.verification._compare import Tolerance, bit_identical, same_bits
+from moe_protocols.verification._inputs import output_tensors, tokens_in
+from moe_protocols.verification._probes import (
+    TokenCounter,
+    layer_paths,
+    logical_load,
+    protocol_default,
+    top_k_of,
+)
+from moe_protocols.verification._report import CheckStatus, VerificationCheck
 
 _MODEL_NAME: Final = "verify"
-_SYNTHETIC_SHAPE: Final = (2, 32)
 _NEVER: Final = 2**31 - 1  # step_interval: the private state must never rearrange on its own
-_DTYPE_TOLERANCE: Final[Mapping[torch.dtype, tuple[float, float]]] = {
-    torch.float64: (1e-7, 1e-9),
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (2e-3, 1e-3),
-    torch.bfloat16: (2e-2, 1e-2),
-}
-"""``(rtol, atol)`` per output dtype when outputs cannot be compared bit for bit."""
-_LOW_PRECISION: Final = (5e-2, 5e-2)  # other floating dtypes (float8, ...)
-
 
 _STALE_MAPS: Final = (
     "after the move it still routes by the placement before it: it keeps copies of the maps "
@@ -96,341 +53,8 @@ _LOAD_MOVED: Final = "its load no longer matches the same input's load before th
 _ROUTE_LIVE: Final = "route logical expert -> physical slot through the live maps on every forward"
 
 
-class CheckStatus(enum.Enum):
-    """Outcome of one check."""
-
-    PASSED = "PASS"
-    FAILED = "FAIL"
-    SKIPPED = "SKIP"
-
-
-@attrs.frozen
-class VerificationCheck:
-    """One check's result; a failure names the layer, what was seen and what to fix."""
-
-    name: str
-    """Stable identifier, e.g. ``"load-counts"`` or ``"move-permute:maps"``."""
-    status: CheckStatus
-    observed: str
-    """What was seen (for a skip: why the check could not run)."""
-    layer: int | None = None
-    """Index of the MoE layer at fault (``moe_layers[layer]``), when one is."""
-    layer_path: str | None = None
-    """Module path of that layer below the served object, where it can be found."""
-    fix: str | None = None
-    """What to change in the model (failures only)."""
-
-    @property
-    def where(self) -> str | None:
-        """``"MoE layer 1 (model.layers.2.ffn)"``, or None for a model-wide result."""
-        if self.layer is None:
-            return None
-        return f"MoE layer {self.layer}" + (f" ({self.layer_path})" if self.layer_path else "")
-
-    def __str__(self) -> str:
-        where = self.where
-        text = f"{self.status.value}  {self.name}: " + (f"{where}: " if where else "")
-        text += self.observed
-        if self.fix:
-            text += f"\n        fix: {self.fix}"
-        return text
-
-
-def _tuple_of_checks(checks: Sequence[VerificationCheck]) -> tuple[VerificationCheck, ...]:
-    return tuple(checks)
-
-
-@attrs.frozen
-class VerificationReport:
-    """Everything :func:`verify_eplb_integration` checked, in order; ``ok`` when none failed."""
-
-    model: str
-    """Class name of the served object."""
-    checks: tuple[VerificationCheck, ...] = attrs.field(converter=_tuple_of_checks)
-    resolved: str | None = None
-    """Where the MoE model was found and its counts; None when none was found."""
-    inputs: str | None = None
-    """What the forwards were fed."""
-    tolerance: str | None = None
-    """How outputs were compared (bit-exact, or the allclose tolerances)."""
-
-    @property
-    def ok(self) -> bool:
-        """True when no check failed (skipped checks do not count against it)."""
-        return not self.failures
-
-    @property
-    def failures(self) -> tuple[VerificationCheck, ...]:
-        """The failed checks."""
-        return tuple(c for c in self.checks if c.status is CheckStatus.FAILED)
-
-    @property
-    def skipped(self) -> tuple[VerificationCheck, ...]:
-        """The checks that could not run, each saying why."""
-        return tuple(c for c in self.checks if c.status is CheckStatus.SKIPPED)
-
-    def named(self, name: str) -> tuple[VerificationCheck, ...]:
-        """The results of one check (several when it failed on several layers)."""
-        return tuple(c for c in self.checks if c.name == name)
-
-    def __str__(self) -> str:
-        lines = [f"EPLB integration check of {self.model}"]
-        for label, value in (
-            ("MoE model", self.resolved),
-            ("inputs", self.inputs),
-            ("outputs compared", self.tolerance),
-        ):
-            if value is not None:
-                lines.append(f"  {label}: {value}")
-        lines.append("")
-        lines += [f"  {check}" for check in self.checks]
-        lines += ["", self.summary]
-        return "\n".join(lines)
-
-    @property
-    def summary(self) -> str:
-        """The verdict in one line: ``"OK: every check holds (2 skipped)"`` or ``"FAILED: ..."``."""
-        failed, skipped = len(self.failures), len(self.skipped)
-        tail = f" ({skipped} skipped)" if skipped else ""
-        if failed:
-            return f"FAILED: {failed} of {len(self.checks)} checks failed{tail}"
-        return f"OK: every check holds{tail}"
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def is_sample_batch(value: object) -> TypeGuard[Batch]:
-    """Whether ``value`` can be fed as it is: a tensor of input_ids or a mapping of keywords."""
-    return isinstance(value, (Tensor, Mapping))
-
-
-def _sample_batch(
-    root: object, view: MoEView, sample_inputs: SampleInputs | None, seed: int
-) -> tuple[Batch, str]:
-    """The batch every forward is fed, and how it was obtained."""
-    if sample_inputs is None:
-        vocab = vocabulary_size(root) or vocabulary_size(view.model)
-        if vocab is None:
-            raise VerificationInputError(
-                f"verify_eplb_integration: no sample inputs were given and none can be "
-                f"synthesised: neither {type(root).__name__} nor {type(view.model).__name__} "
-                "tells its vocabulary size (get_input_embeddings() or config.vocab_size); pass "
-                "sample_inputs= (a tensor, a mapping of forward keywords, or a factory), or "
-                "--inputs MODULE:ATTR on the command line"
-            )
-        generator = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, vocab, _SYNTHETIC_SHAPE, generator=generator)
-        shape = "x".join(map(str, _SYNTHETIC_SHAPE))
-        return ids.to(weights_device(view)), (
-            f"synthesised input_ids [{shape}] from vocab_size={vocab} (seed {seed})"
-        )
-    given: object = sample_inputs
-    if callable(given) and not isinstance(given, (Tensor, Mapping)):
-        try:
-            given = given()
-        except Exception as exc:
-            raise VerificationInputError(
-                f"verify_eplb_integration: the sample_inputs factory failed: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-    if isinstance(given, Tensor):
-        return given, f"input_ids {list(given.shape)} (given)"
-    if isinstance(given, Mapping):
-        given = cast("Mapping[object, object]", given)
-        if all(isinstance(k, str) for k in given):
-            batch = {str(k): v for k, v in given.items()}
-            return batch, f"forward keywords {sorted(batch)} (given)"
-    raise VerificationInputError(
-        "verify_eplb_integration: sample_inputs must be a tensor of input_ids, a mapping of "
-        f"forward keyword arguments, or a callable returning one; got {type(given).__name__}"
-    )
-
-
-def _tokens_in(batch: Batch) -> int | None:
-    """Tokens a text-only batch sends through every MoE layer (None: cannot tell from it)."""
-    if isinstance(batch, Tensor):
-        return batch.numel()
-    ids = batch.get("input_ids")
-    text_only = set(batch) <= {"input_ids", "attention_mask", "position_ids", "token_type_ids"}
-    return ids.numel() if isinstance(ids, Tensor) and text_only else None
-
-
-# ---------------------------------------------------------------- outputs
-
-
-def _output_tensors(output: object) -> list[Tensor]:
-    """Every tensor in a forward's result (tensors, mappings such as ModelOutput, sequences)."""
-    if isinstance(output, Tensor):
-        return [output.detach().clone()]
-    items: list[object]
-    if isinstance(output, Mapping):
-        items = list(cast("Mapping[object, object]", output).values())
-    elif isinstance(output, (list, tuple)):
-        items = list(cast("Sequence[object]", output))
-    else:
-        return []
-    return [tensor for item in items for tensor in _output_tensors(item)]
-
-
-def _same_bits(a: Tensor, b: Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return torch.equal(_as_bytes(a), _as_bytes(b))
-
-
-def _as_bytes(tensor: Tensor) -> Tensor:
-    return tensor.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
-@attrs.frozen
-class _Tolerance:
-    exact: bool
-    rtol: float | None
-    atol: float | None
-
-    def for_dtype(self, dtype: torch.dtype) -> tuple[float, float]:
-        default = _DTYPE_TOLERANCE.get(dtype, _LOW_PRECISION)
-        return (
-            default[0] if self.rtol is None else self.rtol,
-            default[1] if self.atol is None else self.atol,
-        )
-
-    def describe(self, outputs: Sequence[Tensor], why: str) -> str:
-        if self.exact:
-            return f"bit-exact ({why})"
-        dtypes = sorted({t.dtype for t in outputs if t.is_floating_point()}, key=str)
-        parts = [
-            f"rtol={rtol:g} atol={atol:g} for {str(d).removeprefix('torch.')}"
-            for d in dtypes
-            for rtol, atol in (self.for_dtype(d),)
-        ]
-        return f"allclose {', '.join(parts) or '(no floating outputs: exact)'} ({why})"
-
-    def difference(self, reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> str | None:
-        """None when ``outputs`` match ``reference`` under this tolerance, else what differs."""
-        if len(reference) != len(outputs):
-            return f"the forward returned {len(outputs)} tensors, before {len(reference)}"
-        for i, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
-            what = f"output tensor {i} {list(ref.shape)} {str(ref.dtype).removeprefix('torch.')}"
-            if ref.shape != out.shape or ref.dtype != out.dtype:
-                return f"{what} came back as {list(out.shape)} {out.dtype}"
-            if _same_bits(ref, out):
-                continue
-            if not self.exact and ref.is_floating_point():
-                rtol, atol = self.for_dtype(ref.dtype)
-                if torch.allclose(out, ref, rtol=rtol, atol=atol, equal_nan=True):
-                    continue
-            differ = int((ref != out).sum())
-            diff = (out.double() - ref.double()).abs() if ref.is_floating_point() else None
-            worst = "" if diff is None else f", max |diff| {float(diff.nan_to_num(0).max()):.3g}"
-            return f"{what}: {differ} of {ref.numel()} elements differ{worst}"
-        return None
-
-
-def outputs_difference(
-    reference: object,
-    outputs: object,
-    *,
-    exact: bool = True,
-    rtol: float | None = None,
-    atol: float | None = None,
-) -> str | None:
-    """What differs between two forwards' results, or None when they match: the outputs check.
-
-    Results may be tensors, mappings (e.g. a transformers ``ModelOutput``) or
-    tuples/lists of them; every tensor inside is compared. ``exact``: bit for
-    bit; otherwise ``allclose`` with the per-dtype tolerance (float32: rtol
-    1e-4, atol 1e-5; float16/bfloat16 looser) unless ``rtol``/``atol`` are given.
-    """
-    tolerance = _Tolerance(exact=exact, rtol=rtol, atol=atol)
-    return tolerance.difference(_output_tensors(reference), _output_tensors(outputs))
-
-
-def _bit_identical(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> bool:
-    return len(reference) == len(outputs) and all(
-        _same_bits(a, b) for a, b in zip(reference, outputs, strict=True)
-    )
-
-
-# ---------------------------------------------------------------- probes
-
-
-def _layer_paths(root: object, view: MoEView) -> list[str | None]:
-    """Module path of every MoE layer below the served object, where it can be found."""
-    names: dict[int, str] = {}
-    named_modules = getattr(root, "named_modules", None)
-    if callable(named_modules):
-        try:
-            modules = cast("Iterable[tuple[str, object]]", named_modules())
-            names = {id(module): name for name, module in modules}
-        except Exception:
-            names = {}
-    paths: list[str | None] = []
-    for layer in view.moe_layers:
-        path = names.get(id(layer), getattr(layer, "path", None))
-        paths.append(path if isinstance(path, str) and path else None)
-    return paths
-
-
-def _top_k(layer: object, model: object) -> int | None:
-    """Experts each token is sent to, read from the layer, the model or its (text) config."""
-    config = getattr(model, "config", None)
-    for source in (layer, model, _text_config(model), config):
-        if source is not None and (found := _int_attr(source, _TOP_K_ATTRS)) is not None:
-            return found
-    return None
-
-
-def _protocol_default(model: object, method: str) -> bool:
-    """Whether ``model`` inherits the protocol's do-nothing body of ``method``."""
-    return getattr(type(model), method, None) is getattr(MixtureOfExperts, method)
-
-
 @final
-class _TokenCounter:
-    """Counts the tokens each MoE layer is called with (layers that are modules only)."""
-
-    def __init__(self, layers: Sequence[object]) -> None:
-        self.tokens: list[int | None] = [None] * len(layers)
-        self._handles: list[RemovableHandle] = []
-        for i, layer in enumerate(layers):
-            register = getattr(layer, "register_forward_pre_hook", None)
-            if callable(register):
-                self.tokens[i] = 0
-                handle = register(self._hook(i), with_kwargs=True)
-                self._handles.append(cast("RemovableHandle", handle))
-
-    def _hook(self, index: int) -> Callable[[object, tuple[object, ...], dict[str, object]], None]:
-        def count_tokens(_: object, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-            for value in (*args, *kwargs.values()):
-                if isinstance(value, Tensor) and value.dim() >= 1:
-                    width = value.shape[-1] if value.dim() >= 2 else 1
-                    self.tokens[index] = (self.tokens[index] or 0) + value.numel() // width
-                    return
-
-        return count_tokens
-
-    def reset(self) -> None:
-        self.tokens = [None if t is None else 0 for t in self.tokens]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def _logical(load: Tensor, physical_to_logical: Tensor, num_logical: int) -> Tensor:
-    """``[L, E]`` int64: a ``[L, P]`` load summed onto the logical experts of a placement."""
-    out = torch.zeros(load.shape[0], num_logical, dtype=torch.int64)
-    out.scatter_add_(1, physical_to_logical.cpu(), load.cpu().to(torch.int64))
-    return out
-
-
-# ---------------------------------------------------------------- the run
-
-
-@final
-class _Verifier:
+class Verifier:
     """One verification run: the private EPLB state, the reference outputs and the results."""
 
     def __init__(
@@ -439,14 +63,14 @@ class _Verifier:
         view: MoEView,
         batch: Batch,
         forward: Callable[[object, Batch], object],
-        tolerance: _Tolerance,
+        tolerance: Tolerance,
         seed: int,
         exact: bool | None,
     ) -> None:
         self.root, self.view, self.batch, self._forward = root, view, batch, forward
         self.tolerance, self.seed, self.exact = tolerance, seed, exact
         self.checks: list[VerificationCheck] = []
-        self.paths = _layer_paths(root, view)
+        self.paths = layer_paths(root, view)
         self.num_layers = view.num_moe_layers
         self.num_logical, self.num_physical = view.num_logical_experts, view.num_physical_experts
         self.initial = initial_placement(self.num_layers, self.num_logical, self.num_physical)
@@ -494,7 +118,7 @@ class _Verifier:
     def live(self) -> ModelEplbState:
         return self.state.model_state(_MODEL_NAME)
 
-    def run_forward(self, name: str, counter: _TokenCounter) -> tuple[list[Tensor], Tensor] | None:
+    def run_forward(self, name: str, counter: TokenCounter) -> tuple[list[Tensor], Tensor] | None:
         """Outputs and ``[L, P]`` recorded load of one forward; None (a failure) if it raised."""
         counter.reset()
         try:
@@ -510,11 +134,9 @@ class _Verifier:
             return None
         load = self.live.expert_load_pass.to("cpu", torch.int64, copy=True)
         self.state.step()  # moves the pass into the window and zeroes it
-        return _output_tensors(output), load
+        return output_tensors(output), load
 
-    def compare_forward(
-        self, name: str, counter: _TokenCounter
-    ) -> tuple[str | None, Tensor] | None:
+    def compare_forward(self, name: str, counter: TokenCounter) -> tuple[str | None, Tensor] | None:
         """A forward compared with the reference: ``(what differs or None, its load)``.
 
         None (and a failure) when the forward raised.
@@ -525,7 +147,7 @@ class _Verifier:
         return self.tolerance.difference(self.reference, result[0]), result[1]
 
     def check_outputs(
-        self, name: str, counter: _TokenCounter, *, changed: str, fix: str, unchanged: str
+        self, name: str, counter: TokenCounter, *, changed: str, fix: str, unchanged: str
     ) -> None:
         """One check: a forward's outputs equal the reference's."""
         compared = self.compare_forward(name, counter)
@@ -571,7 +193,7 @@ class _Verifier:
             f"a private EplbState registered the model (weight integrity checks: "
             f"{self.state.integrity})",
         )
-        counter = _TokenCounter(self.view.moe_layers)
+        counter = TokenCounter(self.view.moe_layers)
         try:
             self._run_registered(counter, replicas_ok)
         finally:
@@ -583,7 +205,7 @@ class _Verifier:
             # Release the layers, so that a serving EplbState may register the model now.
             self.state.remove_model(_MODEL_NAME)
 
-    def _run_registered(self, counter: _TokenCounter, replicas_ok: bool) -> None:
+    def _run_registered(self, counter: TokenCounter, replicas_ok: bool) -> None:
         first = self.run_forward("forward", counter)
         if first is None:
             return
@@ -613,7 +235,7 @@ class _Verifier:
         if not first:
             self.skipped(name, "the forward returned no tensors; outputs cannot be compared")
             return False
-        identical = _bit_identical(first, second)
+        identical = bit_identical(first, second)
         exact = identical if self.exact is None else self.exact
         if self.exact is not None:
             self.tolerance_reason = f"exact={self.exact} was asked for"
@@ -638,7 +260,7 @@ class _Verifier:
     def _check_load(self, load: Tensor, again: Tensor, tokens: list[int | None]) -> None:
         name, ok = "load-counts", True
         totals = int_list(load.sum(dim=1))
-        from_inputs = _tokens_in(self.batch)
+        from_inputs = tokens_in(self.batch)
         expected: dict[int, str] = {}
         for i in range(self.num_layers):
             # A layer run as layer.forward(...) fires no hook: then count from the inputs.
@@ -665,7 +287,7 @@ class _Verifier:
                     layer=i,
                 )
                 continue
-            top_k = _top_k(self.view.moe_layers[i], self.view.model)
+            top_k = top_k_of(self.view.moe_layers[i], self.view.model)
             if seen is not None and top_k is not None:
                 want = seen * top_k
                 expected[i] = f"{seen} tokens x top_k {top_k} = {want}"
@@ -744,7 +366,7 @@ class _Verifier:
                 expert = int(self.initial[i, slot])
                 if not first <= expert < first + local:
                     continue  # the original lives on another rank
-                if not all(_same_bits(t[slot - first], t[expert - first]) for t in tensors):
+                if not all(same_bits(t[slot - first], t[expert - first]) for t in tensors):
                     bad.append(slot)
             if bad:
                 ok = False
@@ -766,9 +388,9 @@ class _Verifier:
             )
         return ok
 
-    def _check_metadata(self, counter: _TokenCounter) -> None:
+    def _check_metadata(self, counter: TokenCounter) -> None:
         name, method = "metadata", "update_physical_experts_metadata"
-        if _protocol_default(self.view.model, method):
+        if protocol_default(self.view.model, method):
             self.skipped(name, f"{method} is not implemented (the protocol's default is used)")
             return
         before = (self.view.num_physical_experts, self.view.num_local_physical_experts)
@@ -861,7 +483,7 @@ class _Verifier:
             )
         return moves
 
-    def _check_move(self, name: str, placement: Tensor, what: str, counter: _TokenCounter) -> bool:
+    def _check_move(self, name: str, placement: Tensor, what: str, counter: TokenCounter) -> bool:
         """Move to ``placement``, check outputs and maps; False when the move itself failed."""
         try:
             self.state.update_mapping(_MODEL_NAME, placement)
@@ -903,9 +525,9 @@ class _Verifier:
         layers after it are named in its message.
         """
         name = f"{name}:maps"
-        want = _logical(self.reference_load, self.initial, self.num_logical)
-        seen = _logical(load, placement, self.num_logical)
-        stale = _logical(load, self.initial, self.num_logical)
+        want = logical_load(self.reference_load, self.initial, self.num_logical)
+        seen = logical_load(load, placement, self.num_logical)
+        stale = logical_load(load, self.initial, self.num_logical)
         slack = 0 if self.tolerance.exact else max(1, int(want.sum()) // (100 * self.num_layers))
         unchecked = [i for i in range(self.num_layers) if int(want[i].sum()) == 0]
         differing = [
@@ -947,7 +569,7 @@ class _Verifier:
                 "rebuild the model; fix what the error names",
             )
 
-    def _check_restored(self, counter: _TokenCounter) -> None:
+    def _check_restored(self, counter: TokenCounter) -> None:
         name = "restore"
         if not self.reference:
             self.skipped(name, "no reference outputs to compare with")
@@ -959,96 +581,3 @@ class _Verifier:
             fix="see the failures above",
             unchanged="back on the initial placement, outputs equal the first forward",
         )
-
-
-def verify_eplb_integration(
-    model: object,
-    sample_inputs: SampleInputs | None = None,
-    *,
-    forward: Callable[[object, Batch], object] | None = None,
-    exact: bool | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    seed: int = 0,
-    max_depth: int = DEFAULT_MAX_DEPTH,
-) -> VerificationReport:
-    """Check that EPLB can balance ``model`` without changing what it computes; report why not.
-
-    Args:
-        model: the served object (native, wrapped, compiled, ...); its MoE
-            model is found with ``MoEView.resolve``. It is used in place and
-            left on its original placement with its original weights; its
-            layers keep views of a private, released EPLB state afterwards, so
-            register it with your ``EplbState`` after verifying, not before.
-        sample_inputs: ``input_ids`` (run as ``model(input_ids=...)``), a
-            mapping of forward keyword arguments, or a no-argument callable
-            returning either. Default: random token ids drawn from the
-            model's vocabulary (``get_input_embeddings()`` / ``config.vocab_size``).
-        forward: ``forward(model, batch)`` for a model called some other way.
-        exact: demand bit-identical outputs after moves (True), allow the
-            dtype's tolerance (False), or decide from whether two identical
-            forwards are bit-identical (None, the default).
-        rtol, atol: override the per-dtype allclose tolerances.
-        seed: seeds the synthesised inputs and the forced placements.
-        max_depth: unwrapping depth limit for ``MoEView.resolve``.
-
-    Raises:
-        VerificationInputError: no sample inputs were given and none can be
-            synthesised, ``sample_inputs`` is of an unusable kind or its
-            factory failed, a tolerance is negative, or ``seed``/``max_depth``
-            is not a non-negative int.
-    """
-    for label, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and not (
-            isinstance(value, (int, float))  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
-            and value >= 0
-        ):
-            raise VerificationInputError(
-                f"verify_eplb_integration: {label} must be a number >= 0, got {value!r}"
-            )
-    for label, value, end in (("seed", seed, 2**63), ("max_depth", max_depth, 2**31)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)  # pyright: ignore[reportUnnecessaryIsInstance]  # callers without a checker
-            or not 0 <= value < end
-        ):
-            raise VerificationInputError(
-                f"verify_eplb_integration: {label} must be an int in [0, {end}), got {value!r}"
-            )
-    name = type(model).__name__
-    view = MoEView.resolve(model, max_depth=max_depth)
-    if view is None:
-        try:
-            MoEView.require(model, max_depth=max_depth)
-            message = "no MixtureOfExperts found"
-        except NotMixtureOfExpertsError as exc:
-            message = str(exc)
-        failure = VerificationCheck(
-            "resolve",
-            CheckStatus.FAILED,
-            message,
-            fix="implement MixtureOfExperts on the MoE model (moe_protocols.building does it in "
-            "a few lines, see docs/authoring.md), or teach MoEView the wrapper with an UnwrapStep",
-        )
-        return VerificationReport(model=name, checks=(failure,))
-    batch, inputs = _sample_batch(model, view, sample_inputs, seed)
-    tolerance = _Tolerance(exact=bool(exact), rtol=rtol, atol=atol)
-    verifier = _Verifier(
-        model, view, batch, forward or _default_forward, tolerance, seed, exact=exact
-    )
-    verifier.passed("resolve", f"found at {view.trace.resolved_path} ({type(view.model).__name__})")
-    verifier.run()
-    resolved = (
-        f"{view.trace.resolved_path} ({type(view.model).__name__}): {view.num_moe_layers} MoE "
-        f"layers, {view.num_logical_experts} logical experts, {view.num_physical_experts} "
-        f"physical slots ({view.num_redundant_experts} redundant)"
-    )
-    return VerificationReport(
-        model=name,
-        checks=verifier.checks,
-        resolved=resolved,
-        inputs=inputs,
-        tolerance=verifier.tolerance.describe(verifier.reference, verifier.tolerance_reason)
-        if verifier.reference
-        else None,
-    )
