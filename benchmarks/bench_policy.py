@@ -513,8 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             goals(fresh, drift),
             "## Fresh plans (no old placement; balancedness on the planned loads)",
             "`bound` is the best balancedness any placement can reach (see "
-            "`moe_protocols/eplb/analysis/bounds.py`); `node-local` = whole expert groups stay on one "
-            "node (both policies honour it on those shapes).",
+            "`moe_protocols/eplb/analysis/bounds.py`); `node-local` = whole expert groups stay "
+            "on one node (both policies honour it on those shapes).",
             fresh_table(fresh),
             "## Rebalance after a 0.2 lognormal drift, from each policy's own placement",
             "`moved` = slots refetched (expert not on that rank before) over all slots; `hold` = "
