@@ -104,3 +104,33 @@ def test_every_quick_start_command_runs(command: str, tmp_path: Path) -> None:
     assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     assert "setup: installing" not in done.stdout, "the quick start reinstalled"
     assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- where things live
+
+PACKAGE = README.parent / "moe_protocols"
+
+
+def _where_things_live() -> str:
+    text = README.read_text()
+    start = text.index("## Where things live")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_where_things_live_names_every_module_and_package() -> None:
+    """A module added or renamed without its line in the map fails here."""
+    section = _where_things_live()
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if path.name == "__init__.py":
+            if relative.parent != Path("."):
+                name = f"{relative.parent.name}/"
+                if f"`{name}" not in section and f"`{relative.parent.as_posix()}/" not in section:
+                    missing.append(relative.parent.as_posix() + "/")
+            continue
+        if f"`{path.name}`" not in section and f"`{relative.as_posix()}`" not in section:
+            missing.append(relative.as_posix())
+    assert missing == [], f"README 'Where things live' does not list {missing}"
+    assert len(section.splitlines()) < 80  # a map, not a second reference
