@@ -1,4 +1,4 @@
-"""Multi-process EPLB scenarios for ``tests/test_distributed.py``, and the harness that runs them.
+"""Multi-process EPLB scenarios for ``tests/eplb/test_distributed.py``, and their harness.
 
 Each scenario runs in one spawned process per EP rank, on gloo over loopback,
 and records what it observed (JSON values and tensors) for the parent test to

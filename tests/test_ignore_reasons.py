@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import re
 import tokenize
 from pathlib import Path
@@ -37,3 +38,26 @@ def test_every_ignore_names_its_rule_and_gives_a_reason() -> None:
         f"{path}:{number}" for path, number, rest in found if not WITH_RULE_AND_REASON.match(rest)
     ]
     assert bare == []
+
+
+def test_mypy_checks_every_test_folder() -> None:
+    """mypy.ini names test folders one by one: a new folder left out would go unchecked."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "mypy.ini")
+    entries = {entry.strip() for entry in config["mypy"]["files"].split(",")}
+    tests = ROOT / "tests"
+    unchecked = [
+        folder.relative_to(ROOT).as_posix()
+        for folder in sorted({path.parent for path in tests.rglob("*.py")})
+        if folder != tests
+        and not any(
+            part in ("typing", "vllm_tier", "__pycache__")
+            for part in folder.relative_to(tests).parts
+        )
+        and not any(
+            folder.relative_to(ROOT).as_posix().startswith(entry.rstrip("/"))
+            for entry in entries
+            if entry.startswith("tests/") and not entry.endswith(".py")
+        )
+    ]
+    assert unchecked == [], f"add {unchecked} to files in mypy.ini"

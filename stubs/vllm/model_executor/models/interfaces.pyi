@@ -1,7 +1,7 @@
 # vLLM 0.33 `vllm/model_executor/models/interfaces.py`: the members a runner and
 # EPLB consume. Written from shared/research/vllm.md sections 1.1-1.4 and
 # checked against the release by the vllm tier (stubtest and
-# tests/test_vllm_stubs.py compare every annotation here with vLLM's).
+# tests/integrations/vllm/test_vllm_stubs.py compare every annotation here with vLLM's).
 from collections.abc import MutableSequence, Sequence
 from typing import ClassVar, Literal, Protocol, overload, runtime_checkable
 

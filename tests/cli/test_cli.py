@@ -13,7 +13,7 @@ import pytest
 
 from moe_protocols.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "wrapped_model.py") + ":build"
 
 

@@ -28,7 +28,7 @@ from moe_protocols import (
 )
 from moe_protocols.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "own_moe_vlm.py"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _run_tier_tests(*, require: bool) -> subprocess.CompletedProcess[str]:
@@ -27,7 +27,7 @@ def _run_tier_tests(*, require: bool) -> subprocess.CompletedProcess[str]:
             "no:cacheprovider",
             "-m",
             "vllm",
-            "tests/test_vllm_host.py::test_the_tier_has_the_vllm_release_we_claim",
+            "tests/integrations/vllm/test_vllm_host.py::test_the_tier_has_the_vllm_release_we_claim",
         ],
         cwd=ROOT,
         env=env,

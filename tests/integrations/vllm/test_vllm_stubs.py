@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from stub_compare import Difference, compare
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 STUBS = ROOT / "stubs"
 STUB_FILES = sorted(p for p in (STUBS / "vllm").rglob("*.pyi") if p.read_text().strip())
 

@@ -503,7 +503,7 @@ def test_elastic_metadata_update_through_the_view_reaches_the_language_model_in_
 )
 def test_the_distributed_example_balances_two_ranks_and_keeps_outputs(model: list[str]) -> None:
     """The built-in tiny VLM, and examples/own_moe_vlm.py built from moe_protocols.building."""
-    example = Path(__file__).resolve().parents[1] / "examples" / "distributed_eplb.py"
+    example = Path(__file__).resolve().parents[2] / "examples" / "distributed_eplb.py"
     done = subprocess.run(
         [sys.executable, str(example), "--ranks", "2", "--steps", "16", *model],
         capture_output=True,
