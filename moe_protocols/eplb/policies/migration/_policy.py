@@ -5,12 +5,12 @@ The algorithm is described in ``docs/policies/migration_aware.md``.
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 import attrs
 import torch
 
+from moe_protocols._validate import FINITE_AT_LEAST_ZERO, IN_UNIT_INTERVAL, int_field, number_field
 from moe_protocols.eplb.policies._contract import CheckedPolicy
 from moe_protocols.eplb.policies.migration._groups import group_layout, group_layout_of
 from moe_protocols.eplb.policies.migration._pack import FRESH_SHARE, fresh_plan
@@ -23,25 +23,12 @@ __all__ = ["MigrationAwarePolicy"]
 _NAME: Final = "migration_aware"
 
 
-def _check_tolerance(instance: object, attribute: attrs.Attribute[float], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise PolicyError(
-            f"MigrationAwarePolicy.{attribute.name} must be a finite number >= 0, got {value!r}"
-        )
-
-
-def _check_fraction(instance: object, attribute: attrs.Attribute[float], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise PolicyError(
-            f"MigrationAwarePolicy.{attribute.name} must be a number in [0, 1], got {value!r}"
-        )
-
-
-def _check_rounds(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise PolicyError(
-            f"MigrationAwarePolicy.{attribute.name} must be an int >= 0, got {value!r}"
-        )
+_OWNER: Final = "MigrationAwarePolicy"
+_check_tolerance = number_field(
+    PolicyError, owner=_OWNER, finite=True, template=FINITE_AT_LEAST_ZERO
+)
+_check_fraction = number_field(PolicyError, owner=_OWNER, maximum=1.0, template=IN_UNIT_INTERVAL)
+_check_rounds = int_field(0, PolicyError, owner=_OWNER)
 
 
 @attrs.frozen
